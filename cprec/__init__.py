@@ -1,0 +1,1 @@
+"""cprec: CpRec compression of NextItNet sequential recommenders in JAX/Flax."""

@@ -1,0 +1,55 @@
+"""Timing helpers shared by the benchmarks."""
+from __future__ import annotations
+
+import json
+import pathlib
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+RESULTS_DIR = pathlib.Path(__file__).resolve().parents[2] / "bench_results"
+
+
+def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time of fn() over `repeats` runs after `warmup` runs (blocks on jax outputs)."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_peak_flops(n: int = 2048, repeats: int = 7) -> float:
+    """The machine's measured f32 matmul FLOP/s (an n x n @ n x n product, median of runs)."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+    f = jax.jit(lambda x, y: x @ y)
+    return 2 * n**3 / median_seconds(lambda: f(a, b), repeats=repeats, warmup=2)
+
+
+def compiled_flops(jitted, *args) -> float:
+    """FLOPs of one call as counted by XLA's cost analysis of the compiled program."""
+    analysis = jitted.lower(*args).compile().cost_analysis()
+    if isinstance(analysis, list):
+        analysis = analysis[0]
+    return float(analysis.get("flops", 0.0))
+
+
+def device_info() -> dict[str, str]:
+    d = jax.devices()[0]
+    return {"platform": d.platform, "device": str(d.device_kind), "host": platform.node(),
+            "jax": jax.__version__}
+
+
+def save_results(name: str, payload: dict) -> pathlib.Path:
+    RESULTS_DIR.mkdir(exist_ok=True)
+    path = RESULTS_DIR / f"{name}-{jax.devices()[0].platform}.json"
+    path.write_text(json.dumps({"device": device_info(), **payload}, indent=2))
+    return path

@@ -1,0 +1,43 @@
+"""Orbax checkpoints of the training state, with user-facing errors."""
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from cprec.errors import WorkdirError
+
+
+class Checkpointer:
+    """Saves and restores the dict-shaped train state under `<workdir>/checkpoints`."""
+
+    def __init__(self, workdir: str | pathlib.Path, keep: int) -> None:
+        self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        )
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state: Any) -> None:
+        # Async: the write overlaps training; `close()` waits for it.
+        self._manager.save(step, args=ocp.args.StandardSave(state))
+
+    def restore(self, step: int, like: Any) -> Any:
+        """Restores step `step` into arrays shaped like `like`; a damaged checkpoint is a WorkdirError."""
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        try:
+            return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        except Exception as exc:  # orbax raises many types for damaged files
+            reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+            raise WorkdirError(
+                f"checkpoint {self.directory / str(step)} is corrupted or does not match the model ({reason}); "
+                "delete that step folder to resume from an earlier one, or use a new --workdir"
+            ) from None
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()

@@ -1,0 +1,166 @@
+"""The base experiment config, its validation, and config-file arguments.
+
+Experiment files in `experiments/` start from `base_config()` and change what
+they need; `run.py` locks the config, so an override of an unknown key fails.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import pathlib
+from collections.abc import Sequence
+
+import ml_collections
+
+from cprec.data.dataset import default_data_config
+from cprec.errors import ConfigError
+from cprec.sharing import SHARING_SCHEMES
+
+EMBEDDINGS = ("full", "blockwise")
+SOFTMAXES = ("full", "tree")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """NextItNet defaults (RecBole's: d=64, dilations [1, 4] x 5, L=50) on the synthetic data."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.data = default_data_config()
+
+    c.model = ml_collections.ConfigDict()
+    c.model.dim = 64
+    c.model.dilations = (1, 4)  # one residual block per entry, repeated num_blocks times
+    c.model.num_blocks = 5
+    c.model.kernel_size = 3
+    c.model.sharing = "none"  # see cprec.sharing.SHARING_SCHEMES
+    c.model.embedding = "full"  # 'full' | 'blockwise'
+    c.model.softmax = "full"  # 'full' | 'tree'
+    # Cluster cutoffs: absolute item counts, or fractions of V; V itself is appended.
+    c.model.cutoffs = ()
+    c.model.ranks = ()  # explicit per-cluster ranks; empty = derive from rank_decay
+    c.model.rank_decay = 4  # d_j = max(1, dim // rank_decay**j), CpRec's default
+    c.model.capacity_margin = 1.5  # static tail token capacity = expected share * margin
+    c.model.dropout = 0.0  # on the input embedding (NextItNet uses none)
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 256  # windows of L+1 items per step
+    c.train.num_epochs = 10
+    c.train.num_steps = -1  # > 0 overrides num_epochs
+    c.train.log_every = 50
+    c.train.eval_every = 500  # validation every this many steps, and at the end
+    c.train.checkpoint_every = 500
+    c.train.keep_checkpoints = 2
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "adam"  # 'adam' | 'adamw' | 'sgd'
+    c.optim.lr = 1e-3
+    c.optim.weight_decay = 0.0
+    c.optim.clip_norm = 1.0  # global-norm clipping; <= 0 disables
+    c.optim.warmup_steps = 0
+    c.optim.schedule = "constant"  # 'constant' | 'cosine'
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.ks = (5, 10, 20)
+    c.eval.batch_size = 256
+    return c
+
+
+def _fail(key: str, value, requirement: str) -> None:
+    raise ConfigError(f"config.{key}={value!r} is invalid: {requirement}")
+
+
+def _choice(key: str, value, choices: Sequence[str]) -> None:
+    if value not in choices:
+        _fail(key, value, f"valid choices: {', '.join(choices)}")
+
+
+def validate_config(c: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError naming the first impossible value."""
+    m, t, o, e = c.model, c.train, c.optim, c.eval
+    if m.dim <= 0:
+        _fail("model.dim", m.dim, "must be > 0")
+    if len(m.dilations) == 0:
+        _fail("model.dilations", m.dilations, "must not be empty, e.g. '(1, 4)'")
+    if any(int(r) < 1 for r in m.dilations):
+        _fail("model.dilations", m.dilations, "every dilation must be >= 1")
+    if m.num_blocks < 1:
+        _fail("model.num_blocks", m.num_blocks, "must be >= 1")
+    if m.kernel_size < 2:
+        _fail("model.kernel_size", m.kernel_size, "must be >= 2")
+    _choice("model.sharing", m.sharing, SHARING_SCHEMES)
+    _choice("model.embedding", m.embedding, EMBEDDINGS)
+    _choice("model.softmax", m.softmax, SOFTMAXES)
+    if m.rank_decay < 1:
+        _fail("model.rank_decay", m.rank_decay, "must be >= 1")
+    if not 0.0 <= m.dropout < 1.0:
+        _fail("model.dropout", m.dropout, "must be in [0, 1)")
+    if m.capacity_margin < 1.0:
+        _fail("model.capacity_margin", m.capacity_margin, "must be >= 1.0")
+    if c.data.max_len < 2:
+        _fail("data.max_len", c.data.max_len, "L must be >= 2")
+    if t.batch_size < 1:
+        _fail("train.batch_size", t.batch_size, "must be >= 1")
+    if t.num_steps <= 0 and t.num_epochs <= 0:
+        _fail("train.num_epochs", t.num_epochs, "must be > 0 (or set train.num_steps > 0)")
+    for key in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+        if t[key] < 1:
+            _fail(f"train.{key}", t[key], "must be >= 1")
+    _choice("optim.name", o.name, ("adam", "adamw", "sgd"))
+    _choice("optim.schedule", o.schedule, ("constant", "cosine"))
+    if o.lr <= 0:
+        _fail("optim.lr", o.lr, "must be > 0")
+    if o.weight_decay < 0:
+        _fail("optim.weight_decay", o.weight_decay, "must be >= 0")
+    if o.warmup_steps < 0:
+        _fail("optim.warmup_steps", o.warmup_steps, "must be >= 0")
+    if len(e.ks) == 0 or any(int(k) < 1 for k in e.ks):
+        _fail("eval.ks", e.ks, "must be a non-empty tuple of positive cut-offs, e.g. '(5, 10, 20)'")
+    if e.batch_size < 1:
+        _fail("eval.batch_size", e.batch_size, "must be >= 1")
+
+
+def residual_dilations(c: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """One dilation per residual block: model.dilations repeated model.num_blocks times."""
+    return tuple(int(r) for r in c.model.dilations) * int(c.model.num_blocks)
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """Parses a config-file argument such as 'ml100k' or 'ml100k,softmax=tree,share=none'.
+
+    A bare word sets the first default's key (the dataset); `key=value` sets
+    another default. Unknown keys raise ConfigError listing the valid ones.
+    """
+    out = ml_collections.ConfigDict(defaults)
+    first = next(iter(defaults))
+    for part in filter(None, (arg or "").split(",")):
+        key, sep, value = part.partition("=")
+        if not sep:
+            key, value = first, part
+        if key not in defaults:
+            raise ConfigError(f"config argument {key!r} is unknown; valid keys: {', '.join(defaults)}")
+        out[key] = type(defaults[key])(value)
+    return out
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """Loads 'path/to/config.py[:arg]' the way ml_collections' config_flags does."""
+    path, _, arg = spec.partition(":")
+    if not pathlib.Path(path).is_file():
+        raise ConfigError(f"config file {path} not found; pass --config experiments/<name>.py[:arg]")
+    spec_ = importlib.util.spec_from_file_location("_cprec_config", path)
+    module = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def check_override_keys(config: ml_collections.ConfigDict, keys: Sequence[str]) -> None:
+    """Raises ConfigError for the first dotted override key that the config lacks."""
+    for key in keys:
+        node = config
+        parts = key.split(".")
+        for i, part in enumerate(parts):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                valid = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+                close = difflib.get_close_matches(part, valid, n=1)
+                hint = f" (did you mean {'.'.join(parts[:i] + close)!r}?)" if close else ""
+                raise ConfigError(f"unknown config key {key!r}{hint}; see the config file for valid keys")
+            node = node[part]

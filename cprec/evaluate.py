@@ -1,0 +1,37 @@
+"""Full-ranking evaluation over all items (never sampled negatives)."""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+
+from cprec.metrics import rank_metrics
+from cprec.model import NextItNet, eval_ranks
+
+
+def make_rank_fn(model: NextItNet) -> Callable:
+    """Jitted (params, inputs [B, L], targets [B]) -> 0-based ranks [B] over all real items."""
+
+    @jax.jit
+    def ranks(params, inputs, targets):
+        log_prob = model.apply({"params": params}, inputs, method=NextItNet.last_log_prob)
+        return eval_ranks(log_prob, targets)
+
+    return ranks
+
+
+def evaluate_split(
+    rank_fn: Callable, params, inputs: np.ndarray, targets: np.ndarray, batch_size: int, ks: Sequence[int]
+) -> dict[str, float]:
+    """HR/NDCG/MRR@K over one split; the last batch is padded to keep one compiled shape."""
+    ranks = []
+    for start in range(0, len(targets), batch_size):
+        x = np.asarray(inputs[start : start + batch_size])
+        y = np.asarray(targets[start : start + batch_size])
+        n = len(y)
+        if n < batch_size:
+            x = np.concatenate([x, np.zeros((batch_size - n, x.shape[1]), x.dtype)])
+            y = np.concatenate([y, np.ones(batch_size - n, y.dtype)])
+        ranks.append(np.asarray(rank_fn(params, x, y))[:n])
+    return rank_metrics(np.concatenate(ranks), ks)

@@ -1,0 +1,80 @@
+"""Builds the model a config asks for, and counts its parameters by part."""
+from __future__ import annotations
+
+import ml_collections
+import numpy as np
+import jax
+import jax.numpy as jnp
+
+from cprec.clusters import check_frequency_order, cluster_token_capacities, resolve_cutoffs, resolve_ranks
+from cprec.config import residual_dilations
+from cprec.errors import ConfigError
+from cprec.model import NextItNet
+
+
+def build_model(config: ml_collections.ConfigDict, item_counts: np.ndarray) -> NextItNet:
+    """NextItNet for `config.model` over the V = len(item_counts) frequency-ordered ids."""
+    m = config.model
+    num_items = len(item_counts)
+    compressed = m.embedding == "blockwise" or m.softmax == "tree"
+    cutoffs: tuple[int, ...] = ()
+    ranks: tuple[int, ...] = ()
+    capacities = None
+    if compressed:
+        if len(m.cutoffs) == 0:
+            raise ConfigError(
+                "config.model.cutoffs is empty; the block-wise embedding and the tree softmax need cluster "
+                "cutoffs, e.g. --config.model.cutoffs='(0.1, 0.4)'"
+            )
+        check_frequency_order(item_counts)
+        cutoffs = resolve_cutoffs(tuple(m.cutoffs), num_items)
+        rank_spec = tuple(int(r) for r in m.ranks) if len(m.ranks) else int(m.rank_decay)
+        ranks = resolve_ranks(rank_spec, m.dim, len(cutoffs))
+        if m.softmax == "tree":
+            if len(cutoffs) < 2:
+                raise ConfigError("config.model.cutoffs gives no tail cluster; the tree softmax needs at least one")
+            tokens = config.train.batch_size * config.data.max_len
+            capacities = cluster_token_capacities(item_counts, cutoffs, tokens, m.capacity_margin)
+    return NextItNet(
+        num_items=num_items,
+        dim=m.dim,
+        dilations=residual_dilations(config),
+        sharing=m.sharing,
+        kernel_size=m.kernel_size,
+        embedding=m.embedding,
+        softmax=m.softmax,
+        cutoffs=cutoffs,
+        ranks=ranks,
+        capacities=capacities,
+        dropout=m.dropout,
+    )
+
+
+def init_params(model: NextItNet, seed: int):
+    """Initial parameters from `seed`; a 2-item dummy window touches every parameter."""
+    return model.init(jax.random.PRNGKey(seed), jnp.ones((1, 2), jnp.int32))["params"]
+
+
+def count_params(tree) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def param_report(model: NextItNet, baseline: NextItNet) -> dict[str, float]:
+    """Parameters of each part, the total, bytes, and the ratio to the uncompressed baseline."""
+    shapes = jax.eval_shape(lambda: init_params(model, 0))
+    base_total = count_params(jax.eval_shape(lambda: init_params(baseline, 0)))
+    report = {f"params/{part}": count_params(shapes[key]) for part, key in
+              (("embedding", "embed"), ("residual_stack", "stack"), ("output", "head"))}
+    total = count_params(shapes)
+    report["params/total"] = total
+    report["params/bytes"] = int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)))
+    report["params/baseline_total"] = base_total
+    report["params/compression_ratio"] = base_total / total
+    return report
+
+
+def uncompressed_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The same experiment as plain NextItNet: full embedding, full softmax, no sharing."""
+    base = ml_collections.ConfigDict(config.to_dict())
+    base.model.embedding, base.model.softmax, base.model.sharing = "full", "full", "none"
+    return base

@@ -1,0 +1,40 @@
+"""Writes metrics to `metrics.jsonl` and TensorBoard (tensorboardX, no TensorFlow)."""
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import Mapping
+
+from tensorboardX import SummaryWriter
+
+
+class MetricWriter:
+    """One JSON object per line (`step` plus keys like `val/mrr@5`) and TensorBoard scalars.
+
+    On resume from step s, lines and events after s are dropped so the logs
+    read as one uninterrupted run.
+    """
+
+    def __init__(self, workdir: str | pathlib.Path, resume_step: int = 0) -> None:
+        self.path = pathlib.Path(workdir) / "metrics.jsonl"
+        if resume_step and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self._file = self.path.open("a")
+        self._tb = SummaryWriter(str(workdir), purge_step=resume_step or None)
+
+    def scalars(self, step: int, values: Mapping[str, float]) -> None:
+        self._file.write(json.dumps({"step": int(step), **{k: float(v) for k, v in values.items()}}) + "\n")
+        self._file.flush()
+        for key, value in values.items():
+            self._tb.add_scalar(key, float(value), int(step))
+
+    def text(self, tag: str, text: str, step: int = 0) -> None:
+        self._tb.add_text(tag, text, step)
+
+    def hparams(self, hparams: Mapping[str, object], metrics: Mapping[str, float]) -> None:
+        self._tb.add_hparams(dict(hparams), dict(metrics), name="hparams", global_step=0)
+
+    def close(self) -> None:
+        self._file.close()
+        self._tb.close()

@@ -1,0 +1,113 @@
+"""NextItNet (Yuan et al., WSDM 2019) with CpRec's compression options.
+
+item ids -> input embedding (full or block-wise) -> residual blocks of dilated
+causal convs -> output layer (full softmax or two-level tree softmax).
+Training predicts every position of the window at once.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cprec.conv import causal_conv
+from cprec.embedding import BlockwiseEmbedding
+from cprec.full_softmax import FullSoftmax
+from cprec.sharing import conv_sharing_index
+from cprec.tree_softmax import BlockwiseSoftmax
+
+
+class ResidualStack(nn.Module):
+    """Residual blocks: conv(r) -> LN -> ReLU -> conv(2r) -> LN -> ReLU, plus the input.
+
+    Conv weights live in one stacked tensor [n_unique, k, C, C] indexed by the
+    sharing scheme; layer norms are always per layer.
+    """
+
+    dim: int
+    dilations: tuple[int, ...]  # one per residual block
+    sharing: str = "none"
+    kernel_size: int = 3
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n_unique, index = conv_sharing_index(self.sharing, len(self.dilations))
+        k, c = self.kernel_size, self.dim
+        init = nn.initializers.variance_scaling(
+            1.0, "fan_in", "truncated_normal", in_axis=(1, 2), out_axis=3, batch_axis=(0,)
+        )
+        kernels = self.param("kernels", init, (n_unique, k, c, c))
+        biases = self.param("biases", nn.initializers.zeros, (n_unique, c))
+        for b, r in enumerate(self.dilations):
+            y = x
+            for j, dilation in enumerate((r, 2 * r)):
+                u = index[2 * b + j]
+                y = causal_conv(y, kernels[u], biases[u], dilation)
+                y = nn.relu(nn.LayerNorm(epsilon=1e-6, name=f"ln_{b}_{j}")(y))
+            x = x + y
+        return x
+
+
+class NextItNet(nn.Module):
+    """NextItNet with a choice of input embedding, output layer and conv sharing."""
+
+    num_items: int  # V, including padding id 0
+    dim: int
+    dilations: tuple[int, ...]
+    sharing: str = "none"
+    kernel_size: int = 3
+    embedding: str = "full"  # 'full' | 'blockwise'
+    softmax: str = "full"  # 'full' | 'tree'
+    cutoffs: tuple[int, ...] = ()  # cluster boundaries ending with V (block-wise parts)
+    ranks: tuple[int, ...] = ()  # per-cluster ranks, ranks[0] == dim
+    capacities: tuple[int, ...] | None = None  # static tail-cluster token capacities (tree softmax)
+    dropout: float = 0.0  # on the input embedding, training only
+
+    def setup(self) -> None:
+        if self.embedding == "blockwise":
+            self.embed = BlockwiseEmbedding(self.num_items, self.dim, self.cutoffs, self.ranks)
+        else:
+            self.embed = nn.Embed(
+                self.num_items, self.dim, embedding_init=nn.initializers.normal(stddev=self.dim**-0.5)
+            )
+        self.drop = nn.Dropout(self.dropout)
+        self.stack = ResidualStack(self.dim, self.dilations, self.sharing, self.kernel_size)
+        if self.softmax == "tree":
+            self.head = BlockwiseSoftmax(self.dim, self.num_items, self.cutoffs, self.ranks, self.capacities)
+        else:
+            self.head = FullSoftmax(self.dim, self.num_items)
+
+    def encode(self, inputs: jax.Array, train: bool = False) -> jax.Array:
+        """[B, T] item ids -> [B, T, dim] hidden states (causal)."""
+        x = self.embed(inputs)
+        if self.dropout > 0:
+            x = self.drop(x, deterministic=not train)
+        return self.stack(x)
+
+    def loss(self, inputs: jax.Array, targets: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
+        """Mean NLL of every non-padding target of the window, and the target count."""
+        h = self.encode(inputs, train)
+        mask = targets > 0
+        return self.head.loss(h.reshape(-1, self.dim), targets.reshape(-1), mask.reshape(-1))
+
+    def last_log_prob(self, inputs: jax.Array) -> jax.Array:
+        """[B, T] -> [B, V] log-probabilities of the next item after the last position."""
+        return self.head.log_prob(self.encode(inputs)[:, -1])
+
+    def top_k(self, inputs: jax.Array, n: int):
+        """Top-n next items after the last position (the head's own top_k)."""
+        return self.head.top_k(self.encode(inputs)[:, -1], n)
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        # Touches every parameter; used by `init` on a tiny input.
+        return self.last_log_prob(inputs)
+
+
+def eval_ranks(log_prob: jax.Array, targets: jax.Array) -> jax.Array:
+    """0-based rank of each target among all real items (padding id 0 excluded).
+
+    Ties count in the target's favour (only strictly higher scores rank above it).
+    """
+    target_lp = jnp.take_along_axis(log_prob, targets[:, None], axis=-1)
+    above = log_prob[:, 1:] > target_lp
+    return above.sum(axis=-1)
