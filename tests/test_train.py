@@ -1,0 +1,176 @@
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cprec.batching import WindowBatcher
+from cprec.data import load_dataset
+from cprec.errors import ConfigError, WorkdirError
+from cprec.factory import build_model, init_params
+from cprec.train import TrainingDiverged, make_optimizer, make_train_step, train_and_evaluate
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _snapshot(path: pathlib.Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_train_step_compiles_once(tiny):
+    config = tiny()
+    data = load_dataset(config.data, verbose=False)
+    model = build_model(config, data.item_counts)
+    tx = make_optimizer(config, 10)
+    params = init_params(model, 0)
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    step = make_train_step(model, tx, 0)
+    batcher = WindowBatcher(data.train, config.train.batch_size, 0)
+    for i in range(3 * batcher.steps_per_epoch):  # crosses epochs and their padded last batches
+        state, metrics = step(state, jnp.asarray(batcher.batch(i)))
+    assert step._cache_size() == 1
+    assert np.isfinite(metrics["loss"])
+
+
+def test_batches_depend_only_on_step():
+    windows = np.arange(70 * 3, dtype=np.int32).reshape(70, 3)
+    a, b = WindowBatcher(windows, 16, 5), WindowBatcher(windows, 16, 5)
+    for step in (0, 3, 4, 9, 4):
+        np.testing.assert_array_equal(a.batch(step), b.batch(step))
+    epoch = np.concatenate([a.batch(s) for s in range(a.steps_per_epoch)])
+    real = epoch[epoch[:, 0] >= 0]
+    assert sorted(map(tuple, real[np.any(real != 0, axis=1) | (real[:, 1] == 1)])) == sorted(map(tuple, windows))
+
+
+def test_train_and_evaluate_outputs_and_no_retrain(tiny, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    test = train_and_evaluate(tiny(), workdir)
+    assert set(test) >= {"hr@5", "ndcg@10", "mrr@20"}
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    keys = set().union(*lines)
+    assert {"step", "train/loss", "train/tokens_per_sec", "val/mrr@5", "test/hr@10", "test/ndcg@20",
+            "params/total"} <= keys
+    assert json.loads((workdir / "config.json").read_text())["model"]["dim"] == 8
+    assert list(workdir.glob("events.out.tfevents.*"))
+    assert (workdir / "checkpoints" / "12").is_dir()
+    before = _snapshot(workdir)
+    assert train_and_evaluate(tiny(), workdir) == test
+    assert "already finished" in capsys.readouterr().out
+    assert _snapshot(workdir) == before
+
+
+def test_other_experiment_in_workdir_is_refused(tiny, tmp_path):
+    workdir = tmp_path / "run"
+    config = tiny()
+    config.train.num_steps = 4
+    train_and_evaluate(config, workdir)
+    before = _snapshot(workdir)
+    with pytest.raises(WorkdirError, match=r"holds another experiment \(config differs at model.dim: 8 vs 16\)"):
+        train_and_evaluate(tiny(dim=16), workdir)
+    assert _snapshot(workdir) == before
+
+
+def test_corrupted_checkpoint_is_a_clear_error(tiny, tmp_path):
+    workdir = tmp_path / "run"
+    config = tiny()
+    train_and_evaluate(config, workdir)
+    (workdir / "results.json").unlink()  # pretend it was interrupted after the last checkpoint
+    for f in (workdir / "checkpoints" / "12").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0 and "ocdbt" in str(f):
+            f.write_bytes(b"garbage")
+    before = _snapshot(workdir)
+    with pytest.raises(WorkdirError, match="checkpoint .*12 is corrupted"):
+        train_and_evaluate(config, workdir)
+    assert _snapshot(workdir) == before
+
+
+def test_nan_guard_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):
+    workdir = tmp_path / "run"
+    config = tiny()
+    config.optim.name, config.optim.lr, config.optim.clip_norm = "sgd", 1e38, 0.0
+    config.train.num_steps, config.train.log_every, config.train.checkpoint_every = 40, 1, 1
+    with pytest.raises(TrainingDiverged, match="loss became .* last good checkpoint"):
+        train_and_evaluate(config, workdir)
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert not (workdir / "results.json").exists()
+    if steps:  # every kept checkpoint holds finite parameters
+        from cprec.checkpointing import Checkpointer
+
+        ckpt = Checkpointer(workdir, 2)
+        data = load_dataset(config.data, verbose=False)
+        params = init_params(build_model(config, data.item_counts), 0)
+        tx = make_optimizer(config, 1)
+        like = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+        restored = ckpt.restore(steps[-1], like)
+        ckpt.close()
+        assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(restored["params"]))
+
+
+def _run_cli(args, **kw):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], capture_output=True, text=True,
+                          env=env, cwd=ROOT, **kw)
+
+
+def _tiny_flags(cache):
+    return [f"--config={ROOT / 'experiments/nextitnet.py'}", f"--config.data.cache_dir={cache}",
+            "--config.data.num_users=80", "--config.data.num_items=60", "--config.data.mean_len=14",
+            "--config.data.num_topics=6", "--config.data.max_len=10", "--config.data.min_user_count=0",
+            "--config.data.min_item_count=0", "--config.model.dim=8",
+            "--config.model.num_blocks=1", "--config.train.batch_size=16", "--config.eval.batch_size=32"]
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("--config.model.dimm=3", "unknown config key 'model.dimm' (did you mean 'model.dim'?)"),
+        ("--config.model.dim=0", "config.model.dim=0 is invalid: must be > 0"),
+        ("--config.model.dilations=()", "config.model.dilations=() is invalid: must not be empty"),
+        ("--config.model.dilations=(1,0)", "every dilation must be >= 1"),
+        ("--config.data.max_len=1", "config.data.max_len=1 is invalid: L must be >= 2"),
+        ("--config.model.sharing=foo", "valid choices: none, cross_layer"),
+    ],
+)
+def test_cli_bad_config_is_one_line(tmp_path, override, message):
+    result = _run_cli([*_tiny_flags(tmp_path / "cache"), f"--workdir={tmp_path / 'run'}", override])
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert message in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_killed_run_resumes_to_the_same_metrics(tmp_path):
+    """SIGKILL a run mid-way, rerun the same command, and compare with an uninterrupted run."""
+    cache = tmp_path / "cache"
+    common = [*_tiny_flags(cache), "--config.train.num_steps=1200", "--config.train.log_every=20",
+              "--config.train.checkpoint_every=100", "--config.train.eval_every=400"]
+    full = _run_cli([*common, f"--workdir={tmp_path / 'full'}"], timeout=600)
+    assert full.returncode == 0, full.stderr
+
+    workdir = tmp_path / "killed"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *common, f"--workdir={workdir}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    for line in proc.stdout:
+        if line.startswith("step 260/"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (workdir / "results.json").exists()
+
+    resumed = _run_cli([*common, f"--workdir={workdir}"], timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from checkpoint at step" in resumed.stdout
+    a = json.loads((tmp_path / "full" / "results.json").read_text())["test"]
+    b = json.loads((workdir / "results.json").read_text())["test"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
