@@ -1,0 +1,203 @@
+"""load_dataset end to end: cache reuse, memmap, atomic writes, config/data errors, prepare.py."""
+
+import importlib.util
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+from cprec.data import SequenceDataset, dataset, load_dataset, store
+from cprec.data.dataset import default_data_config, load_sequences
+from cprec.errors import ConfigError, DataError
+
+SHARED_ML100K = dataset.REPO_ROOT.parent / "shared" / "data" / "ml-100k" / "ml-100k.inter"
+
+
+def _csv(tmp_path, users=30, per_user=12, seed=0) -> pathlib.Path:
+    rng = np.random.default_rng(seed)
+    lines = ["user,item,when"]
+    for u in range(users):
+        for k in range(per_user):
+            lines.append(f"user{u},item{int(rng.zipf(1.6)) % 25},{rng.integers(0, 10**6)}")
+    path = tmp_path / "events.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _cfg(path=None, **kwargs):
+    c = default_data_config()
+    if path is not None:
+        c.name, c.path, c.user_col, c.item_col, c.time_col = "csv", str(path), "user", "item", "when"
+    c.max_len = 5
+    c.min_user_count, c.min_item_count = 3, 2
+    for k, v in kwargs.items():
+        c[k] = v
+    return c
+
+
+def _message(error_type, fn, *args, **kwargs) -> str:
+    with pytest.raises(error_type) as info:
+        fn(*args, **kwargs)
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+def test_load_csv_memmapped_with_interface(tmp_path):
+    data = load_dataset(_cfg(_csv(tmp_path)), cache_root=tmp_path / "cache", verbose=False)
+    assert isinstance(data, SequenceDataset)
+    U, L = data.val_inputs.shape
+    assert L == data.max_len == 5 and data.train.shape[1] == L + 1
+    assert data.test_inputs.shape == (U, L) and data.val_targets.shape == data.test_targets.shape == (U,)
+    for a in (data.train, data.val_inputs, data.val_targets, data.test_inputs, data.test_targets):
+        assert isinstance(a, np.memmap) and a.dtype == np.int32
+        assert a.max() < data.num_items and a.min() >= 0
+    assert data.item_counts.dtype == np.int64 and data.item_counts[0] == 0
+    assert np.all(np.diff(data.item_counts[1:]) <= 0)
+    m = data.meta
+    assert (m["name"], m["num_users"], m["num_items"], m["max_len"]) == ("csv", U, data.num_items, 5)
+    assert m["num_events"] == data.item_counts.sum() + 2 * U
+    assert pathlib.Path(m["cache_dir"]).parent == tmp_path / "cache"
+    items, offsets = load_sequences(data)
+    assert offsets[-1] == items.size == m["num_events"]
+    np.testing.assert_array_equal(items[offsets[1:] - 1], data.test_targets)
+
+
+def test_second_load_reuses_cache(tmp_path, monkeypatch, capsys):
+    cfg, cache = _cfg(_csv(tmp_path)), tmp_path / "cache"
+    first = load_dataset(cfg, cache_root=cache)
+    assert "preparing csv" in capsys.readouterr().out
+
+    def boom(*args):
+        raise AssertionError("prepared twice")
+
+    monkeypatch.setattr(dataset, "_build", boom)
+    second = load_dataset(cfg, cache_root=cache)
+    assert f"reusing cache {first.meta['cache_dir']}" in capsys.readouterr().out
+    np.testing.assert_array_equal(first.train, second.train)
+    assert len(list(cache.iterdir())) == 1
+
+
+def test_cache_key_tracks_config_and_file(tmp_path):
+    path, cache = _csv(tmp_path), tmp_path / "cache"
+    a = dataset.prepare(_cfg(path), cache, verbose=False)
+    assert dataset.prepare(_cfg(path, max_len=7), cache, verbose=False) != a
+    os.utime(path, ns=(0, 12345))  # same bytes, new mtime: treated as a new file
+    assert dataset.prepare(_cfg(path), cache, verbose=False) != a
+    assert dataset.prepare(_cfg(path, cache_dir=str(tmp_path / "other")), verbose=False).parent == tmp_path / "other"
+
+
+def test_interrupted_save_leaves_no_cache(tmp_path, monkeypatch):
+    calls = []
+
+    def dying_save(file, array):
+        calls.append(file)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_save(file, array)
+
+    real_save = np.save
+    monkeypatch.setattr(store.np, "save", dying_save)
+    cache = tmp_path / "cache"
+    with pytest.raises(KeyboardInterrupt):
+        load_dataset(_cfg(_csv(tmp_path)), cache_root=cache, verbose=False)
+    assert list(cache.iterdir()) == []
+    monkeypatch.setattr(store.np, "save", real_save)
+    assert load_dataset(_cfg(_csv(tmp_path)), cache_root=cache, verbose=False).train.size > 0
+
+
+def test_synthetic_dataset_keeps_catalog_without_item_filter(tmp_path):
+    cfg = _cfg(name="synthetic", num_users=100, num_items=400, mean_len=10, num_topics=8, min_item_count=0)
+    data = load_dataset(cfg, cache_root=tmp_path, verbose=False)
+    assert data.num_items == 401 and data.meta["source"] == "synthetic"
+    assert np.all(np.diff(data.item_counts[1:]) <= 0)
+
+
+def test_empty_after_filter(tmp_path):
+    cfg = _cfg(_csv(tmp_path), min_user_count=1000)
+    message = _message(DataError, load_dataset, cfg, tmp_path / "cache", False)
+    assert "empty after the k-core filter (min_user_count=1000, min_item_count=2" in message
+
+
+def test_missing_default_file_says_how_to_download(tmp_path, monkeypatch):
+    monkeypatch.setattr(dataset, "REPO_ROOT", tmp_path / "repo")
+    message = _message(DataError, load_dataset, _cfg(name="ml-1m"), tmp_path, False)
+    assert "ratings.dat not found" in message and "python data/prepare.py ml-1m" in message
+    message = _message(DataError, load_dataset, _cfg(name="ml-100k"), tmp_path, False)
+    assert "u.data not found" in message and "ml-100k.inter" in message
+    message = _message(DataError, load_dataset, _cfg(tmp_path / "nope.csv"), tmp_path, False)
+    assert "nope.csv not found; check data.path" in message
+
+
+def test_ml100k_default_falls_back_to_recbole_file(tmp_path, monkeypatch):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shared = tmp_path / "shared" / "data" / "ml-100k"
+    shared.mkdir(parents=True)
+    rows = "".join(f"{u}\t{i}\t3\t{u * 100 + i}\n" for u in range(1, 5) for i in range(1, 6))
+    (shared / "ml-100k.inter").write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n" + rows)
+    monkeypatch.setattr(dataset, "REPO_ROOT", repo)
+    data = load_dataset(_cfg(name="ml-100k"), cache_root=tmp_path / "cache", verbose=False)
+    assert data.meta["format"] == "recbole" and data.meta["num_users"] == 4
+    (repo / "data" / "raw" / "ml-100k").mkdir(parents=True)
+    (repo / "data" / "raw" / "ml-100k" / "u.data").write_text(rows)
+    data = load_dataset(_cfg(name="ml-100k"), cache_root=tmp_path / "cache", verbose=False)
+    assert data.meta["format"] == "movielens-100k" and data.meta["num_users"] == 4
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        (dict(name="netflix"), "config.data.name='netflix' is invalid"),
+        (dict(name="csv"), "needs a file: set config.data.path"),
+        (dict(name="synthetic", format="xml"), "config.data.format='xml' is invalid"),
+        (dict(name="synthetic", max_len=0), "config.data.max_len=0"),
+        (dict(name="synthetic", min_item_count=-1), "config.data.min_item_count=-1"),
+    ],
+)
+def test_config_errors(tmp_path, kwargs, needle):
+    assert needle in _message(ConfigError, load_dataset, _cfg(**kwargs), tmp_path, False)
+
+
+def test_corrupt_cache_is_a_data_error(tmp_path):
+    cfg = _cfg(_csv(tmp_path))
+    directory = dataset.prepare(cfg, tmp_path / "cache", verbose=False)
+    (directory / "train.npy").write_bytes(b"garbage")
+    message = _message(DataError, load_dataset, cfg, tmp_path / "cache", False)
+    assert "is unreadable" in message and "delete that directory" in message
+
+
+def _prepare_cli():
+    spec = importlib.util.spec_from_file_location("prepare_cli", dataset.REPO_ROOT / "data" / "prepare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_prepare_cli_summary_and_errors(tmp_path, capsys):
+    cli = _prepare_cli()
+    path = _csv(tmp_path)
+    argv = ["--path", str(path), "--user-col", "user", "--item-col", "item", "--time-col", "when"]
+    assert cli.main(argv + ["--cache-dir", str(tmp_path / "c"), "--max-len", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "csv: 30 users" in out and "training windows of 5" in out and str(tmp_path / "c") in out
+    assert cli.main(["--path", str(path), "--cache-dir", str(tmp_path / "c")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no column 'user_id'" in err and err.count("\n") == 1
+
+
+@pytest.mark.skipif(not SHARED_ML100K.is_file(), reason="needs ../shared/data/ml-100k")
+def test_ml100k_shared(tmp_path):
+    cfg = _cfg(name="ml-100k", max_len=50, min_user_count=5, min_item_count=5)
+    data = load_dataset(cfg, cache_root=tmp_path, verbose=False)
+    assert data.meta["num_users"] == 943 and data.num_items - 1 <= 1682
+    assert data.meta["source"] == str(SHARED_ML100K.resolve())
+    assert np.all(np.diff(data.item_counts[1:]) <= 0) and data.item_counts[1] > 0
+    # The same ratings in GroupLens' u.data format prepare to identical arrays.
+    body = SHARED_ML100K.read_text().split("\n", 1)[1]
+    (tmp_path / "u.data").write_text(body)
+    cfg.path = str(tmp_path / "u.data")
+    other = load_dataset(cfg, cache_root=tmp_path, verbose=False)
+    assert other.meta["format"] == "movielens-100k"
+    for name in ("train", "val_inputs", "val_targets", "test_inputs", "test_targets", "item_counts"):
+        np.testing.assert_array_equal(getattr(data, name), getattr(other, name))
