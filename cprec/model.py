@@ -87,7 +87,7 @@ class NextItNet(nn.Module):
     def loss(self, inputs: jax.Array, targets: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
         """Mean NLL of every non-padding target of the window, and the target count."""
         h = self.encode(inputs, train)
-        mask = targets > 0
+        mask = target_mask(inputs, targets)
         return self.head.loss(h.reshape(-1, self.dim), targets.reshape(-1), mask.reshape(-1))
 
     def last_log_prob(self, inputs: jax.Array) -> jax.Array:
@@ -101,6 +101,16 @@ class NextItNet(nn.Module):
     def __call__(self, inputs: jax.Array) -> jax.Array:
         # Touches every parameter; used by `init` on a tiny input.
         return self.last_log_prob(inputs)
+
+
+def target_mask(inputs, targets):
+    """Positions that carry loss: a real target predicted from a real (non-padding) input.
+
+    A user's first item sits after left padding; predicting it from padding
+    alone would only learn popularity, so it is left out (cprec.data makes
+    every other item a target exactly once).
+    """
+    return (targets > 0) & (inputs > 0)
 
 
 def eval_ranks(log_prob: jax.Array, targets: jax.Array) -> jax.Array:

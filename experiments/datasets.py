@@ -12,6 +12,7 @@ def apply_dataset(config: ml_collections.ConfigDict, name: str) -> None:
     if name == "synthetic":
         # Small enough to train to a clear signal in under 3 minutes on 2 CPU cores.
         d.name = "synthetic"
+        d.min_user_count = d.min_item_count = 0  # keep the whole generated catalogue
         t.num_epochs, t.eval_every, t.checkpoint_every, t.log_every = 10, 100, 100, 20
     elif name == "ml100k":
         d.name = "ml-100k"
@@ -26,6 +27,7 @@ def apply_dataset(config: ml_collections.ConfigDict, name: str) -> None:
         # 1,000,000-item long-tail catalogue (CpRec's setting); needs the tree softmax to train fast.
         d.name = "synthetic"
         d.num_items, d.num_users, d.mean_len = 1_000_000, 200_000, 50
+        d.num_topics, d.min_user_count, d.min_item_count = 200, 0, 0
         t.num_epochs, t.eval_every, t.checkpoint_every, t.log_every = 1, 2000, 1000, 50
         config.eval.batch_size = 32
     else:

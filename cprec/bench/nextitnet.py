@@ -20,6 +20,7 @@ from cprec.bench.common import compiled_flops, matmul_peak_flops, median_seconds
 from cprec.config import base_config
 from cprec.data import load_dataset
 from cprec.factory import build_model, init_params
+from cprec.model import target_mask
 from cprec.train import make_optimizer, make_train_step
 
 
@@ -32,7 +33,7 @@ def bench_dim(config, data, dim: int, steps: int, repeats: int) -> dict[str, flo
     step_fn = make_train_step(model, tx, 0)
     batcher = WindowBatcher(data.train, config.train.batch_size, 0)
     batches = [jnp.asarray(batcher.batch(i)) for i in range(steps)]
-    tokens = float(sum(int((np.asarray(b)[:, 1:] > 0).sum()) for b in batches))
+    tokens = float(sum(int(target_mask(np.asarray(b)[:, :-1], np.asarray(b)[:, 1:]).sum()) for b in batches))
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
     flops_per_step = compiled_flops(step_fn, state, batches[0])
     holder = {"state": state}
