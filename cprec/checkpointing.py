@@ -13,8 +13,8 @@ from cprec.errors import WorkdirError
 class Checkpointer:
     """Saves and restores the dict-shaped train state under `<workdir>/checkpoints`."""
 
-    def __init__(self, workdir: str | pathlib.Path, keep: int) -> None:
-        self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
+    def __init__(self, workdir: str | pathlib.Path, keep: int, subdir: str = "checkpoints") -> None:
+        self.directory = pathlib.Path(workdir).absolute() / subdir
         self._manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
         )
@@ -29,6 +29,7 @@ class Checkpointer:
     def restore(self, step: int, like: Any) -> Any:
         """Restores step `step` into arrays shaped like `like`; a damaged checkpoint is a WorkdirError."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        self._manager.wait_until_finished()  # a save of this step may still be in flight
         try:
             return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
         except Exception as exc:  # orbax raises many types for damaged files

@@ -49,6 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.eval_every = 500  # validation every this many steps, and at the end
     c.train.checkpoint_every = 500
     c.train.keep_checkpoints = 2
+    c.train.select_metric = "ndcg@10"  # test uses the parameters with the best validation value of this
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "adam"  # 'adam' | 'adamw' | 'sgd'
@@ -104,6 +105,8 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     for key in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
         if t[key] < 1:
             _fail(f"train.{key}", t[key], "must be >= 1")
+    metrics = [f"{m}@{k}" for k in e.ks for m in ("hr", "ndcg", "mrr")]
+    _choice("train.select_metric", t.select_metric, metrics)
     _choice("optim.name", o.name, ("adam", "adamw", "sgd"))
     _choice("optim.schedule", o.schedule, ("constant", "cosine"))
     if o.lr <= 0:

@@ -173,6 +173,13 @@ def _train_loop(config, data, model, tx, state, start, total_steps, batcher, ckp
         inputs, targets = (data.val_inputs, data.val_targets) if split == "val" else (data.test_inputs, data.test_targets)
         return evaluate_split(rank_fn, state["params"], inputs, targets, config.eval.batch_size, ks)
 
+    # The test split is scored with the parameters of the best validation score (model selection).
+    select = t.select_metric
+    best_ckpt = Checkpointer(ckpt.directory.parent, 1, subdir="best")
+    best_like = {"params": state["params"], "score": jnp.zeros(()), "step": jnp.zeros((), jnp.int32)}
+    best_step = best_ckpt.latest_step()
+    best_score = float(best_ckpt.restore(best_step, best_like)["score"]) if best_step else -np.inf
+
     pending: list[dict[str, jax.Array]] = []
     timer, timed_tokens, timed_steps = None, 0.0, 0
     for step in range(start, total_steps):
@@ -205,12 +212,20 @@ def _train_loop(config, data, model, tx, state, start, total_steps, batcher, ckp
         if done % t.eval_every == 0 or done == total_steps:
             val = evaluate("val")
             writer.scalars(done, {f"val/{k}": v for k, v in val.items()})
+            if val[select] > best_score:
+                best_score, best_step = val[select], done
+                best_ckpt.save(done, {"params": state["params"], "score": jnp.asarray(best_score),
+                                      "step": jnp.asarray(done, jnp.int32)})
             print(f"step {done} validation: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items() if "@" in k), flush=True)
         if done % t.checkpoint_every == 0 or done == total_steps:
             ckpt.save(done, state)
+    if best_step:
+        state = {**state, "params": best_ckpt.restore(best_step, best_like)["params"]}
+    best_ckpt.close()
     test = evaluate("test")
-    writer.scalars(total_steps, {f"test/{k}": v for k, v in test.items()})
-    print("test: " + ", ".join(f"{k} {v:.4f}" for k, v in test.items()), flush=True)
+    writer.scalars(total_steps, {f"test/{k}": v for k, v in test.items()} | {"test/selected_step": best_step or total_steps})
+    print(f"test (parameters of step {best_step}, best val/{select} {best_score:.4f}): "
+          + ", ".join(f"{k} {v:.4f}" for k, v in test.items()), flush=True)
     return test
 
 

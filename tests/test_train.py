@@ -58,6 +58,8 @@ def test_train_and_evaluate_outputs_and_no_retrain(tiny, tmp_path, capsys):
     assert {"step", "train/loss", "train/tokens_per_sec", "val/mrr@5", "test/hr@10", "test/ndcg@20",
             "params/total"} <= keys
     assert json.loads((workdir / "config.json").read_text())["model"]["dim"] == 8
+    val = [(line["val/ndcg@10"], -line["step"]) for line in lines if "val/ndcg@10" in line]
+    assert lines[-1]["test/selected_step"] == -max(val)[1]  # first step with the best validation score
     assert list(workdir.glob("events.out.tfevents.*"))
     assert (workdir / "checkpoints" / "12").is_dir()
     before = _snapshot(workdir)
