@@ -22,9 +22,13 @@ def make_rank_fn(model: NextItNet) -> Callable:
 
 
 def evaluate_split(
-    rank_fn: Callable, params, inputs: np.ndarray, targets: np.ndarray, batch_size: int, ks: Sequence[int]
+    rank_fn: Callable, params, inputs: np.ndarray, targets: np.ndarray, batch_size: int, ks: Sequence[int],
+    place: Callable[[np.ndarray], jax.Array] = jax.numpy.asarray,
 ) -> dict[str, float]:
-    """HR/NDCG/MRR@K over one split; the last batch is padded to keep one compiled shape."""
+    """HR/NDCG/MRR@K over one split; the last batch is padded to keep one compiled shape.
+
+    `place` puts a host batch on the devices (e.g. split over a data-parallel mesh).
+    """
     ranks = []
     for start in range(0, len(targets), batch_size):
         x = np.asarray(inputs[start : start + batch_size])
@@ -33,5 +37,5 @@ def evaluate_split(
         if n < batch_size:
             x = np.concatenate([x, np.zeros((batch_size - n, x.shape[1]), x.dtype)])
             y = np.concatenate([y, np.ones(batch_size - n, y.dtype)])
-        ranks.append(np.asarray(rank_fn(params, x, y))[:n])
+        ranks.append(np.asarray(rank_fn(params, place(x), place(y)))[:n])
     return rank_metrics(np.concatenate(ranks), ks)

@@ -15,8 +15,11 @@ class MetricWriter:
     read as one uninterrupted run.
     """
 
-    def __init__(self, workdir: str | pathlib.Path, resume_step: int = 0) -> None:
+    def __init__(self, workdir: str | pathlib.Path, resume_step: int = 0, enabled: bool = True) -> None:
+        self.enabled = enabled  # False on all hosts but the first of a multi-host run
         self.path = pathlib.Path(workdir) / "metrics.jsonl"
+        if not enabled:
+            return
         if resume_step and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
@@ -24,17 +27,25 @@ class MetricWriter:
         self._tb = SummaryWriter(str(workdir), purge_step=resume_step or None)
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
         self._file.write(json.dumps({"step": int(step), **{k: float(v) for k, v in values.items()}}) + "\n")
         self._file.flush()
         for key, value in values.items():
             self._tb.add_scalar(key, float(value), int(step))
 
     def text(self, tag: str, text: str, step: int = 0) -> None:
+        if not self.enabled:
+            return
         self._tb.add_text(tag, text, step)
 
     def hparams(self, hparams: Mapping[str, object], metrics: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
         self._tb.add_hparams(dict(hparams), dict(metrics), name="hparams", global_step=0)
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self._file.close()
         self._tb.close()

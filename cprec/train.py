@@ -28,6 +28,7 @@ from cprec.factory import build_model, init_params, param_report, uncompressed_c
 from cprec.metric_writer import MetricWriter
 from cprec.metrics import popularity_ranks, rank_metrics
 from cprec.model import NextItNet
+from cprec.parallel import DataParallel, initialize_distributed
 
 
 class TrainingDiverged(CprecError):
@@ -116,6 +117,7 @@ def _format_eta(seconds: float) -> str:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
     """Trains, evaluates on validation periodically and on test at the end; returns the test metrics."""
     validate_config(config)
+    initialize_distributed()  # before any computation: joins the hosts of a multi-task SLURM job
     workdir = pathlib.Path(workdir)
     _check_workdir_config(workdir, config)
     results_path = workdir / "results.json"
@@ -138,12 +140,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     params = init_params(model, config.seed)
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
+    parallel = DataParallel()
+    parallel.check_divides("train.batch_size", config.train.batch_size)
+    parallel.check_divides("eval.batch_size", config.eval.batch_size)
     ckpt = Checkpointer(workdir, config.train.keep_checkpoints)
     start = ckpt.latest_step() or 0
     if start:
         state = ckpt.restore(start, state)
         print(f"resuming from checkpoint at step {start}")
-    writer = MetricWriter(workdir, resume_step=start)
+    state = parallel.replicate(state)
+    writer = MetricWriter(workdir, resume_step=start, enabled=jax.process_index() == 0)
     try:
         if not start:
             writer.text("config", "```\n" + config.to_json_best_effort(indent=2) + "\n```")
@@ -151,7 +157,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             pop = rank_metrics(popularity_ranks(data.item_counts, np.asarray(data.test_targets)), config.eval.ks)
             writer.scalars(0, {**report, **{f"popularity/test_{k}": v for k, v in pop.items()}})
             print("popularity baseline (test): " + ", ".join(f"{k} {v:.4f}" for k, v in pop.items()))
-        test = _train_loop(config, data, model, tx, state, start, total_steps, batcher, ckpt, writer)
+        test = _train_loop(config, data, model, tx, state, start, total_steps, batcher, ckpt, writer, parallel)
         writer.hparams(_hparams(config), {f"hparam/test_{k}": v for k, v in test.items()} | {
             "hparam/params_total": report["params/total"]})
     finally:
@@ -163,7 +169,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     return test
 
 
-def _train_loop(config, data, model, tx, state, start, total_steps, batcher, ckpt, writer) -> dict[str, float]:
+def _train_loop(config, data, model, tx, state, start, total_steps, batcher, ckpt, writer, parallel) -> dict[str, float]:
     t = config.train
     train_step = make_train_step(model, tx, config.seed)
     rank_fn = make_rank_fn(model)
@@ -171,7 +177,7 @@ def _train_loop(config, data, model, tx, state, start, total_steps, batcher, ckp
 
     def evaluate(split: str) -> dict[str, float]:
         inputs, targets = (data.val_inputs, data.val_targets) if split == "val" else (data.test_inputs, data.test_targets)
-        return evaluate_split(rank_fn, state["params"], inputs, targets, config.eval.batch_size, ks)
+        return evaluate_split(rank_fn, state["params"], inputs, targets, config.eval.batch_size, ks, parallel.shard)
 
     # The test split is scored with the parameters of the best validation score (model selection).
     select = t.select_metric
@@ -183,7 +189,7 @@ def _train_loop(config, data, model, tx, state, start, total_steps, batcher, ckp
     pending: list[dict[str, jax.Array]] = []
     timer, timed_tokens, timed_steps = None, 0.0, 0
     for step in range(start, total_steps):
-        state, metrics = train_step(state, jnp.asarray(batcher.batch(step)))
+        state, metrics = train_step(state, parallel.shard(batcher.batch(step)))
         pending.append(metrics)
         done = step + 1
         if timer is None:  # the first step compiles: time from its end
@@ -220,7 +226,7 @@ def _train_loop(config, data, model, tx, state, start, total_steps, batcher, ckp
         if done % t.checkpoint_every == 0 or done == total_steps:
             ckpt.save(done, state)
     if best_step:
-        state = {**state, "params": best_ckpt.restore(best_step, best_like)["params"]}
+        state = {**state, "params": parallel.replicate(best_ckpt.restore(best_step, best_like)["params"])}
     best_ckpt.close()
     test = evaluate("test")
     writer.scalars(total_steps, {f"test/{k}": v for k, v in test.items()} | {"test/selected_step": best_step or total_steps})

@@ -1,0 +1,52 @@
+"""Data-parallel training on 4 simulated CPU devices matches one device."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+SCRIPT = """
+import json, sys
+from tests.conftest import tiny_config
+from cprec.train import train_and_evaluate
+c = tiny_config(sys.argv[1])
+c.train.num_steps, c.train.log_every, c.train.eval_every = 16, 1, 8
+c.train.batch_size, c.eval.batch_size = int(sys.argv[3]), 32
+try:
+    train_and_evaluate(c, sys.argv[2])
+except Exception as e:
+    print("ERROR", type(e).__name__, e)
+"""
+
+
+def _train(tmp_path, name, devices, batch=16):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    out = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "cache"), str(tmp_path / name), str(batch)],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def _losses(workdir):
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [line["train/loss"] for line in lines if "train/loss" in line]
+
+
+def test_four_devices_match_one(tmp_path):
+    _train(tmp_path, "one", 1)
+    _train(tmp_path, "four", 4)
+    one, four = _losses(tmp_path / "one"), _losses(tmp_path / "four")
+    assert len(one) == len(four) == 15  # every step but the compiling first is logged
+    assert four == pytest.approx(one, rel=1e-4)
+    a = json.loads((tmp_path / "one" / "results.json").read_text())["test"]
+    b = json.loads((tmp_path / "four" / "results.json").read_text())["test"]
+    assert b == pytest.approx(a, rel=1e-4, abs=1e-6)
+
+
+def test_batch_not_divisible_by_devices_is_an_error(tmp_path):
+    out = _train(tmp_path, "bad", 4, batch=18)
+    assert "ERROR ConfigError config.train.batch_size=18 does not divide by the 4 devices" in out
