@@ -75,7 +75,7 @@ def make_train_step(model: NextItNet, tx: optax.GradientTransformation, seed: in
 
 
 def _check_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
-    """Refuses a workdir created by a different experiment; writes config.json for a new one."""
+    """Refuses a workdir created by a different experiment."""
     path = workdir / "config.json"
     current = json.loads(config.to_json_best_effort())
     if path.exists():
@@ -89,10 +89,12 @@ def _check_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDi
                 f"workdir {workdir} holds another experiment (config differs at {diff}); "
                 "use a new --workdir or delete the old one"
             )
-        return
-    workdir.mkdir(parents=True, exist_ok=True)
+
+
+def _write_json(path: pathlib.Path, payload: dict) -> None:
+    """Atomic write: a crash never leaves a half-written file."""
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(current, indent=2, sort_keys=True))
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
     tmp.replace(path)
 
 
@@ -120,6 +122,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     initialize_distributed()  # before any computation: joins the hosts of a multi-task SLURM job
     workdir = pathlib.Path(workdir)
     _check_workdir_config(workdir, config)
+    parallel = DataParallel()
+    parallel.check_divides("train.batch_size", config.train.batch_size)
+    parallel.check_divides("eval.batch_size", config.eval.batch_size)
     results_path = workdir / "results.json"
     if results_path.exists():
         results = json.loads(results_path.read_text())
@@ -130,6 +135,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     model = build_model(config, data.item_counts)
     report = param_report(model, build_model(uncompressed_config(config), data.item_counts))
     _print_report(report)
+    # Written only once data and model are known good, so a failed start leaves no workdir behind.
+    workdir.mkdir(parents=True, exist_ok=True)
+    _write_json(workdir / "config.json", {**json.loads(config.to_json_best_effort()), "report": report})
 
     batcher = WindowBatcher(data.train, config.train.batch_size, config.seed)
     if config.train.num_steps > 0:
@@ -140,9 +148,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     params = init_params(model, config.seed)
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
-    parallel = DataParallel()
-    parallel.check_divides("train.batch_size", config.train.batch_size)
-    parallel.check_divides("eval.batch_size", config.eval.batch_size)
     ckpt = Checkpointer(workdir, config.train.keep_checkpoints)
     start = ckpt.latest_step() or 0
     if start:
@@ -163,9 +168,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     finally:
         writer.close()
         ckpt.close()
-    tmp = results_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"step": total_steps, "test": test, "report": report}, indent=2))
-    tmp.replace(results_path)
+    _write_json(results_path, {"step": total_steps, "test": test, "report": report})
     return test
 
 

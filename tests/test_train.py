@@ -176,3 +176,25 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
+
+
+def test_failed_start_leaves_no_workdir(tiny, tmp_path):
+    config = tiny()
+    config.data.name, config.data.path = "csv", str(tmp_path / "missing.csv")
+    with pytest.raises(Exception, match="missing.csv"):
+        train_and_evaluate(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_compression_report_is_saved(tiny, tmp_path):
+    config = tiny(embedding="blockwise", softmax="tree", sharing="cross_block", cutoffs=(20, 40))
+    config.train.num_steps = 4
+    train_and_evaluate(config, tmp_path / "run")
+    report = json.loads((tmp_path / "run" / "config.json").read_text())["report"]
+    parts = report["params/embedding"] + report["params/residual_stack"] + report["params/output"]
+    assert report["params/total"] == parts
+    assert report["params/bytes"] == 4 * parts
+    assert report["params/compression_ratio"] == pytest.approx(report["params/baseline_total"] / parts)
+    assert report["params/compression_ratio"] > 1.5
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["params/total"] == parts

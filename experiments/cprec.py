@@ -1,0 +1,72 @@
+"""CpRec (Sun, Yuan et al., SIGIR 2020) on NextItNet: block-wise embedding, tree softmax, layer-wise sharing.
+
+  python run.py --config experiments/cprec.py --workdir runs/cprec-demo
+  python run.py --config experiments/cprec.py:ml100k --workdir runs/cprec-ml100k
+  python run.py --config experiments/cprec.py:ml100k,share=adjacent_layer --workdir runs/cprec-ml100k-al
+  python run.py --config experiments/cprec.py:ml1m,emb=full,softmax=tree --workdir runs/cprec-ml1m-tree
+  python run.py --config experiments/cprec.py:synthetic1m --workdir runs/cprec-1m
+
+Arg: comma-separated; a bare word picks the dataset (synthetic, ml100k, ml1m, ml20m, synthetic1m);
+emb=full|blockwise, softmax=full|tree, share=none|cross_layer|cross_block|adjacent_layer|adjacent_block.
+Defaults: synthetic, blockwise, tree, cross_block.
+
+Sweeps (`--sweep`; add `--launcher local|slurm` to run them, see cprec/sweep.py):
+
+  python run.py --config experiments/cprec.py:ml100k --sweep                  # ablation, 60 trials
+  python run.py --config experiments/cprec.py:ml100k,sweep=clusters --sweep   # clusters and ranks, 24 trials
+
+- `sweep=ablation` (the default): model.embedding {full, blockwise} x model.softmax {full, tree}
+  x model.sharing {none, cross_layer, cross_block, adjacent_layer, adjacent_block} x seeds 0-2;
+  full/full/none is the uncompressed NextItNet. Trials go to runs/cprec-<arg>/.
+- `sweep=clusters`: the arg's embedding, softmax and sharing (default blockwise, tree, cross_block)
+  with model.cutoffs from CUTOFF_SWEEP[dataset] x model.rank_decay {2, 4, 8} x seeds 0-1.
+"""
+import ml_collections
+
+from cprec.config import base_config, parse_arg
+from cprec.errors import ConfigError
+from cprec.sharing import SHARING_SCHEMES
+from cprec.sweep import product, seeds
+from experiments.datasets import apply_dataset
+
+# Cluster cutoffs per dataset (fractions of V, or absolute counts at 1M items): the head keeps the
+# items that carry most of the traffic; more, smaller tail clusters pay off at large V.
+CUTOFFS = {
+    "synthetic": (0.1, 0.35),
+    "ml100k": (0.2, 0.5),
+    "ml1m": (0.2, 0.5),
+    "ml20m": (0.05, 0.2, 0.5),
+    "synthetic1m": (20_000, 60_000, 150_000, 350_000, 600_000),
+}
+
+# Cutoff variants for sweep=clusters: fewer/more tail clusters and a smaller/larger head.
+CUTOFF_SWEEP = {
+    "synthetic": [(0.1,), (0.1, 0.35), (0.2, 0.5), (0.05, 0.2, 0.5)],
+    "ml100k": [(0.2,), (0.1, 0.4), (0.2, 0.5), (0.1, 0.3, 0.6)],
+    "ml1m": [(0.2,), (0.1, 0.4), (0.2, 0.5), (0.1, 0.3, 0.6)],
+    "ml20m": [(0.05, 0.2), (0.05, 0.2, 0.5), (0.02, 0.1, 0.3, 0.6)],
+    "synthetic1m": [(20_000, 200_000), (20_000, 60_000, 150_000, 350_000, 600_000),
+                    (10_000, 40_000, 100_000, 200_000, 350_000, 550_000, 800_000)],
+}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    a = parse_arg(arg, data="synthetic", emb="blockwise", softmax="tree", share="cross_block")
+    config = base_config()
+    apply_dataset(config, a.data)
+    m = config.model
+    m.embedding, m.softmax, m.sharing = a.emb, a.softmax, a.share
+    m.cutoffs = CUTOFFS[a.data]
+    m.rank_decay = 4
+    return config
+
+
+def sweep(arg: str | None = None) -> list[dict]:
+    """The CpRec ablation (default) or, with `sweep=clusters` in the arg, the cutoff x rank_decay sweep."""
+    a = parse_arg(arg, data="synthetic", emb="blockwise", softmax="tree", share="cross_block", sweep="ablation")
+    if a.sweep == "ablation":
+        layers = {"model.embedding": ["full", "blockwise"], "model.softmax": ["full", "tree"]}
+        return product(layers, {"model.sharing": list(SHARING_SCHEMES)}, seeds(3))
+    if a.sweep == "clusters":
+        return product({"model.cutoffs": CUTOFF_SWEEP[a.data], "model.rank_decay": [2, 4, 8]}, seeds(2))
+    raise ConfigError(f"sweep={a.sweep!r} is unknown in experiments/cprec.py; valid: ablation, clusters")
