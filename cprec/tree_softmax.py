@@ -1,0 +1,454 @@
+"""Block-wise (two-level tree) softmax over frequency-ordered items, as in CpRec / adaptive softmax.
+
+Clusters come from ``cutoffs = (k1, ..., V)`` (see ``cprec.clusters``): the head holds ids
+``[0, k1)`` and tail cluster j = 1..n-1 holds ids ``[cutoffs[j-1], cutoffs[j])`` (offset_j =
+``cutoffs[j-1]``, size k_j, rank d_j = ``ranks[j]``).
+
+Parameter layout (no biases), for loading weights:
+
+- ``head``: ``[dim, k1 + n - 1]``. Columns ``0..k1-1`` score the head items; column
+  ``k1 + j - 1`` is the token of tail cluster j.
+- ``tail_{j}_proj``: ``[dim, d_j]`` and ``tail_{j}_out``: ``[d_j, k_j]`` for j = 1..n-1; the
+  logits of cluster j's items are ``h @ tail_{j}_proj @ tail_{j}_out``.
+
+Semantics: ``log p(x) = log_softmax(h @ head)[x]`` for ``x < k1``, and
+``log_softmax(h @ head)[k1 + j - 1] + log_softmax(h @ P_j @ W_j)[x - offset_j]`` for x in cluster j.
+
+Costs: ``loss`` computes the head for every token and cluster j only for the tokens whose target
+lies in it, in a static buffer of ``capacities[j-1]`` rows (an exact chunked fallback runs when a
+batch routes more); big low-rank clusters are streamed in cache-sized column blocks. ``top_k`` is
+exact and scores a tail cluster only for the rows whose cluster token beats their current n-th
+best item (p(item in j) <= p(token_j)), gathering those rows into a buffer of 1, 4, 16, ... rows.
+Measured against a full softmax by ``python -m cprec.bench.tree_softmax``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from cprec.clusters import check_clusters
+from cprec.errors import ConfigError
+
+Initializer = Callable[..., jax.Array]
+
+
+# ----------------------------------------------------------------------------------------------
+# Numerics shared by every path: log_prob, loss and top_k use the same formulas so that top_k's
+# early-stop test (item log-prob <= token log-prob) holds on the computed values, not only in math.
+
+def _lse(logits: jax.Array) -> jax.Array:
+    """logsumexp over the last axis; lse >= max exactly, so log-softmax values are <= 0."""
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    m = lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
+    return (m + jnp.log(jnp.sum(jnp.exp(logits - m), axis=-1, keepdims=True)))[..., 0]
+
+
+def _log_softmax(logits: jax.Array) -> jax.Array:
+    return logits - _lse(logits)[..., None]
+
+
+# ----------------------------------------------------------------------------------------------
+# Cross-entropy of rows of x @ w against one column each, with a hand-written backward.
+# The forward keeps e = exp(logits - max) (needed for the sum anyway) so the backward spends no
+# exp, and the softmax normalisation and the one-hot are folded into the two backward matmuls:
+#   d logits = (g/s) e - g onehot  =>  dx = (g/s) (e @ w.T) - g w[:, cols].T,
+#                                      dw = (x g/s).T @ e - scatter(cols, x g).
+# So [R, K] is written twice (logits, e) and read four times, and no [R, K] cotangent is built.
+
+@jax.custom_vjp
+def _xent(x: jax.Array, w: jax.Array, cols: jax.Array) -> jax.Array:
+    """Per-row ``logsumexp(x @ w) - (x @ w)[row, cols[row]]``."""
+    logits = x @ w
+    return _lse(logits) - jnp.take_along_axis(logits, cols[:, None], axis=1)[:, 0]
+
+
+def _xent_fwd(x, w, cols):
+    logits = x @ w
+    tgt = jnp.take_along_axis(logits, cols[:, None], axis=1)[:, 0]
+    m = lax.stop_gradient(jnp.max(logits, axis=1))
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    e = jnp.exp(logits - m[:, None])
+    s = jnp.sum(e, axis=1)
+    return m + jnp.log(s) - tgt, (x, w, cols, e, s)
+
+
+def _xent_bwd(res, g):
+    x, w, cols, e, s = res
+    a = g / s
+    w_t = jnp.take(w, cols, axis=1).T  # [R, d]
+    dx = (e @ w.T) * a[:, None] - w_t * g[:, None]
+    dw = (x * a[:, None]).T @ e
+    dw = dw.at[:, cols].add(-(x * g[:, None]).T)
+    return dx, dw, None
+
+
+_xent.defvjp(_xent_fwd, _xent_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Big low-rank clusters in column blocks. An [R, K] array of a million-item cluster does not stay
+# in cache, and on CPU its elementwise passes (exp, max, sum) then run several times slower than
+# on a cache-sized block, plus the page faults of a fresh buffer each step. So for such clusters
+# the logits are produced block by block inside a loop (one reused buffer) with an online
+# logsumexp; the backward recomputes each block (cheap at rank <= 16) instead of storing [R, K].
+# Module constants, not arguments, so that tests can shrink them to exercise the blocked paths.
+
+_BLOCK_MAX_RANK = 16          # higher ranks make the recompute matmul cost more than it saves
+_BLOCK_MIN_ELEMENTS = 1 << 22  # rows * columns from which a cluster is blocked
+_BLOCK_ELEMENTS = 1 << 21      # target rows * block columns (8 MiB of f32)
+_BLOCK_RANGE = (1024, 32768)   # block width bounds (columns)
+
+
+def _use_blocks(rows: int, rank: int, cols: int) -> bool:
+    return rank <= _BLOCK_MAX_RANK and rows * cols >= _BLOCK_MIN_ELEMENTS
+
+
+def _block_width(rows: int, cols: int) -> int:
+    lo, hi = _BLOCK_RANGE
+    width = 1 << max(0, (_BLOCK_ELEMENTS // max(rows, 1)).bit_length() - 1)
+    return int(min(max(width, lo), hi, max(cols, 1)))
+
+
+def _column_blocks(w: jax.Array, width: int) -> jax.Array:
+    """``w`` [r, K] -> [ceil(K / width), r, width], zero-padded (padded columns get masked)."""
+    r, k = w.shape
+    nb = -(-k // width)
+    return jnp.pad(w, ((0, 0), (0, nb * width - k))).reshape(r, nb, width).transpose(1, 0, 2)
+
+
+def _block_logits(x, w_blk, b, width, k):
+    logits = x @ w_blk
+    col = b * width + lax.broadcasted_iota(jnp.int32, logits.shape, 1)
+    return jnp.where(col < k, logits, -jnp.inf)
+
+
+def _online_lse(m, s, logits):
+    """One step of a running logsumexp; keeps s >= 1 once finite so lse >= every logit seen."""
+    m_new = jnp.maximum(m, jnp.max(logits, axis=1))
+    s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(logits - m_new[:, None]), axis=1)
+    return m_new, s
+
+
+def _xent_blocked_fwd(x, w, cols):
+    rows, k = x.shape[0], w.shape[1]
+    width = _block_width(rows, k)
+    blocks = _column_blocks(w, width)
+
+    def body(carry, inp):
+        b, w_blk = inp
+        return _online_lse(*carry, _block_logits(x, w_blk, b, width, k)), None
+
+    init = (jnp.full((rows,), -jnp.inf, x.dtype), jnp.zeros((rows,), x.dtype))
+    (m, s), _ = lax.scan(body, init, (jnp.arange(blocks.shape[0]), blocks))
+    lse = m + jnp.log(s)
+    tgt = jnp.sum(x * jnp.take(w, cols, axis=1).T, axis=1)
+    return lse - tgt, (x, w, cols, lse)
+
+
+def _xent_blocked_bwd(res, g):
+    x, w, cols, lse = res
+    k = w.shape[1]
+    width = _block_width(x.shape[0], k)
+    blocks = _column_blocks(w, width)
+
+    def body(dx, inp):
+        b, w_blk = inp
+        p = jnp.exp(_block_logits(x, w_blk, b, width, k) - lse[:, None]) * g[:, None]
+        return dx + p @ w_blk.T, x.T @ p
+
+    dx, dw = lax.scan(body, jnp.zeros_like(x), (jnp.arange(blocks.shape[0]), blocks))
+    dw = dw.transpose(1, 0, 2).reshape(w.shape[0], -1)[:, :k]
+    dx = dx - jnp.take(w, cols, axis=1).T * g[:, None]
+    dw = dw.at[:, cols].add(-(x * g[:, None]).T)
+    return dx, dw, None
+
+
+_xent_blocked = jax.custom_vjp(lambda x, w, cols: _xent_blocked_fwd(x, w, cols)[0])
+_xent_blocked.defvjp(_xent_blocked_fwd, _xent_blocked_bwd)
+
+
+def _cluster_xent(x: jax.Array, w: jax.Array, cols: jax.Array) -> jax.Array:
+    """Per-row NLL of ``x @ w`` at ``cols``, blocked when the cluster is big and low-rank."""
+    if _use_blocks(x.shape[0], x.shape[1], w.shape[1]):
+        return _xent_blocked(x, w, cols)
+    return _xent(x, w, cols)
+
+
+# ----------------------------------------------------------------------------------------------
+# Exact top-n helpers for the early-stop search (forward only).
+
+def _top_n(x: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+    """``lax.top_k`` over the last axis of [R, K], cheaper for long rows, same result up to ties.
+
+    The n best entries lie in the n groups (of 16 columns) with the largest maxima, so a top-n
+    over the group maxima and one over those n*16 candidates replace a top-n over all K columns.
+    """
+    rows, k = x.shape
+    group = 16
+    if k < 64 * n:
+        return lax.top_k(x, n)
+    main = k - k % group
+    group_max = jnp.max(x[:, :main].reshape(rows, main // group, group), axis=2)
+    _, best = lax.top_k(group_max, n)
+    cand_cols = (best[:, :, None] * group + jnp.arange(group, dtype=best.dtype)).reshape(rows, -1)
+    if main < k:
+        rest = jnp.broadcast_to(jnp.arange(main, k, dtype=best.dtype), (rows, k - main))
+        cand_cols = jnp.concatenate([cand_cols, rest], axis=1)
+    vals, pos = lax.top_k(jnp.take_along_axis(x, cand_cols, axis=1), n)
+    return vals, jnp.take_along_axis(cand_cols, pos, axis=1)
+
+
+def _merge_top_n(vals, ids, new_vals, new_ids, n):
+    vals, pos = lax.top_k(jnp.concatenate([vals, new_vals], axis=1), n)
+    return vals, jnp.take_along_axis(jnp.concatenate([ids, new_ids], axis=1), pos, axis=1)
+
+
+def _cluster_top_n(z: jax.Array, w: jax.Array, n: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Top-n logits of ``z @ w`` per row, their columns, and the rows' logsumexp (>= every logit)."""
+    rows, k = z.shape[0], w.shape[1]
+    if not _use_blocks(rows, z.shape[1], k):
+        logits = z @ w
+        vals, ids = _top_n(logits, n)
+        return vals, ids.astype(jnp.int32), _lse(logits)
+    width = _block_width(rows, k)
+    blocks = _column_blocks(w, width)
+    n_blk = min(n, width)
+
+    def body(carry, inp):
+        m, s, vals, ids = carry
+        b, w_blk = inp
+        logits = _block_logits(z, w_blk, b, width, k)
+        m, s = _online_lse(m, s, logits)
+        new_vals, new_ids = _top_n(logits, n_blk)
+        vals, ids = _merge_top_n(vals, ids, new_vals, new_ids.astype(jnp.int32) + b * width, n)
+        return (m, s, vals, ids), None
+
+    init = (jnp.full((rows,), -jnp.inf, z.dtype), jnp.zeros((rows,), z.dtype),
+            jnp.full((rows, n), -jnp.inf, z.dtype), jnp.full((rows, n), -1, jnp.int32))
+    (m, s, vals, ids), _ = lax.scan(body, init, (jnp.arange(blocks.shape[0], dtype=jnp.int32), blocks))
+    return vals, ids, m + jnp.log(s)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tail cluster: summed NLL of the rows routed to it (sel), computed on a static buffer of
+# `capacity` rows. On overflow an exact scan over capacity-sized chunks runs instead; it is
+# rematerialised so its backward keeps no [capacity, k_j] residual per chunk, and chunks past the
+# routed rows are skipped by a cond (forward and backward).
+
+def _compact(sel: jax.Array, size: int, start: jax.Array | int = 0) -> tuple[jax.Array, jax.Array]:
+    """Row ids of the selected rows number start..start+size-1 (in row order) and their validity.
+
+    A cumsum and one scatter: no sort, no data-dependent shapes. Unused slots point at row 0.
+    """
+    n = sel.shape[0]
+    sel_i = sel.astype(jnp.int32)
+    pos = jnp.cumsum(sel_i) - 1 - start
+    slot = jnp.where(sel & (pos >= 0) & (pos < size), pos, size)
+    idx = jnp.zeros((size,), jnp.int32).at[slot].set(jnp.arange(n, dtype=jnp.int32), mode="drop")
+    valid = jnp.arange(size, dtype=jnp.int32) + start < jnp.sum(sel_i)
+    return idx, valid
+
+
+def _tail_chunk_nll(h, proj, out, local_t, sel, capacity, start):
+    idx, valid = _compact(sel, capacity, start)
+    nll = _cluster_xent(h[idx] @ proj, out, local_t[idx])
+    return jnp.sum(jnp.where(valid, nll, 0.0))
+
+
+def _tail_nll_sum(h: jax.Array, proj: jax.Array, out: jax.Array, local_t: jax.Array,
+                  sel: jax.Array, capacity: int) -> jax.Array:
+    """Sum over rows with ``sel`` of -log_softmax(h @ proj @ out)[row, local_t]."""
+    n_rows = h.shape[0]
+    if capacity >= n_rows:
+        return _tail_chunk_nll(h, proj, out, local_t, sel, n_rows, 0)
+    count = jnp.sum(sel.astype(jnp.int32))
+
+    def overflow(_):
+        @jax.checkpoint
+        def body(acc, c):
+            start = c * capacity
+            part = lax.cond(start < count,
+                            lambda: _tail_chunk_nll(h, proj, out, local_t, sel, capacity, start),
+                            lambda: jnp.zeros((), h.dtype))
+            return acc + part, None
+        n_chunks = -(-n_rows // capacity)
+        return lax.scan(body, jnp.zeros((), h.dtype), jnp.arange(n_chunks, dtype=jnp.int32))[0]
+
+    return lax.cond(count > capacity, overflow,
+                    lambda _: _tail_chunk_nll(h, proj, out, local_t, sel, capacity, 0), None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure functions on the parameter arrays (the module below only fetches its params).
+
+def _bounds(cutoffs: Sequence[int]) -> tuple[int, ...]:
+    return (0,) + tuple(int(c) for c in cutoffs)
+
+
+def tree_log_prob(head: jax.Array, projs: Sequence[jax.Array], outs: Sequence[jax.Array],
+                  cutoffs: Sequence[int], h: jax.Array) -> jax.Array:
+    """Full log distribution ``[N, V]`` (see the module docstring for the parameters)."""
+    k1 = _bounds(cutoffs)[1]
+    head_lp = _log_softmax(h @ head)
+    parts = [head_lp[:, :k1]]
+    for j, (p, w) in enumerate(zip(projs, outs)):
+        parts.append(head_lp[:, k1 + j, None] + _log_softmax((h @ p) @ w))
+    return jnp.concatenate(parts, axis=1)
+
+
+def tree_loss(head: jax.Array, projs: Sequence[jax.Array], outs: Sequence[jax.Array],
+              cutoffs: Sequence[int], capacities: Sequence[int] | None,
+              h: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Exact mean NLL over rows with ``mask`` true, and their number."""
+    bounds = _bounds(cutoffs)
+    k1, n_rows = bounds[1], h.shape[0]
+    targets = targets.astype(jnp.int32)
+    mask = mask.astype(bool)
+    cluster = jnp.sum(targets[:, None] >= jnp.asarray(bounds[1:-1], jnp.int32)[None, :], axis=1)
+    # Masked rows may hold any id (padding, -1): clip so every gather stays in range.
+    head_col = jnp.clip(jnp.where(cluster == 0, targets, k1 + cluster - 1), 0, head.shape[1] - 1)
+    total = jnp.sum(jnp.where(mask, _xent(h, head, head_col), 0.0))
+    for j, (p, w) in enumerate(zip(projs, outs), start=1):
+        cap = n_rows if capacities is None else max(1, min(int(capacities[j - 1]), n_rows))
+        local_t = jnp.clip(targets - bounds[j], 0, w.shape[1] - 1)
+        total = total + _tail_nll_sum(h, p, w, local_t, mask & (cluster == j), cap)
+    count = jnp.sum(mask.astype(jnp.int32))
+    return total / jnp.maximum(count, 1).astype(total.dtype), count
+
+
+def _row_buckets(n_rows: int) -> tuple[int, ...]:
+    """Static buffer sizes for the rows that need a cluster: 1, 4, 16, ..., n_rows."""
+    sizes, b = [], 1
+    while b < n_rows:
+        sizes.append(b)
+        b *= 4
+    return tuple(sizes) + (n_rows,)
+
+
+def tree_top_k(head: jax.Array, projs: Sequence[jax.Array], outs: Sequence[jax.Array],
+               cutoffs: Sequence[int], h: jax.Array, n: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Exact top-n log-probs and ids per row with early stop, and the expanded clusters."""
+    bounds = _bounds(cutoffs)
+    k1, n_rows, n_tail = bounds[1], h.shape[0], len(projs)
+    if not 1 <= n <= bounds[-1]:
+        raise ConfigError(f"top_k: n must be in [1, V={bounds[-1]}], got {n}")
+    head_lp = _log_softmax(h @ head)
+    tok_lp = head_lp[:, k1:]
+    m = min(n, k1)
+    scores, ids = _top_n(head_lp[:, :k1], m)
+    ids = ids.astype(jnp.int32)
+    if m < n:
+        scores = jnp.pad(scores, ((0, 0), (0, n - m)), constant_values=-jnp.inf)
+        ids = jnp.pad(ids, ((0, 0), (0, n - m)), constant_values=-1)
+
+    buckets = _row_buckets(n_rows)
+
+    def make_branch(j: int, size: int) -> Callable:
+        lo, p, w = bounds[j + 1], projs[j], outs[j]
+        n_j = min(n, w.shape[1])
+
+        def branch(rows: jax.Array, tok_j: jax.Array) -> tuple[jax.Array, jax.Array]:
+            idx, valid = _compact(rows, size)
+            vals, i, lse = _cluster_top_n(h[idx] @ p, w, n_j)
+            s = tok_j[idx][:, None] + (vals - lse[:, None])  # same rounding as tree_log_prob
+            if n_j < n:
+                s = jnp.pad(s, ((0, 0), (0, n - n_j)), constant_values=-jnp.inf)
+                i = jnp.pad(i, ((0, 0), (0, n - n_j)), constant_values=-1 - lo)
+            dest = jnp.where(valid, idx, n_rows)  # dropped: rows that do not need cluster j
+            new_s = jnp.full((n_rows, n), -jnp.inf, s.dtype).at[dest].set(s, mode="drop")
+            new_i = jnp.full((n_rows, n), -1, jnp.int32).at[dest].set(i.astype(jnp.int32) + lo, mode="drop")
+            return new_s, new_i
+        return branch
+
+    branches = [make_branch(j, b) for j in range(n_tail) for b in buckets]
+    bucket_sizes = jnp.asarray(buckets, jnp.int32)
+
+    def needs(scores, visited):
+        return (tok_lp > scores[:, n - 1:n]) & ~visited[None, :]
+
+    def cond(state):
+        scores, _, visited, _ = state
+        return jnp.any(needs(scores, visited))
+
+    def body(state):
+        scores, ids, visited, expanded = state
+        need = needs(scores, visited)
+        # Next: the cluster with the most probable token among the rows that still need one.
+        j = jnp.argmax(jnp.max(jnp.where(need, tok_lp, -jnp.inf), axis=0)).astype(jnp.int32)
+        rows = jnp.take(need, j, axis=1)
+        bucket = jnp.sum(jnp.sum(rows.astype(jnp.int32)) > bucket_sizes).astype(jnp.int32)
+        new_s, new_i = lax.switch(j * len(buckets) + bucket, branches, rows, jnp.take(tok_lp, j, axis=1))
+        scores, ids = _merge_top_n(scores, ids, new_s, new_i, n)
+        visited = visited.at[j].set(True)
+        expanded = expanded.at[:, j].set(rows)
+        return scores, ids, visited, expanded
+
+    init = (scores, ids, jnp.zeros((n_tail,), bool), jnp.zeros((n_rows, n_tail), bool))
+    scores, ids, _, expanded = lax.while_loop(cond, body, init)
+    return scores, ids, expanded
+
+
+# ----------------------------------------------------------------------------------------------
+
+class BlockwiseSoftmax(nn.Module):
+    """Two-level tree softmax over V items; see the module docstring for layout and semantics.
+
+    ``capacities``: static token capacity of each tail cluster in ``loss`` (e.g. from
+    ``cprec.clusters.cluster_token_capacities``); None gives every tail cluster all rows.
+    """
+
+    dim: int
+    num_items: int
+    cutoffs: tuple[int, ...]
+    ranks: tuple[int, ...]
+    capacities: tuple[int, ...] | None = None
+    kernel_init: Initializer = nn.initializers.lecun_normal()
+    param_dtype: Any = jnp.float32
+
+    def setup(self) -> None:
+        check_clusters(self.num_items, self.dim, self.cutoffs, self.ranks, require_tail=True)
+        n = len(self.cutoffs)
+        if self.capacities is not None and (
+                len(self.capacities) != n - 1 or any(int(c) < 1 for c in self.capacities)):
+            raise ConfigError(
+                f"model.capacities needs one token capacity >= 1 per tail cluster ({n - 1}), got {self.capacities}")
+        bounds = _bounds(self.cutoffs)
+        self.head = self.param("head", self.kernel_init, (self.dim, bounds[1] + n - 1), self.param_dtype)
+        projs, outs = [], []
+        for j in range(1, n):
+            d, k = self.ranks[j], bounds[j + 1] - bounds[j]
+            projs.append(self.param(f"tail_{j}_proj", self.kernel_init, (self.dim, d), self.param_dtype))
+            outs.append(self.param(f"tail_{j}_out", self.kernel_init, (d, k), self.param_dtype))
+        self.tail_proj, self.tail_out = projs, outs
+
+    def _flat(self, h: jax.Array) -> jax.Array:
+        h = jnp.asarray(h)
+        return h.reshape(-1, self.dim).astype(jnp.promote_types(h.dtype, self.param_dtype))
+
+    def log_prob(self, h: jax.Array) -> jax.Array:
+        """``h`` [N, dim] (or [..., dim], flattened) -> log p over all V ids, ``[N, V]``."""
+        return tree_log_prob(self.head, self.tail_proj, self.tail_out, self.cutoffs, self._flat(h))
+
+    def loss(self, h: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Mean NLL of ``targets`` over rows where ``mask`` is true, and that row count (int32).
+
+        Leading dims of ``h`` / ``targets`` / ``mask`` are flattened. Never builds ``[N, V]``.
+        """
+        return tree_loss(self.head, self.tail_proj, self.tail_out, self.cutoffs, self.capacities,
+                         self._flat(h), jnp.reshape(targets, (-1,)), jnp.reshape(mask, (-1,)))
+
+    def top_k(self, h: jax.Array, n: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Exact top-n: ``(log-probs [N, n] descending, ids [N, n], expanded [N, n_tail] bool)``.
+
+        ``expanded[r, j-1]`` says whether tail cluster j was scored for row r. Equals
+        ``lax.top_k(log_prob(h), n)`` up to ties and float rounding.
+        """
+        return tree_top_k(self.head, self.tail_proj, self.tail_out, self.cutoffs, self._flat(h), n)
+
+    def __call__(self, h: jax.Array) -> jax.Array:
+        return self.log_prob(h)

@@ -1,0 +1,271 @@
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax import lax
+
+from cprec.errors import ConfigError
+from cprec.tree_softmax import BlockwiseSoftmax
+
+V, D = 60, 16
+CUTOFFS, RANKS = (12, 24, 40, 60), (16, 4, 2, 1)
+N_TAIL = len(CUTOFFS) - 1
+
+# Inputs come from numpy and every computation runs inside one jit per test: eager JAX compiles
+# each small op separately, which would dominate the run time of these tiny tests.
+
+
+def _module(capacities=None) -> BlockwiseSoftmax:
+    return BlockwiseSoftmax(D, V, CUTOFFS, RANKS, capacities)
+
+
+@pytest.fixture(scope="module")
+def params():
+    """Capacities do not change the parameters, so every test shares one initialisation."""
+    return jax.jit(_module().init)(jax.random.PRNGKey(0), jnp.zeros((1, D)))
+
+
+def _h(n, seed=1, scale=1.0):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=(n, D)) * scale, jnp.float32)
+
+
+def _ref_loss(module, params, h, targets, mask):
+    lp = module.apply(params, h, method=module.log_prob)
+    nll = -jnp.take_along_axis(lp, targets[:, None], axis=1)[:, 0]
+    return jnp.sum(jnp.where(mask, nll, 0.0)) / jnp.sum(mask)
+
+
+def _tail_heavy_batch(n, seed=2):
+    """Targets mostly in the tail clusters (so small capacities overflow), a few masked rows."""
+    rng = np.random.default_rng(seed)
+    targets = np.where(rng.uniform(size=n) < 0.2, rng.integers(1, CUTOFFS[0], n), rng.integers(CUTOFFS[0], V, n))
+    mask = (np.arange(n) % 7) != 3
+    targets = np.where(mask, targets, 0)  # padding targets under the mask
+    return jnp.asarray(targets, jnp.int32), jnp.asarray(mask)
+
+
+def test_param_layout(params):
+    assert {k: v.shape for k, v in params["params"].items()} == {
+        "head": (D, 12 + 3),
+        "tail_1_proj": (D, 4), "tail_1_out": (4, 12),
+        "tail_2_proj": (D, 2), "tail_2_out": (2, 16),
+        "tail_3_proj": (D, 1), "tail_3_out": (1, 20),
+    }
+
+
+def test_log_prob_is_a_distribution_with_tree_semantics(params):
+    module = _module()
+    h = _h(5)
+
+    @jax.jit
+    def run(params, h):
+        p = params["params"]
+        head_lp = jax.nn.log_softmax(h @ p["head"])
+        tail_2 = head_lp[:, 12 + 1, None] + jax.nn.log_softmax(h @ p["tail_2_proj"] @ p["tail_2_out"])
+        return module.apply(params, h), module.apply(params, h.reshape(5, 1, D)), head_lp, tail_2
+
+    lp, lp_3d, head_lp, tail_2 = run(params, h)
+    assert lp.shape == (5, V)
+    np.testing.assert_allclose(jnp.exp(lp).sum(1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(lp[:, :12], head_lp[:, :12], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lp[:, 24:40], tail_2, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lp_3d, lp, rtol=1e-6)  # leading dims are flattened
+
+
+@pytest.mark.parametrize("capacities", [None, (8, 8, 8)])  # (8, 8, 32) in test_blocked_paths
+def test_loss_and_grads_match_reference(params, capacities):
+    n = 64
+    module = _module(capacities)
+    h = _h(n)
+    targets, mask = _tail_heavy_batch(n)
+    routed = np.bincount(np.searchsorted(CUTOFFS, np.asarray(targets)[np.asarray(mask)], side="right"),
+                         minlength=4)[1:]
+    if capacities == (8, 8, 8):
+        assert (routed > 8).all(), "this case must overflow every tail cluster"
+
+    def loss(p, h):
+        return module.apply(p, h, targets, mask, method=module.loss)
+
+    @jax.jit
+    def run(params, h):
+        ours = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, h)
+        ref = jax.value_and_grad(lambda p, h: _ref_loss(module, p, h, targets, mask), argnums=(0, 1))(params, h)
+        return ours, ref, loss(params, h)  # the last one runs the forward-only path
+
+    ((value, count), grads), (ref, ref_grads), (forward_only, _) = run(params, h)
+    assert int(count) == int(mask.sum())
+    np.testing.assert_allclose(value, ref, rtol=1e-5)
+    np.testing.assert_allclose(forward_only, ref, rtol=1e-5)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6)
+
+
+def test_loss_flattens_leading_dims_and_handles_empty_mask(params):
+    module = _module((8, 8, 8))
+    h = _h(24).reshape(2, 12, D)
+    targets, mask = _tail_heavy_batch(24)
+
+    @jax.jit
+    def run(params, h):
+        loss = lambda m: module.apply(params, h, targets.reshape(2, 12), m.reshape(2, 12), method=module.loss)
+        return loss(mask), loss(jnp.zeros_like(mask)), _ref_loss(module, params, h.reshape(-1, D), targets, mask)
+
+    (value, count), (empty, empty_count), ref = run(params, h)
+    np.testing.assert_allclose(value, ref, rtol=1e-5)
+    assert int(count) == int(mask.sum())
+    assert float(empty) == 0.0 and int(empty_count) == 0
+
+
+def _assert_topk_matches(scores, ids, lp, n):
+    """Exact top-n up to ties: same scores, and the returned ids really score that."""
+    scores, ids, lp = np.asarray(scores), np.asarray(ids), np.asarray(lp)
+    ref_s, ref_i = (np.asarray(x) for x in lax.top_k(jnp.asarray(lp), n))
+    np.testing.assert_allclose(scores, ref_s, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.take_along_axis(lp, ids, axis=1), scores, rtol=1e-5, atol=1e-5)
+    assert all(len(set(row)) == n for row in ids)
+    # Where the reference scores are not (nearly) tied, the ids must be the same.
+    gaps = np.abs(np.diff(ref_s, axis=1)) > 1e-4
+    distinct = np.ones_like(ref_s, bool)
+    distinct[:, :-1] &= gaps
+    distinct[:, 1:] &= gaps
+    np.testing.assert_array_equal(ids[distinct], ref_i[distinct])
+
+
+@pytest.mark.parametrize("batch, n", [(1, 5), (7, 15)])  # n = 15 > k1 = 12: the head alone cannot fill the list
+def test_top_k_random_params(params, batch, n):
+    module = _module()
+    h = _h(batch, seed=3, scale=3.0)
+    run = jax.jit(lambda p, h: (module.apply(p, h, n, method=module.top_k), module.apply(p, h)))
+    (scores, ids, expanded), lp = run(params, h)
+    assert scores.shape == ids.shape == (batch, n) and expanded.shape == (batch, N_TAIL)
+    _assert_topk_matches(scores, ids, lp, n)
+
+
+@pytest.fixture(scope="module")
+def trained(params):
+    """A few Adam steps on contexts whose targets are mostly head items: a peaky head."""
+    module = _module((8, 8, 8))
+    n = 48
+    h = _h(n, seed=5)
+    rng = np.random.default_rng(6)
+    targets = jnp.asarray(np.where(np.arange(n) % 8 == 0, rng.integers(12, V, n), rng.integers(1, 6, n)), jnp.int32)
+    mask = jnp.ones((n,), bool)
+    opt = optax.adam(0.05)
+
+    @jax.jit
+    def train(params):
+        def step(carry, _):
+            params, state = carry
+            loss, g = jax.value_and_grad(lambda p: module.apply(p, h, targets, mask, method=module.loss)[0])(params)
+            updates, state = opt.update(g, state)
+            return (optax.apply_updates(params, updates), state), loss
+        (params, _), losses = lax.scan(step, (params, opt.init(params)), None, length=150)
+        return params, losses
+
+    trained_params, losses = train(params)
+    assert losses[-1] < 0.5 * losses[0]
+    return module, trained_params, h
+
+
+@pytest.mark.parametrize("batch", [1, 48])
+def test_top_k_trained_params_skips_clusters(trained, batch):
+    module, params, h = trained
+    h = h[:batch]
+    n = 5
+    run = jax.jit(lambda p, h: (module.apply(p, h, n, method=module.top_k), module.apply(p, h),
+                                jax.nn.log_softmax(h @ p["params"]["head"])[:, 12:]))
+    (scores, ids, expanded), lp, tok_lp = run(params, h)
+    _assert_topk_matches(scores, ids, lp, n)
+    expanded, tok_lp, kth = np.asarray(expanded), np.asarray(tok_lp), np.asarray(scores)[:, -1:]
+    assert expanded.sum() < batch * N_TAIL, "a peaky head must let some clusters be skipped"
+    # A skipped cluster's token cannot beat the row's n-th best item.
+    assert (tok_lp[~expanded] <= np.broadcast_to(kth, tok_lp.shape)[~expanded] + 1e-6).all()
+
+
+class _Parent(nn.Module):
+    """How a model uses the softmax: a submodule defined in setup, called from methods."""
+
+    def setup(self):
+        self.encoder = nn.Dense(D)
+        self.head = BlockwiseSoftmax(D, V, CUTOFFS, RANKS, (8, 8, 8))
+
+    def __call__(self, x, targets, mask):
+        return self.head.loss(self.encoder(x), targets, mask)
+
+    def predict(self, x, n):
+        h = self.encoder(x)
+        return self.head.log_prob(h), self.head.top_k(h, n)
+
+
+def test_used_from_parent_module():
+    parent = _Parent()
+    x = _h(16, seed=7)
+    targets, mask = _tail_heavy_batch(16)
+
+    @jax.jit
+    def run(x):
+        params = parent.init(jax.random.PRNGKey(0), x, targets, mask)
+        h = nn.Dense(D).apply({"params": params["params"]["encoder"]}, x)
+        ref = _ref_loss(_module(), {"params": params["params"]["head"]}, h, targets, mask)
+        return params, parent.apply(params, x, targets, mask), parent.apply(params, x[:4], 4, method=parent.predict), ref
+
+    params, (value, count), (lp, (scores, ids, _)), ref = run(x)
+    assert set(params["params"]["head"]) == {"head"} | {f"tail_{j}_{w}" for j in (1, 2, 3) for w in ("proj", "out")}
+    np.testing.assert_allclose(value, ref, rtol=1e-5)
+    _assert_topk_matches(scores, ids, lp, 4)
+
+
+@pytest.mark.parametrize("kwargs, key", [
+    (dict(cutoffs=(60,), ranks=(16,)), "model.cutoffs"),
+    (dict(cutoffs=(12, 24, 70), ranks=(16, 4, 2)), "model.cutoffs"),
+    (dict(cutoffs=(12, 24, 40, 60), ranks=(16, 4, 2)), "model.ranks"),
+    (dict(cutoffs=(12, 24, 40, 60), ranks=(16, 4, 2, 1), capacities=(8, 8)), "capacities"),
+])
+def test_invalid_config(kwargs, key):
+    module = BlockwiseSoftmax(D, V, **kwargs)
+    with pytest.raises(ConfigError, match=key):
+        jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1, D)))
+
+
+@pytest.fixture
+def force_blocks(monkeypatch):
+    """Route every tail cluster through the column-blocked paths used for big clusters."""
+    import cprec.tree_softmax as ts
+    monkeypatch.setattr(ts, "_BLOCK_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(ts, "_BLOCK_RANGE", (8, 8))  # clusters of 12, 16, 20 ids: partial blocks too
+
+
+def test_blocked_paths_match_reference(params, force_blocks):
+    n = 48
+    module = _module((8, 8, 32))  # overflows clusters 1 and 2, not 3
+    h = _h(n, seed=8, scale=2.0)
+    targets, mask = _tail_heavy_batch(n, seed=12)
+    routed = np.bincount(np.searchsorted(CUTOFFS, np.asarray(targets)[np.asarray(mask)], side="right"),
+                         minlength=4)[1:]
+    assert routed[0] > 8 and routed[1] > 8 and routed[2] <= 32 < n
+
+    def loss(p, h):
+        return module.apply(p, h, targets, mask, method=module.loss)[0]
+
+    @jax.jit
+    def run(params, h):
+        return (jax.value_and_grad(loss, argnums=(0, 1))(params, h),
+                jax.value_and_grad(lambda p, h: _ref_loss(module, p, h, targets, mask), argnums=(0, 1))(params, h),
+                module.apply(params, h[:4], 6, method=module.top_k), module.apply(params, h[:4]))
+
+    (value, grads), (ref, ref_grads), (scores, ids, _), lp = run(params, h)
+    np.testing.assert_allclose(value, ref, rtol=1e-5)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6)
+    _assert_topk_matches(scores, ids, lp, 6)
+
+
+def test_grouped_top_n_equals_lax_top_k():
+    from cprec.tree_softmax import _top_n
+    x = jnp.asarray(np.random.default_rng(10).normal(size=(3, 16 * 40 + 7)), jnp.float32)  # a ragged last group
+    vals, ids = jax.jit(_top_n, static_argnums=1)(x, 5)
+    ref_vals, ref_ids = lax.top_k(x, 5)
+    np.testing.assert_array_equal(vals, ref_vals)
+    np.testing.assert_array_equal(ids, ref_ids)
