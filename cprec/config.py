@@ -62,6 +62,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.ks = (5, 10, 20)
     c.eval.batch_size = 256
+    c.eval.topk_n = 20  # top-n recommendation latency measured after training
+    c.eval.topk_batches = (1, 256)
     return c
 
 
@@ -117,6 +119,8 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         _fail("optim.warmup_steps", o.warmup_steps, "must be >= 0")
     if len(e.ks) == 0 or any(int(k) < 1 for k in e.ks):
         _fail("eval.ks", e.ks, "must be a non-empty tuple of positive cut-offs, e.g. '(5, 10, 20)'")
+    if e.topk_n < 1 or any(int(b) < 1 for b in e.topk_batches):
+        _fail("eval.topk_n", e.topk_n, "top-n size and eval.topk_batches must be >= 1")
     if e.batch_size < 1:
         _fail("eval.batch_size", e.batch_size, "must be >= 1")
 

@@ -1,6 +1,7 @@
 """Full-ranking evaluation over all items (never sampled negatives)."""
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 
 import jax
@@ -39,3 +40,24 @@ def evaluate_split(
             y = np.concatenate([y, np.ones(batch_size - n, y.dtype)])
         ranks.append(np.asarray(rank_fn(params, place(x), place(y)))[:n])
     return rank_metrics(np.concatenate(ranks), ks)
+
+
+def topk_latency_ms(model: NextItNet, params, inputs: np.ndarray, n: int, batch_sizes: Sequence[int],
+                    repeats: int = 5) -> dict[str, float]:
+    """Median milliseconds of a jitted top-n recommendation (encoder + output layer's top_k) per batch size.
+
+    For the tree softmax this is its exact early-stop search; for the full softmax, log-softmax
+    over all items then `lax.top_k`.
+    """
+    fn = jax.jit(lambda p, x: model.apply({"params": p}, x, n, method=NextItNet.top_k)[:2])
+    out = {}
+    for b in batch_sizes:
+        x = jax.numpy.asarray(np.resize(np.asarray(inputs[: max(b, 1)]), (b, inputs.shape[1])))
+        jax.block_until_ready(fn(params, x))  # compile
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(params, x))
+            times.append(time.perf_counter() - t0)
+        out[f"serve/top{n}_ms_batch{b}"] = 1000 * float(np.median(times))
+    return out

@@ -23,7 +23,7 @@ from cprec.checkpointing import Checkpointer
 from cprec.config import validate_config
 from cprec.data import SequenceDataset, load_dataset
 from cprec.errors import CprecError, WorkdirError
-from cprec.evaluate import evaluate_split, make_rank_fn
+from cprec.evaluate import evaluate_split, make_rank_fn, topk_latency_ms
 from cprec.factory import build_model, init_params, param_report, uncompressed_config
 from cprec.metric_writer import MetricWriter
 from cprec.metrics import popularity_ranks, rank_metrics
@@ -232,7 +232,10 @@ def _train_loop(config, data, model, tx, state, start, total_steps, batcher, ckp
         state = {**state, "params": parallel.replicate(best_ckpt.restore(best_step, best_like)["params"])}
     best_ckpt.close()
     test = evaluate("test")
-    writer.scalars(total_steps, {f"test/{k}": v for k, v in test.items()} | {"test/selected_step": best_step or total_steps})
+    serve = topk_latency_ms(model, state["params"], data.test_inputs, config.eval.topk_n, config.eval.topk_batches)
+    writer.scalars(total_steps, {f"test/{k}": v for k, v in test.items()} | serve
+                   | {"test/selected_step": best_step or total_steps})
+    print("serving: " + ", ".join(f"{k} {v:.2f}" for k, v in serve.items()), flush=True)
     print(f"test (parameters of step {best_step}, best val/{select} {best_score:.4f}): "
           + ", ".join(f"{k} {v:.4f}" for k, v in test.items()), flush=True)
     return test

@@ -20,6 +20,7 @@ def tiny_config(cache_dir, **model):
     c.train.batch_size, c.train.num_steps = 16, 12
     c.train.log_every, c.train.eval_every, c.train.checkpoint_every = 4, 6, 4
     c.eval.batch_size = 32
+    c.eval.topk_batches = (1, 4)
     return c
 
 

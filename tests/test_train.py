@@ -56,7 +56,7 @@ def test_train_and_evaluate_outputs_and_no_retrain(tiny, tmp_path, capsys):
     lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     keys = set().union(*lines)
     assert {"step", "train/loss", "train/tokens_per_sec", "val/mrr@5", "test/hr@10", "test/ndcg@20",
-            "params/total"} <= keys
+            "params/total", "serve/top20_ms_batch1", "serve/top20_ms_batch4"} <= keys
     assert json.loads((workdir / "config.json").read_text())["model"]["dim"] == 8
     val = [(line["val/ndcg@10"], -line["step"]) for line in lines if "val/ndcg@10" in line]
     assert lines[-1]["test/selected_step"] == -max(val)[1]  # first step with the best validation score
