@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from cprec.allocator import keep_freed_memory
 from cprec.batching import WindowBatcher
 from cprec.checkpointing import Checkpointer
 from cprec.config import validate_config
@@ -119,6 +120,7 @@ def _format_eta(seconds: float) -> str:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
     """Trains, evaluates on validation periodically and on test at the end; returns the test metrics."""
     validate_config(config)
+    keep_freed_memory()  # about 2x faster steps on CPU; see cprec/allocator.py
     initialize_distributed()  # before any computation: joins the hosts of a multi-task SLURM job
     workdir = pathlib.Path(workdir)
     _check_workdir_config(workdir, config)

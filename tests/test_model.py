@@ -99,3 +99,25 @@ def test_eval_ranks_exclude_padding_and_count_strictly_better():
     lp = jnp.array([[5.0, 1.0, 3.0, 3.0, 0.0], [9.0, 4.0, 3.0, 2.0, 1.0]])
     # padding (id 0) has the top score but never counts; ties rank in the target's favour
     np.testing.assert_array_equal(eval_ranks(lp, jnp.array([3, 4])), [0, 3])
+
+
+def test_full_softmax_loss_gradient_matches_plain_log_softmax():
+    from cprec.full_softmax import FullSoftmax
+
+    head = FullSoftmax(D, V)
+    h = jax.random.normal(jax.random.PRNGKey(0), (20, D))
+    targets = jnp.asarray(np.random.default_rng(0).integers(1, V, size=20), jnp.int32)
+    mask = jnp.arange(20) % 3 != 0
+    params = head.init(jax.random.PRNGKey(1), h)["params"]
+
+    def fused(p, h):
+        return head.apply({"params": p}, h, targets, mask, method=FullSoftmax.loss)[0]
+
+    def plain(p, h):
+        lp = jax.nn.log_softmax(h @ p["kernel"], axis=-1)
+        nll = -jnp.take_along_axis(lp, targets[:, None], -1)[:, 0]
+        return (nll * mask).sum() / mask.sum()
+
+    np.testing.assert_allclose(fused(params, h), plain(params, h), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(jax.grad(fused, (0, 1))(params, h)), jax.tree.leaves(jax.grad(plain, (0, 1))(params, h))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -232,9 +232,9 @@ def test_invalid_config(kwargs, key):
 @pytest.fixture
 def force_blocks(monkeypatch):
     """Route every tail cluster through the column-blocked paths used for big clusters."""
-    import cprec.tree_softmax as ts
-    monkeypatch.setattr(ts, "_BLOCK_MIN_ELEMENTS", 0)
-    monkeypatch.setattr(ts, "_BLOCK_RANGE", (8, 8))  # clusters of 12, 16, 20 ids: partial blocks too
+    import cprec.xent as xent
+    monkeypatch.setattr(xent, "_BLOCK_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(xent, "_BLOCK_RANGE", (8, 8))  # clusters of 12, 16, 20 ids: partial blocks too
 
 
 def test_blocked_paths_match_reference(params, force_blocks):

@@ -11,6 +11,10 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from cprec.allocator import keep_freed_memory
+
+keep_freed_memory()  # benchmarks measure the same allocator setting as training runs
+
 RESULTS_DIR = pathlib.Path(__file__).resolve().parents[2] / "bench_results"
 
 

@@ -38,7 +38,8 @@ from jax import lax
 
 from cprec.bench.common import RESULTS_DIR
 from cprec.clusters import cluster_token_capacities, resolve_cutoffs, resolve_ranks
-from cprec.tree_softmax import BlockwiseSoftmax, _xent
+from cprec.tree_softmax import BlockwiseSoftmax
+from cprec.xent import row_xent
 
 DEFAULT_CUTOFFS = (
     "20000,200000",
@@ -141,7 +142,7 @@ def full_train_step(fused: bool = False) -> Callable:
     fused cross-entropy (hand-written backward) applied to all V columns (a stronger baseline)."""
     def loss(w, h, targets):
         if fused:
-            return jnp.mean(_xent(h, w, targets))
+            return jnp.mean(row_xent(h, w, targets))
         lp = jax.nn.log_softmax(h @ w, axis=-1)
         return -jnp.mean(jnp.take_along_axis(lp, targets[:, None], axis=1))
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
