@@ -6,6 +6,7 @@ import pathlib
 from collections.abc import Mapping
 
 from tensorboardX import SummaryWriter
+from tensorboardX.summary import hparams as tb_hparams
 
 
 class MetricWriter:
@@ -40,9 +41,22 @@ class MetricWriter:
         self._tb.add_text(tag, text, step)
 
     def hparams(self, hparams: Mapping[str, object], metrics: Mapping[str, float]) -> None:
+        """Makes this run one row of TensorBoard's HParams tab, next to the other runs under --logdir.
+
+        Only the session summaries are written, into this run's own directory: TensorBoard then
+        builds the table from every run, marks the hparams that differ between them (a sweep's
+        overrides) and shows those first. tensorboardX's add_hparams also writes a per-run
+        experiment summary, which TensorBoard takes for the whole table: then no hparam differs
+        and the five shown by default are the first by name (data.cache_dir, ...).
+        """
         if not self.enabled:
             return
-        self._tb.add_hparams(dict(hparams), dict(metrics), name="hparams", global_step=0)
+        _, start, end = tb_hparams(dict(hparams), dict(metrics))
+        file_writer = self._tb._get_file_writer()
+        file_writer.add_summary(start)
+        file_writer.add_summary(end)
+        for key, value in metrics.items():
+            self._tb.add_scalar(key, float(value), 0)
 
     def close(self) -> None:
         if not self.enabled:

@@ -6,10 +6,15 @@
   python run.py --config experiments/nextitnet.py:ml20m --workdir runs/ml20m
 
 Arg: the dataset, one of synthetic (default), ml100k, ml1m, ml20m.
+
+Sweep: optim.lr {3e-4, 1e-3, 3e-3} x model.dim {32, 64, 128}, 9 trials in runs/nextitnet-<arg>/:
+
+  python run.py --config experiments/nextitnet.py:ml100k --sweep --launcher local
 """
 import ml_collections
 
 from cprec.config import base_config, parse_arg
+from cprec.sweep import product
 from experiments.datasets import apply_dataset
 
 
@@ -18,3 +23,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = base_config()
     apply_dataset(config, a.data)
     return config
+
+
+def sweep(arg: str | None = None) -> list[dict]:
+    """A small learning-rate x width grid around RecBole's defaults."""
+    return product({"optim.lr": [3e-4, 1e-3, 3e-3], "model.dim": [32, 64, 128]})

@@ -1,0 +1,292 @@
+"""Sweeps: expansion, validation, slugs and workdirs, the local launcher, SLURM submission errors, summaries."""
+import csv
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from cprec import launch, sweep
+from cprec.errors import ConfigError, CprecError
+from cprec.sweep import expand, product, seeds, slug, zip_
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+TINY = """\
+from cprec.config import base_config
+from cprec.sweep import product, seeds, zip_
+
+
+def get_config(arg=None):
+    c = base_config()
+    d = c.data
+    d.name, d.cache_dir = "synthetic", {cache!r}
+    d.num_users, d.num_items, d.mean_len, d.num_topics, d.max_len = 80, 60, 14, 6, 10
+    d.min_user_count = d.min_item_count = 0
+    c.model.dim, c.model.dilations, c.model.num_blocks = 8, (1, 2), 1
+    c.train.batch_size, c.train.num_steps = 16, 8
+    c.train.log_every, c.train.eval_every, c.train.checkpoint_every = 4, 4, 4
+    c.eval.batch_size = 32
+    return c
+"""
+
+
+def write_config(directory: pathlib.Path, sweep_body: str | None, name: str = "tiny.py") -> pathlib.Path:
+    """A tiny experiment file (trains in seconds) with `sweep_body` as the body of sweep(arg)."""
+    text = TINY.format(cache=str(directory / "cache"))
+    if sweep_body is not None:
+        text += "\n\ndef sweep(arg=None):\n" + textwrap.indent(textwrap.dedent(sweep_body).strip(), "    ") + "\n"
+    path = directory / name
+    path.write_text(text)
+    return path
+
+
+def run_cli(args, cwd, env=None, timeout=600):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout)
+
+
+# --- composing and expanding ---------------------------------------------------------------------
+
+def test_product_zip_and_seeds_compose():
+    grid = product({"model.embedding": ["full", "blockwise"]}, [{"model.sharing": "none"}, {"model.sharing": "cross_block"}])
+    assert grid == [{"model.embedding": "full", "model.sharing": "none"},
+                    {"model.embedding": "full", "model.sharing": "cross_block"},
+                    {"model.embedding": "blockwise", "model.sharing": "none"},
+                    {"model.embedding": "blockwise", "model.sharing": "cross_block"}]
+    paired = zip_({"optim.lr": [1e-3, 3e-3]}, [{"model.dim": 32}, {"model.dim": 64}])
+    assert paired == [{"optim.lr": 1e-3, "model.dim": 32}, {"optim.lr": 3e-3, "model.dim": 64}]
+    assert product(paired, seeds(3, start=1))[-1] == {"optim.lr": 3e-3, "model.dim": 64, "seed": 3}
+    assert len(product({"a": [1, 2], "b": [3, 4, 5]})) == 6
+    with pytest.raises(ConfigError, match="equally long"):
+        zip_({"optim.lr": [1e-3, 3e-3]}, seeds(3))
+    with pytest.raises(ConfigError, match="sets 'seed' twice"):
+        product(seeds(2), seeds(2))
+
+
+def test_experiment_sweeps_expand_to_valid_trials():
+    ablation = expand(f"{ROOT}/experiments/cprec.py:ml100k")
+    assert len(ablation) == 2 * 2 * 5 * 3
+    assert str(ablation[0].workdir) == "runs/cprec-ml100k/00_embedding=full,softmax=full,sharing=none,seed=0"
+    assert ablation[-1].overrides == {"model.embedding": "blockwise", "model.softmax": "tree",
+                                      "model.sharing": "adjacent_block", "seed": 2}
+    assert len({t.workdir for t in ablation}) == len(ablation)
+
+    clusters = expand(f"{ROOT}/experiments/cprec.py:ml100k,sweep=clusters", sweep_dir="elsewhere/c")
+    assert len(clusters) == 4 * 3 * 2
+    assert clusters[0].workdir.parent == pathlib.Path("elsewhere/c")
+    assert clusters[0].config == f"{ROOT}/experiments/cprec.py:ml100k"  # get_config never sees 'sweep='
+    assert {t.overrides["model.rank_decay"] for t in clusters} == {2, 4, 8}
+    assert sweep.sweep_name("experiments/cprec.py:ml100k,sweep=clusters") == "cprec-ml100k-clusters"
+
+    nextitnet = expand(f"{ROOT}/experiments/nextitnet.py")
+    assert [t.name for t in nextitnet[:2]] == ["0_lr=0.0003,dim=32", "1_lr=0.0003,dim=64"]
+    assert nextitnet[0].workdir.parent == pathlib.Path("runs/nextitnet")
+
+
+def test_slugs_are_short_safe_and_distinct():
+    safe = re.compile(r"^[A-Za-z0-9._=+,-]+$")
+    a = slug({"model.cutoffs": (20_000, 60_000, 150_000), "optim.lr": 3e-4, "data.path": "/a b/c.csv"})
+    assert a == "cutoffs=20k-60k-150k,lr=0.0003,path=a-b-c.csv"
+    assert slug({"model.dropout": 0.1, "data.dropout": 0.2}) == "model.dropout=0.1,data.dropout=0.2"
+    long1 = slug({"data.path": "x" * 200 + "1"})
+    long2 = slug({"data.path": "x" * 200 + "2"})
+    assert len(long1) <= sweep.MAX_SLUG and long1 != long2 and safe.match(long1)
+    assert slug({}) == "base"
+
+
+def test_trial_args_parse_back_to_the_same_values(tmp_path):
+    """The command line a trial runs with gives config_flags exactly the sweep's values."""
+    path = write_config(tmp_path, """return [{"model.cutoffs": (0.1, 0.35), "optim.lr": 3e-4, "model.softmax": "tree",
+            "model.dilations": (1,), "train.num_steps": 5, "model.capacity_margin": 2}]""")
+    (trial,) = expand(str(path), shared={"data.max_len": 12})
+    argv = ["prog", *[a for a in trial.args() if not a.startswith("--workdir")]]
+    fv = flags.FlagValues()
+    holder = config_flags.DEFINE_config_file("config", None, "", flag_values=fv, sys_argv=argv)
+    fv(argv)
+    c = holder.value
+    assert c.model.cutoffs == (0.1, 0.35) and c.optim.lr == 3e-4 and c.model.softmax == "tree"
+    assert c.model.dilations == (1,) and c.train.num_steps == 5 and c.model.capacity_margin == 2.0
+    assert c.data.max_len == 12
+
+
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        ('return [{"model.dimm": 8}]', "unknown config key 'model.dimm' (did you mean 'model.dim'?)"),
+        ("return []", "returned no trials"),
+        (None, "defines no sweep(arg)"),
+        ('return [{"model.dim": "wide"}]', "sweep trial 0: config.model.dim='wide' has the wrong type"),
+        ('return [{"model.dim": 8}, {"model.dim": 0}]', "sweep trial 1 (dim=0): config.model.dim=0 is invalid"),
+        ('return [{"seed": 1}, {"seed": 1}]', "sweep trials 0 and 1 are identical"),
+        ('return {"seed": 1}', "must return a list of dicts"),
+    ],
+)
+def test_bad_sweeps_are_config_errors(tmp_path, body, message):
+    path = write_config(tmp_path, body)
+    with pytest.raises(ConfigError) as info:
+        expand(str(path))
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--sweep", "--config.model.dimm=3"], "unknown config key 'model.dimm'"),
+        (["--sweep", "--config.seed=3"], "--config.seed is set by the sweep itself"),
+        (["--launcher=local"], "launches a sweep; add --sweep"),
+        (["--sweep", "--workdir=runs/x"], "--workdir is for a single run"),
+        (["--config=ARG_SWEEP", "--workdir=runs/x"], "names a sweep variant; add --sweep"),
+        (["--sweep", "--launcher=local", "--parallel=0"], "--parallel=0 is invalid"),
+        (["--summarize=nowhere"], "nowhere is not a directory"),
+    ],
+)
+def test_cli_sweep_errors_are_one_line(tmp_path, args, message):
+    path = write_config(tmp_path, 'return seeds(2)')
+    args = [a.replace("ARG_SWEEP", f"{path}:sweep=x") for a in args]
+    if not any(a.startswith("--config=") or a.startswith("--summarize") for a in args):
+        args = [f"--config={path}", *args]
+    result = run_cli(args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert message in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_lists_trials_without_running_them(tmp_path):
+    path = write_config(tmp_path, 'return product({"model.sharing": ["none", "cross_layer"]}, seeds(2))')
+    result = run_cli([f"--config={path}", "--sweep", "--sweep_dir=runs/mine"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "sweep of 4 trials in runs/mine/" in result.stdout
+    assert "runs/mine/3_sharing=cross_layer,seed=1  model.sharing=cross_layer seed=1" in result.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+# --- the local launcher and summaries -------------------------------------------------------------
+
+def test_local_launcher_records_failures_skips_finished_and_summarizes(tmp_path):
+    path = write_config(tmp_path, """
+        good = product({"model.sharing": ["none", "cross_layer"]})
+        return good + [{"data.name": "csv", "data.path": "/nonexistent/ratings.csv"}]  # fails at run time
+    """)
+    args = [f"--config={path}", "--sweep", "--launcher=local", "--parallel=2", "--config.train.num_steps=6"]
+    first = run_cli(args, cwd=tmp_path)
+    assert first.returncode == 1, first.stderr
+    assert "2 finished, 1 failed" in first.stdout
+    root = tmp_path / "runs" / "tiny"
+    good = [root / "0_sharing=none", root / "1_sharing=cross_layer"]
+    bad = root / "2_name=csv,path=nonexistent-ratings.csv"
+    for workdir in good:
+        assert (workdir / "results.json").exists() and (workdir / "metrics.jsonl").exists()
+        assert json.loads((workdir / "status.json").read_text())["status"] == "finished"
+        assert "step 6/6" in (workdir / "log.txt").read_text()
+    status = json.loads((bad / "status.json").read_text())
+    assert status["status"] == "failed" and status["returncode"] == 2
+    assert status["error"] == "error: data file /nonexistent/ratings.csv not found; check data.path"
+    assert json.loads((root / "sweep.json").read_text())["trials"][2]["overrides"]["data.name"] == "csv"
+    # TensorBoard's HParams tab: a session in the trial's own run, no per-run experiment summary
+    # (which would hide which hparams differ between trials).
+    events = b"".join(p.read_bytes() for p in good[0].glob("events.out.tfevents.*"))
+    assert b"_hparams_/session_start_info" in events and b"_hparams_/experiment" not in events
+    assert not (good[0] / "hparams").exists()
+
+    # An interrupted trial (results gone, status left 'running' by a dead process) resumes on rerun.
+    (good[1] / "results.json").unlink()
+    running = {**json.loads((good[1] / "status.json").read_text()), "status": "running", "pid": 2**22 + 7}
+    (good[1] / "status.json").write_text(json.dumps(running))
+    second = run_cli(args, cwd=tmp_path)
+    assert second.returncode == 1
+    assert "0_sharing=none: finished already, skipped" in second.stdout
+    assert (good[0] / "log.txt").read_text().count("==> ") == 1  # not run again
+    assert "resuming from checkpoint at step 6" in (good[1] / "log.txt").read_text()
+    assert (good[1] / "results.json").exists()
+    assert (bad / "log.txt").read_text().count("==> ") == 2  # a failed trial is retried
+
+    summary = run_cli([f"--summarize={root}"], cwd=tmp_path)
+    assert summary.returncode == 0, summary.stderr
+    lines = summary.stdout.splitlines()
+    assert lines[0].split()[:4] == ["#", "overrides", "status", "params"]
+    assert re.match(r"0\s+model.sharing=none\s+finished\s+1,840\s+1.00x", lines[2])
+    assert "data.name=csv data.path=/nonexistent/ratings.csv  failed" in lines[4]
+    assert "3 trials: 2 finished, 1 failed" in summary.stdout
+    with open(root / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["status"] for r in rows] == ["finished", "finished", "failed"]
+    assert rows[1]["set.model.sharing"] == "cross_layer" and float(rows[1]["compression_ratio"]) > 1
+    results = json.loads((good[0] / "results.json").read_text())
+    assert float(rows[0]["test_hr@10"]) == pytest.approx(results["test"]["hr@10"])
+    assert float(rows[0]["params_total"]) == results["report"]["params/total"]
+    assert "not found" in rows[2]["error"]
+
+
+def test_a_sweep_dir_holding_another_sweep_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first = expand(str(write_config(tmp_path, "return seeds(2)")), sweep_dir="runs/s")
+    launch._record_sweep(first, "a")
+    other = expand(str(write_config(tmp_path, "return seeds(3)", name="other.py")), sweep_dir="runs/s")
+    with pytest.raises(CprecError, match="holds another sweep"):
+        launch._record_sweep(other, "b")
+
+
+# --- SLURM submission without a cluster -----------------------------------------------------------
+
+def fake_slurm(directory: pathlib.Path, sbatch: str) -> dict[str, str]:
+    """PATH with stand-ins for sbatch, srun and squeue: enough to test submission, not to run."""
+    bin_dir = directory / "fakebin"
+    bin_dir.mkdir()
+    for name, body in {"sbatch": sbatch, "srun": "exit 0", "squeue": "exit 0"}.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    return {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+
+
+def test_slurm_submission_prints_the_job_id_and_sbatch_parameters(tmp_path):
+    path = write_config(tmp_path, 'return seeds(2)')
+    env = fake_slurm(tmp_path, 'echo "Submitted batch job 4242"')
+    result = run_cli([f"--config={path}", "--sweep", "--launcher=slurm", "--slurm_partition=gpu", "--slurm_gpus=1",
+                      "--slurm_cpus=3", "--slurm_mem_gb=8", "--slurm_time_min=30", "--slurm_array_parallelism=1"],
+                     cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "submitted SLURM job 4242: 2 trials" in result.stdout
+    root = tmp_path / "runs" / "tiny"
+    statuses = [json.loads((root / f"{i}_seed={i}" / "status.json").read_text()) for i in range(2)]
+    assert [(s["status"], s["job_id"]) for s in statuses] == [("submitted", "4242_0"), ("submitted", "4242_1")]
+    script = (root / ".submitit" / "4242_submission.sh").read_text()
+    for line in ("--partition=gpu", "--gpus-per-node=1", "--cpus-per-task=3", "--mem=8GB", "--time=30",
+                 "--array=0-1%1", "--signal=USR2@90"):
+        assert f"#SBATCH {line}" in script
+    assert f"export PYTHONPATH={ROOT}" in script
+
+
+def test_slurm_submission_failure_and_missing_slurm_are_one_line(tmp_path, monkeypatch):
+    path = write_config(tmp_path, 'return seeds(2)')
+    args = [f"--config={path}", "--sweep", "--launcher=slurm"]
+    env = fake_slurm(tmp_path, 'echo "sbatch: error: invalid partition specified: nope" >&2; exit 1')
+    result = run_cli(args, cwd=tmp_path, env=env)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert "SLURM submission of 2 trials failed" in result.stderr and "invalid partition" in result.stderr
+    assert not (tmp_path / "runs" / "tiny" / "0_seed=0" / "status.json").exists()
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_cli(args, cwd=tmp_path, env={"PATH": str(empty)})
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert "`sbatch` is not on PATH" in result.stderr
+
+    monkeypatch.setitem(sys.modules, "submitit", None)  # as if it were not installed
+    with pytest.raises(CprecError, match="needs submitit"):
+        launch._require_slurm()
+
+
+def test_slurm_options_merge_flags_over_config_section():
+    options = launch.SlurmOptions.merge({"partition": "a", "gpus": 2}, partition="b", cpus=None, time_min=10)
+    assert (options.partition, options.gpus, options.cpus, options.time_min) == ("b", 2, None, 10)
+    with pytest.raises(CprecError, match="config.slurm.gpu is unknown"):
+        launch.SlurmOptions.merge({"gpu": 1})
