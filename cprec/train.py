@@ -237,9 +237,9 @@ def _train_loop(config, data, model, tx, state, start, total_steps, batcher, ckp
     serve = topk_latency_ms(model, state["params"], data.test_inputs, config.eval.topk_n, config.eval.topk_batches)
     writer.scalars(total_steps, {f"test/{k}": v for k, v in test.items()} | serve
                    | {"test/selected_step": best_step or total_steps})
-    print("serving: " + ", ".join(f"{k} {v:.2f}" for k, v in serve.items()), flush=True)
     print(f"test (parameters of step {best_step}, best val/{select} {best_score:.4f}): "
           + ", ".join(f"{k} {v:.4f}" for k, v in test.items()), flush=True)
+    print("serving: " + ", ".join(f"{k} {v:.2f}" for k, v in serve.items()), flush=True)
     return test
 
 
