@@ -25,10 +25,12 @@ def make_rank_fn(model: NextItNet) -> Callable:
 def evaluate_split(
     rank_fn: Callable, params, inputs: np.ndarray, targets: np.ndarray, batch_size: int, ks: Sequence[int],
     place: Callable[[np.ndarray], jax.Array] = jax.numpy.asarray,
+    fetch: Callable[[jax.Array], np.ndarray] = np.asarray,
 ) -> dict[str, float]:
     """HR/NDCG/MRR@K over one split; the last batch is padded to keep one compiled shape.
 
-    `place` puts a host batch on the devices (e.g. split over a data-parallel mesh).
+    `place` puts a host batch on the devices (e.g. split over a data-parallel mesh) and `fetch`
+    brings the ranks back to the host.
     """
     ranks = []
     for start in range(0, len(targets), batch_size):
@@ -38,7 +40,7 @@ def evaluate_split(
         if n < batch_size:
             x = np.concatenate([x, np.zeros((batch_size - n, x.shape[1]), x.dtype)])
             y = np.concatenate([y, np.ones(batch_size - n, y.dtype)])
-        ranks.append(np.asarray(rank_fn(params, place(x), place(y)))[:n])
+        ranks.append(fetch(rank_fn(params, place(x), place(y)))[:n])
     return rank_metrics(np.concatenate(ranks), ks)
 
 

@@ -11,6 +11,7 @@ import os
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cprec.errors import ConfigError
@@ -19,6 +20,8 @@ from cprec.errors import ConfigError
 def initialize_distributed() -> None:
     """Joins the hosts of a multi-task SLURM job (no-op for a single process)."""
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
+        # CPU hosts need a collectives backend; GPUs use NCCL and ignore this setting.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize()  # reads the coordinator and process ids from SLURM's variables
 
 
@@ -48,3 +51,10 @@ class DataParallel:
         rows = len(global_batch) // jax.process_count()
         start = jax.process_index() * rows
         return jax.make_array_from_process_local_data(self.sharded, global_batch[start : start + rows])
+
+    @staticmethod
+    def gather(x: jax.Array) -> np.ndarray:
+        """A batch-sharded result as one host array (gathered from every host when there are several)."""
+        if jax.process_count() == 1:
+            return np.asarray(x)
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))

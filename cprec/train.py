@@ -182,7 +182,8 @@ def _train_loop(config, data, model, tx, state, start, total_steps, batcher, ckp
 
     def evaluate(split: str) -> dict[str, float]:
         inputs, targets = (data.val_inputs, data.val_targets) if split == "val" else (data.test_inputs, data.test_targets)
-        return evaluate_split(rank_fn, state["params"], inputs, targets, config.eval.batch_size, ks, parallel.shard)
+        return evaluate_split(rank_fn, state["params"], inputs, targets, config.eval.batch_size, ks,
+                              parallel.shard, parallel.gather)
 
     # The test split is scored with the parameters of the best validation score (model selection).
     select = t.select_metric
@@ -225,8 +226,8 @@ def _train_loop(config, data, model, tx, state, start, total_steps, batcher, ckp
             writer.scalars(done, {f"val/{k}": v for k, v in val.items()})
             if val[select] > best_score:
                 best_score, best_step = val[select], done
-                best_ckpt.save(done, {"params": state["params"], "score": jnp.asarray(best_score),
-                                      "step": jnp.asarray(done, jnp.int32)})
+                best_ckpt.save(done, {"params": state["params"], **parallel.replicate(
+                    {"score": jnp.asarray(best_score), "step": jnp.asarray(done, jnp.int32)})})
             print(f"step {done} validation: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items() if "@" in k), flush=True)
         if done % t.checkpoint_every == 0 or done == total_steps:
             ckpt.save(done, state)

@@ -50,3 +50,4 @@ def test_four_devices_match_one(tmp_path):
 def test_batch_not_divisible_by_devices_is_an_error(tmp_path):
     out = _train(tmp_path, "bad", 4, batch=18)
     assert "ERROR ConfigError config.train.batch_size=18 does not divide by the 4 devices" in out
+
