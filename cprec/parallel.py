@@ -42,7 +42,14 @@ class DataParallel:
             )
 
     def replicate(self, tree):
-        return jax.device_put(tree, self.replicated)
+        if jax.process_count() == 1:
+            return jax.device_put(tree, self.replicated)
+        # Across hosts, build each global array from this host's copy (every host holds the same values).
+        def place(x):
+            x = np.asarray(x)
+            return jax.make_array_from_callback(x.shape, self.replicated, lambda index: x[index])
+
+        return jax.tree.map(place, tree)
 
     def shard(self, global_batch: np.ndarray) -> jax.Array:
         """The global batch (the same on every host) as one array split over all devices."""

@@ -51,3 +51,4 @@ def test_batch_not_divisible_by_devices_is_an_error(tmp_path):
     out = _train(tmp_path, "bad", 4, batch=18)
     assert "ERROR ConfigError config.train.batch_size=18 does not divide by the 4 devices" in out
 
+
