@@ -16,7 +16,12 @@ class Checkpointer:
     def __init__(self, workdir: str | pathlib.Path, keep: int, subdir: str = "checkpoints") -> None:
         self.directory = pathlib.Path(workdir).absolute() / subdir
         self._manager = ocp.CheckpointManager(
-            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+            self.directory,
+            # Across hosts, async saves wait on a completion barrier that our tests saw time out;
+            # synchronous saves need no such barrier.
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, create=True, enable_async_checkpointing=jax.process_count() == 1
+            ),
         )
 
     def latest_step(self) -> int | None:

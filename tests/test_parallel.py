@@ -52,3 +52,24 @@ def test_batch_not_divisible_by_devices_is_an_error(tmp_path):
     assert "ERROR ConfigError config.train.batch_size=18 does not divide by the 4 devices" in out
 
 
+
+
+def test_two_hosts_match_one(tmp_path):
+    """Two processes joined by jax.distributed, as two SLURM tasks would be, train like one device."""
+    _train(tmp_path, "single", 1)
+    job = str(40000 + os.getpid() % 20000)  # SLURM's job id also picks the coordinator port
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+               "SLURM_JOB_ID": job, "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "2",
+               "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_STEP_NUM_NODES": "1"}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-c", SCRIPT, str(tmp_path / "cache"), str(tmp_path / "hosts"), "16"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT))
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0 and "ERROR" not in out, out + err[-2000:]
+    assert _losses(tmp_path / "hosts") == pytest.approx(_losses(tmp_path / "single"), rel=1e-4)
+    a = json.loads((tmp_path / "single" / "results.json").read_text())["test"]
+    b = json.loads((tmp_path / "hosts" / "results.json").read_text())["test"]
+    assert b == pytest.approx(a, rel=1e-4, abs=1e-6)
