@@ -1,7 +1,6 @@
 """Full-ranking evaluation over all items (never sampled negatives)."""
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 
 import jax
@@ -9,6 +8,7 @@ import numpy as np
 
 from cprec.metrics import rank_metrics
 from cprec.model import NextItNet, eval_ranks
+from cprec.timing import median_seconds
 
 
 def make_rank_fn(model: NextItNet) -> Callable:
@@ -55,11 +55,6 @@ def topk_latency_ms(model: NextItNet, params, inputs: np.ndarray, n: int, batch_
     out = {}
     for b in batch_sizes:
         x = jax.numpy.asarray(np.resize(np.asarray(inputs[: max(b, 1)]), (b, inputs.shape[1])))
-        jax.block_until_ready(fn(params, x))  # compile
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(params, x))
-            times.append(time.perf_counter() - t0)
-        out[f"serve/top{n}_ms_batch{b}"] = 1000 * float(np.median(times))
+        seconds = median_seconds(lambda: fn(params, x), repeats=repeats)  # the warm-up call compiles
+        out[f"serve/top{n}_ms_batch{b}"] = 1000 * seconds
     return out

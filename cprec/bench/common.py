@@ -4,30 +4,16 @@ from __future__ import annotations
 import json
 import pathlib
 import platform
-import statistics
-import time
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
 from cprec.allocator import keep_freed_memory
+from cprec.timing import median_seconds
 
 keep_freed_memory()  # benchmarks measure the same allocator setting as training runs
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parents[2] / "bench_results"
-
-
-def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
-    """Median wall time of fn() over `repeats` runs after `warmup` runs (blocks on jax outputs)."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def matmul_peak_flops(sizes: tuple[int, ...] = (1024, 2048, 3072), repeats: int = 7) -> float:

@@ -16,11 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from cprec.batching import WindowBatcher
-from cprec.bench.common import compiled_flops, matmul_peak_flops, median_seconds, save_results
+from cprec.bench.common import compiled_flops, matmul_peak_flops, save_results
 from cprec.config import base_config
 from cprec.data import load_dataset
 from cprec.factory import build_model, init_params
 from cprec.model import target_mask
+from cprec.timing import median_seconds
 from cprec.train import make_optimizer, make_train_step
 
 
