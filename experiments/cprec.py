@@ -4,9 +4,10 @@
   python run.py --config experiments/cprec.py:ml100k --workdir runs/cprec-ml100k
   python run.py --config experiments/cprec.py:ml100k,share=adjacent_layer --workdir runs/cprec-ml100k-al
   python run.py --config experiments/cprec.py:ml1m,emb=full,softmax=tree --workdir runs/cprec-ml1m-tree
+  python run.py --config experiments/cprec.py:synthetic30k --workdir runs/cprec-synthetic30k
   python run.py --config experiments/cprec.py:synthetic1m --workdir runs/cprec-1m
 
-Arg: comma-separated; a bare word picks the dataset (synthetic, ml100k, ml1m, ml20m, synthetic1m);
+Arg: comma-separated; a bare word picks the dataset (synthetic, ml100k, ml1m, ml20m, synthetic30k, synthetic1m);
 emb=full|blockwise, softmax=full|tree, share=none|cross_layer|cross_block|adjacent_layer|adjacent_block.
 Defaults: synthetic, blockwise, tree, cross_block.
 
@@ -36,6 +37,7 @@ CUTOFFS = {
     "ml100k": (0.2, 0.5),
     "ml1m": (0.2, 0.5),
     "ml20m": (0.05, 0.2, 0.5),
+    "synthetic30k": (0.05, 0.2, 0.5),
     "synthetic1m": (20_000, 60_000, 150_000, 350_000, 600_000),
 }
 
@@ -45,6 +47,7 @@ CUTOFF_SWEEP = {
     "ml100k": [(0.2,), (0.1, 0.4), (0.2, 0.5), (0.1, 0.3, 0.6)],
     "ml1m": [(0.2,), (0.1, 0.4), (0.2, 0.5), (0.1, 0.3, 0.6)],
     "ml20m": [(0.05, 0.2), (0.05, 0.2, 0.5), (0.02, 0.1, 0.3, 0.6)],
+    "synthetic30k": [(0.05, 0.2), (0.05, 0.2, 0.5), (0.02, 0.1, 0.3, 0.6)],
     "synthetic1m": [(20_000, 200_000), (20_000, 60_000, 150_000, 350_000, 600_000),
                     (10_000, 40_000, 100_000, 200_000, 350_000, 550_000, 800_000)],
 }

@@ -11,6 +11,10 @@ PRESETS = {
     "ml100k": ({"name": "ml-100k"}, (40, 50, 50, 10)),
     "ml1m": ({"name": "ml-1m"}, (20, 500, 500, 50)),
     "ml20m": ({"name": "ml-20m"}, (3, 5000, 2000, 100)),
+    # 30,000-item long-tail catalogue: big enough that the item tables dominate the model, small
+    # enough that the full-softmax baseline still trains on a CPU.
+    "synthetic30k": ({"name": "synthetic", "num_items": 30_000, "num_users": 20_000, "mean_len": 40,
+                      "num_topics": 300, "min_user_count": 0, "min_item_count": 0}, (4, 500, 500, 50)),
     # 1,000,000-item long-tail catalogue (CpRec's setting); needs the tree softmax to train fast.
     "synthetic1m": ({"name": "synthetic", "num_items": 1_000_000, "num_users": 200_000, "mean_len": 50,
                      "num_topics": 200, "min_user_count": 0, "min_item_count": 0}, (1, 2000, 1000, 50)),

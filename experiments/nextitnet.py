@@ -4,8 +4,9 @@
   python run.py --config experiments/nextitnet.py:ml100k --workdir runs/ml100k
   python run.py --config experiments/nextitnet.py:ml1m --workdir runs/ml1m
   python run.py --config experiments/nextitnet.py:ml20m --workdir runs/ml20m
+  python run.py --config experiments/nextitnet.py:synthetic30k --workdir runs/synthetic30k
 
-Arg: the dataset, one of synthetic (default), ml100k, ml1m, ml20m.
+Arg: the dataset, one of synthetic (default), ml100k, ml1m, ml20m, synthetic30k, synthetic1m.
 
 Sweep: optim.lr {3e-4, 1e-3, 3e-3} x model.dim {32, 64, 128}, 9 trials in runs/nextitnet-<arg>/:
 
