@@ -192,48 +192,50 @@ def _train_loop(config, data, model, tx, state, start, total_steps, batcher, ckp
     best_step = best_ckpt.latest_step()
     best_score = float(best_ckpt.restore(best_step, best_like)["score"]) if best_step else -np.inf
 
-    pending: list[dict[str, jax.Array]] = []
-    timer, timed_tokens, timed_steps = None, 0.0, 0
-    for step in range(start, total_steps):
-        state, metrics = train_step(state, parallel.shard(batcher.batch(step)))
-        pending.append(metrics)
-        done = step + 1
-        if timer is None:  # the first step compiles: time from its end
-            jax.block_until_ready(metrics["loss"])
-            timer, pending = time.perf_counter(), []
-            continue
-        if done % t.log_every == 0 or done == total_steps:
-            fetched = jax.device_get(pending)
-            pending = []
-            losses = np.array([m["loss"] for m in fetched])
-            if not np.all(np.isfinite(losses)):
-                raise TrainingDiverged(
-                    f"loss became {losses[~np.isfinite(losses)][0]} at or before step {done}; the last good checkpoint "
-                    f"is kept in {ckpt.directory}; lower optim.lr or set optim.clip_norm"
-                )
-            timed_tokens += sum(float(m["tokens"]) for m in fetched)
-            timed_steps += len(fetched)
-            elapsed = time.perf_counter() - timer
-            tps = timed_tokens / max(elapsed, 1e-9)
-            eta = elapsed / max(timed_steps, 1) * (total_steps - done)
-            writer.scalars(done, {"train/loss": losses.mean(), "train/tokens_per_sec": tps,
-                                  "train/grad_norm": np.mean([m["grad_norm"] for m in fetched]),
-                                  "train/epoch": done / batcher.steps_per_epoch})
-            print(f"step {done}/{total_steps} | epoch {done / batcher.steps_per_epoch:.2f} | loss {losses.mean():.4f}"
-                  f" | {tps:,.0f} tokens/s | eta {_format_eta(eta)}", flush=True)
-        if done % t.eval_every == 0 or done == total_steps:
-            val = evaluate("val")
-            writer.scalars(done, {f"val/{k}": v for k, v in val.items()})
-            if val[select] > best_score:
-                best_score, best_step = val[select], done
-                best_ckpt.save(done, {"params": state["params"], **parallel.replicate(
-                    {"score": jnp.asarray(best_score), "step": jnp.asarray(done, jnp.int32)})})
-            print(f"step {done} validation: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items() if "@" in k), flush=True)
-        if done % t.checkpoint_every == 0 or done == total_steps:
-            ckpt.save(done, state)
-    if best_step:
-        state = {**state, "params": parallel.replicate(best_ckpt.restore(best_step, best_like)["params"])}
-    best_ckpt.close()
+    try:  # close (and so finish any async save of) the best checkpoint even when training stops early
+        pending: list[dict[str, jax.Array]] = []
+        timer, timed_tokens, timed_steps = None, 0.0, 0
+        for step in range(start, total_steps):
+            state, metrics = train_step(state, parallel.shard(batcher.batch(step)))
+            pending.append(metrics)
+            done = step + 1
+            if timer is None:  # the first step compiles: time from its end
+                jax.block_until_ready(metrics["loss"])
+                timer, pending = time.perf_counter(), []
+                continue
+            if done % t.log_every == 0 or done == total_steps:
+                fetched = jax.device_get(pending)
+                pending = []
+                losses = np.array([m["loss"] for m in fetched])
+                if not np.all(np.isfinite(losses)):
+                    raise TrainingDiverged(
+                        f"loss became {losses[~np.isfinite(losses)][0]} at or before step {done}; the last good checkpoint "
+                        f"is kept in {ckpt.directory}; lower optim.lr or set optim.clip_norm"
+                    )
+                timed_tokens += sum(float(m["tokens"]) for m in fetched)
+                timed_steps += len(fetched)
+                elapsed = time.perf_counter() - timer
+                tps = timed_tokens / max(elapsed, 1e-9)
+                eta = elapsed / max(timed_steps, 1) * (total_steps - done)
+                writer.scalars(done, {"train/loss": losses.mean(), "train/tokens_per_sec": tps,
+                                      "train/grad_norm": np.mean([m["grad_norm"] for m in fetched]),
+                                      "train/epoch": done / batcher.steps_per_epoch})
+                print(f"step {done}/{total_steps} | epoch {done / batcher.steps_per_epoch:.2f} | loss {losses.mean():.4f}"
+                      f" | {tps:,.0f} tokens/s | eta {_format_eta(eta)}", flush=True)
+            if done % t.eval_every == 0 or done == total_steps:
+                val = evaluate("val")
+                writer.scalars(done, {f"val/{k}": v for k, v in val.items()})
+                if val[select] > best_score:
+                    best_score, best_step = val[select], done
+                    best_ckpt.save(done, {"params": state["params"], **parallel.replicate(
+                        {"score": jnp.asarray(best_score), "step": jnp.asarray(done, jnp.int32)})})
+                print(f"step {done} validation: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items() if "@" in k), flush=True)
+            if done % t.checkpoint_every == 0 or done == total_steps:
+                ckpt.save(done, state)
+        if best_step:
+            state = {**state, "params": parallel.replicate(best_ckpt.restore(best_step, best_like)["params"])}
+    finally:
+        best_ckpt.close()
     test = evaluate("test")
     serve = topk_latency_ms(model, state["params"], data.test_inputs, config.eval.topk_n, config.eval.topk_batches)
     writer.scalars(total_steps, {f"test/{k}": v for k, v in test.items()} | serve
