@@ -43,6 +43,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 256  # windows of L+1 items per step
+    # Rows per device per gradient-accumulation chunk; 0 = automatic (cache-sized on CPU, the whole
+    # batch on accelerators). Same gradient either way; see cprec/micro_batch.py.
+    c.train.micro_batch_size = 0
     c.train.num_epochs = 10
     c.train.num_steps = -1  # > 0 overrides num_epochs
     c.train.log_every = 50
@@ -102,6 +105,8 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         _fail("data.max_len", c.data.max_len, "L must be >= 2")
     if t.batch_size < 1:
         _fail("train.batch_size", t.batch_size, "must be >= 1")
+    if t.micro_batch_size < 0:
+        _fail("train.micro_batch_size", t.micro_batch_size, "must be >= 0 (0 = automatic)")
     if t.num_steps <= 0 and t.num_epochs <= 0:
         _fail("train.num_epochs", t.num_epochs, "must be > 0 (or set train.num_steps > 0)")
     for key in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):

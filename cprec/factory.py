@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from cprec.clusters import check_frequency_order, cluster_token_capacities, resolve_cutoffs, resolve_ranks
 from cprec.config import residual_dilations
 from cprec.errors import ConfigError
+from cprec.micro_batch import micro_batch_rows
 from cprec.model import NextItNet
 
 
@@ -33,7 +34,8 @@ def build_model(config: ml_collections.ConfigDict, item_counts: np.ndarray) -> N
         if m.softmax == "tree":
             if len(cutoffs) < 2:
                 raise ConfigError("config.model.cutoffs gives no tail cluster; the tree softmax needs at least one")
-            tokens = config.train.batch_size * config.data.max_len
+            # Capacities are per loss call: one micro-batch of every device's rows.
+            tokens = micro_batch_rows(config) * jax.device_count() * config.data.max_len
             capacities = cluster_token_capacities(item_counts, cutoffs, tokens, m.capacity_margin)
     return NextItNet(
         num_items=num_items,

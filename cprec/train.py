@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax import lax
 
 from cprec.allocator import keep_freed_memory
 from cprec.batching import WindowBatcher
@@ -28,6 +29,7 @@ from cprec.evaluate import evaluate_split, make_rank_fn, topk_latency_ms
 from cprec.factory import build_model, init_params, param_report, uncompressed_config
 from cprec.metric_writer import MetricWriter
 from cprec.metrics import popularity_ranks, rank_metrics
+from cprec.micro_batch import num_micro_batches
 from cprec.model import NextItNet
 from cprec.parallel import DataParallel, initialize_distributed
 
@@ -55,22 +57,46 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax
     return opt
 
 
-def make_train_step(model: NextItNet, tx: optax.GradientTransformation, seed: int):
-    """One jitted step on a [B, L+1] window batch; the state is donated."""
+def make_train_step(model: NextItNet, tx: optax.GradientTransformation, seed: int, micro_batches: int = 1):
+    """One jitted step on a [B, L+1] window batch; the state is donated.
+
+    With ``micro_batches`` = n > 1 the gradient is accumulated over n micro-batches of B/n rows in
+    a ``lax.scan`` (see cprec/micro_batch.py for why): the same mean loss and gradient over all
+    the batch's targets, summed in another order. Micro-batch i holds rows i, i+n, i+2n, ..., so
+    every micro-batch takes the same share of each device's rows under data parallelism.
+    """
     base_rng = jax.random.PRNGKey(seed)
 
-    def loss_fn(params, batch, rng):
-        return model.apply(
+    def loss_sum(params, batch, rng):
+        mean, count = model.apply(
             {"params": params}, batch[:, :-1], batch[:, 1:], True, rngs={"dropout": rng}, method=NextItNet.loss
         )
+        count = count.astype(jnp.float32)
+        return mean * count, count
+
+    def grads_of(params, batch, rng):
+        (total, count), grads = jax.value_and_grad(loss_sum, has_aux=True)(params, batch, rng)
+        return total, count, grads
 
     def step(state: dict[str, Any], batch: jax.Array):
         rng = jax.random.fold_in(base_rng, state["step"])  # the same step gets the same randomness on resume
-        (loss, tokens), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, rng)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        new_state = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
-                     "step": state["step"] + 1}
-        return new_state, {"loss": loss, "tokens": tokens, "grad_norm": optax.global_norm(grads)}
+        params = state["params"]
+        if micro_batches == 1:
+            total, count, grads = grads_of(params, batch, rng)
+        else:
+            chunks = batch.reshape(-1, micro_batches, batch.shape[1]).transpose(1, 0, 2)
+
+            def accumulate(acc, chunk_and_index):
+                chunk, i = chunk_and_index
+                return jax.tree.map(jnp.add, acc, grads_of(params, chunk, jax.random.fold_in(rng, i))), None
+
+            zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+            (total, count, grads), _ = lax.scan(accumulate, zero, (chunks, jnp.arange(micro_batches)))
+        scale = 1.0 / jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g * scale, grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": state["step"] + 1}
+        return new_state, {"loss": total * scale, "tokens": count, "grad_norm": optax.tree.norm(grads)}
 
     return jax.jit(step, donate_argnums=0)
 
@@ -127,6 +153,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     parallel = DataParallel()
     parallel.check_divides("train.batch_size", config.train.batch_size)
     parallel.check_divides("eval.batch_size", config.eval.batch_size)
+    micro_batches = num_micro_batches(config, parallel.num_devices)
     results_path = workdir / "results.json"
     if results_path.exists():
         results = json.loads(results_path.read_text())
@@ -164,7 +191,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             pop = rank_metrics(popularity_ranks(data.item_counts, np.asarray(data.test_targets)), config.eval.ks)
             writer.scalars(0, {**report, **{f"popularity/test_{k}": v for k, v in pop.items()}})
             print("popularity baseline (test): " + ", ".join(f"{k} {v:.4f}" for k, v in pop.items()))
-        test = _train_loop(config, data, model, tx, state, start, total_steps, batcher, ckpt, writer, parallel)
+        train_step = make_train_step(model, tx, config.seed, micro_batches)
+        test = _train_loop(config, data, model, train_step, state, start, total_steps, batcher, ckpt, writer, parallel)
         writer.hparams(_hparams(config), {f"hparam/test_{k}": v for k, v in test.items()} | {
             "hparam/params_total": report["params/total"]})
     finally:
@@ -174,9 +202,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     return test
 
 
-def _train_loop(config, data, model, tx, state, start, total_steps, batcher, ckpt, writer, parallel) -> dict[str, float]:
+def _train_loop(config, data, model, train_step, state, start, total_steps, batcher, ckpt, writer, parallel) -> dict[str, float]:
     t = config.train
-    train_step = make_train_step(model, tx, config.seed)
     rank_fn = make_rank_fn(model)
     ks = tuple(config.eval.ks)
 

@@ -15,7 +15,7 @@ from tests.conftest import tiny_config
 from cprec.train import train_and_evaluate
 c = tiny_config(sys.argv[1])
 c.train.num_steps, c.train.log_every, c.train.eval_every = 16, 1, 8
-c.train.batch_size, c.eval.batch_size = int(sys.argv[3]), 32
+c.train.batch_size, c.eval.batch_size, c.train.micro_batch_size = int(sys.argv[3]), 32, int(sys.argv[4])
 try:
     train_and_evaluate(c, sys.argv[2])
 except Exception as e:
@@ -23,9 +23,10 @@ except Exception as e:
 """
 
 
-def _train(tmp_path, name, devices, batch=16):
+def _train(tmp_path, name, devices, batch=16, micro_batch_size=0):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-    out = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "cache"), str(tmp_path / name), str(batch)],
+    out = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "cache"), str(tmp_path / name), str(batch),
+                          str(micro_batch_size)],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert out.returncode == 0, out.stderr
     return out.stdout
@@ -36,9 +37,10 @@ def _losses(workdir):
     return [line["train/loss"] for line in lines if "train/loss" in line]
 
 
-def test_four_devices_match_one(tmp_path):
+@pytest.mark.parametrize("micro_batch_size", [0, 2])  # whole batch; 2 micro-batches of 2 rows per device
+def test_four_devices_match_one(tmp_path, micro_batch_size):
     _train(tmp_path, "one", 1)
-    _train(tmp_path, "four", 4)
+    _train(tmp_path, "four", 4, micro_batch_size=micro_batch_size)
     one, four = _losses(tmp_path / "one"), _losses(tmp_path / "four")
     assert len(one) == len(four) == 15  # every step but the compiling first is logged
     assert four == pytest.approx(one, rel=1e-4)

@@ -24,14 +24,15 @@ def _snapshot(path: pathlib.Path) -> dict[str, bytes]:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-def test_train_step_compiles_once(tiny):
+@pytest.mark.parametrize("micro_batches", [1, 4])
+def test_train_step_compiles_once(tiny, micro_batches):
     config = tiny()
     data = load_dataset(config.data, verbose=False)
     model = build_model(config, data.item_counts)
     tx = make_optimizer(config, 10)
     params = init_params(model, 0)
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
-    step = make_train_step(model, tx, 0)
+    step = make_train_step(model, tx, 0, micro_batches)
     batcher = WindowBatcher(data.train, config.train.batch_size, 0)
     for i in range(3 * batcher.steps_per_epoch):  # crosses epochs and their padded last batches
         state, metrics = step(state, jnp.asarray(batcher.batch(i)))
@@ -138,6 +139,8 @@ def _tiny_flags(cache):
         ("--config.model.dilations=(1,0)", "every dilation must be >= 1"),
         ("--config.data.max_len=1", "config.data.max_len=1 is invalid: L must be >= 2"),
         ("--config.model.sharing=foo", "valid choices: none, cross_layer"),
+        ("--config.train.micro_batch_size=-1", "config.train.micro_batch_size=-1 is invalid: must be >= 0"),
+        ("--config.train.micro_batch_size=5", "micro_batch_size=5 does not divide the 16 rows"),
     ],
 )
 def test_cli_bad_config_is_one_line(tmp_path, override, message):
