@@ -65,6 +65,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.ks = (5, 10, 20)
     c.eval.batch_size = 256
+    # 0 = every user; n > 0 = the same n users (a fixed random subset, whatever the seed) for the
+    # validation and test splits, for catalogues where full ranking of every user takes too long.
+    c.eval.num_users = 0
     c.eval.topk_n = 20  # top-n recommendation latency measured after training
     c.eval.topk_batches = (1, 256)
     return c
@@ -128,6 +131,8 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         _fail("eval.topk_n", e.topk_n, "top-n size and eval.topk_batches must be >= 1")
     if e.batch_size < 1:
         _fail("eval.batch_size", e.batch_size, "must be >= 1")
+    if e.num_users < 0:
+        _fail("eval.num_users", e.num_users, "must be >= 0 (0 = every user)")
 
 
 def residual_dilations(c: ml_collections.ConfigDict) -> tuple[int, ...]:

@@ -22,6 +22,17 @@ def make_rank_fn(model: NextItNet) -> Callable:
     return ranks
 
 
+def eval_users(num_users: int, limit: int) -> np.ndarray:
+    """Indices of the users to evaluate: all of them, or a fixed sorted random subset of ``limit``.
+
+    The subset depends only on (num_users, limit), so runs with different seeds or configs are
+    scored on the same users.
+    """
+    if limit <= 0 or limit >= num_users:
+        return np.arange(num_users)
+    return np.sort(np.random.default_rng(0).choice(num_users, size=limit, replace=False))
+
+
 def evaluate_split(
     rank_fn: Callable, params, inputs: np.ndarray, targets: np.ndarray, batch_size: int, ks: Sequence[int],
     place: Callable[[np.ndarray], jax.Array] = jax.numpy.asarray,
@@ -51,10 +62,12 @@ def topk_latency_ms(model: NextItNet, params, inputs: np.ndarray, n: int, batch_
     For the tree softmax this is its exact early-stop search; for the full softmax, log-softmax
     over all items then `lax.top_k`.
     """
-    fn = jax.jit(lambda p, x: model.apply({"params": p}, x, n, method=NextItNet.top_k)[:2])
+    # Parameter statistics the early stop uses are computed once, as a server would.
+    stats = jax.jit(lambda p: model.apply({"params": p}, method=NextItNet.serving_stats))(params)
+    fn = jax.jit(lambda p, s, x: model.apply({"params": p}, x, n, s, method=NextItNet.top_k)[:2])
     out = {}
     for b in batch_sizes:
         x = jax.numpy.asarray(np.resize(np.asarray(inputs[: max(b, 1)]), (b, inputs.shape[1])))
-        seconds = median_seconds(lambda: fn(params, x), repeats=repeats)  # the warm-up call compiles
+        seconds = median_seconds(lambda: fn(params, stats, x), repeats=repeats)  # the warm-up call compiles
         out[f"serve/top{n}_ms_batch{b}"] = 1000 * seconds
     return out

@@ -94,9 +94,18 @@ class NextItNet(nn.Module):
         """[B, T] -> [B, V] log-probabilities of the next item after the last position."""
         return self.head.log_prob(self.encode(inputs)[:, -1])
 
-    def top_k(self, inputs: jax.Array, n: int):
-        """Top-n next items after the last position (the head's own top_k)."""
-        return self.head.top_k(self.encode(inputs)[:, -1], n)
+    def top_k(self, inputs: jax.Array, n: int, stats=None):
+        """Top-n next items after the last position (the head's own top_k).
+
+        ``stats``: the tree softmax's ``cluster_stats()`` (see ``serving_stats``), computed once
+        per model instead of on every call; ignored by the full softmax.
+        """
+        h = self.encode(inputs)[:, -1]
+        return self.head.top_k(h, n, stats) if self.softmax == "tree" else self.head.top_k(h, n)
+
+    def serving_stats(self):
+        """What ``top_k`` can reuse across calls: the tree softmax's cluster statistics (else None)."""
+        return self.head.cluster_stats() if self.softmax == "tree" else None
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
         # Touches every parameter; used by `init` on a tiny input.

@@ -18,7 +18,8 @@ Costs: ``loss`` computes the head for every token and cluster j only for the tok
 lies in it, in a static buffer of ``capacities[j-1]`` rows (an exact chunked fallback runs when a
 batch routes more); big low-rank clusters are streamed in cache-sized column blocks. ``top_k`` is
 exact and scores a tail cluster only for the rows whose cluster token beats their current n-th
-best item (p(item in j) <= p(token_j)), gathering those rows into a buffer of 1, 4, 16, ... rows.
+best item (p(item in j) <= p(token_j), tightened by a bound from the cluster's weight statistics),
+gathering those rows into a buffer of 1, 4, 16, ... rows.
 Measured against a full softmax by ``python -m cprec.bench.tree_softmax``.
 """
 
@@ -191,15 +192,55 @@ def _row_buckets(n_rows: int) -> tuple[int, ...]:
     return tuple(sizes) + (n_rows,)
 
 
+ClusterStats = tuple[tuple[jax.Array, ...], ...]
+
+# Absolute and relative slack on the cluster bound: float32 rounding of the computed log-probs must
+# never let a skipped cluster hold an item that beats the n-th best. Slack only expands more.
+_BOUND_SLACK = (1e-3, 1e-4)
+
+
+def tree_cluster_stats(outs: Sequence[jax.Array]) -> ClusterStats:
+    """Per tail cluster: row-wise max, min and mean of ``W_j`` [d_j, k_j] and its largest column norm.
+
+    They depend on the parameters only (a server computes them once per model) and give ``top_k``
+    a per-row upper bound on the best item log-prob of each cluster (see ``_cluster_bound``).
+    """
+    return tuple((jnp.max(w, axis=1), jnp.min(w, axis=1), jnp.mean(w, axis=1),
+                  jnp.sqrt(jnp.max(jnp.sum(w * w, axis=0)))) for w in outs)
+
+
+def _cluster_bound(z: jax.Array, stats: tuple[jax.Array, ...], k: int) -> jax.Array:
+    """Upper bound on ``max_i log_softmax(z @ W)[i]`` per row, from ``tree_cluster_stats``; <= 0.
+
+    max_i z.w_i <= sum_d max(z_d max_i W[d,i], z_d min_i W[d,i]) and <= |z| max_i |w_i| (exact for
+    rank 1); logsumexp_i z.w_i >= log k + z.mean_i w_i (Jensen). A flat model's big clusters fall
+    far below their token's log-prob: every item there shares the token's mass with k-1 others.
+    """
+    w_max, w_min, w_mean, col_norm = stats
+    best = jnp.minimum(jnp.sum(jnp.maximum(z * w_max, z * w_min), axis=1), jnp.linalg.norm(z, axis=1) * col_norm)
+    return jnp.minimum(best - (jnp.log(float(k)) + z @ w_mean), 0.0)
+
+
 def tree_top_k(head: jax.Array, projs: Sequence[jax.Array], outs: Sequence[jax.Array],
-               cutoffs: Sequence[int], h: jax.Array, n: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Exact top-n log-probs and ids per row with early stop, and the expanded clusters."""
+               cutoffs: Sequence[int], h: jax.Array, n: int,
+               stats: ClusterStats | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Exact top-n log-probs and ids per row with early stop, and the expanded clusters.
+
+    Tail cluster j is expanded for a row only while an upper bound on its best item's log-prob
+    (its token's log-prob, tightened by ``_cluster_bound``) beats the row's n-th best so far.
+    ``stats`` = ``tree_cluster_stats(outs)``, computed here when not given.
+    """
     bounds = _bounds(cutoffs)
     k1, n_rows, n_tail = bounds[1], h.shape[0], len(projs)
     if not 1 <= n <= bounds[-1]:
         raise ConfigError(f"top_k: n must be in [1, V={bounds[-1]}], got {n}")
+    stats = tree_cluster_stats(outs) if stats is None else stats
     head_lp = log_softmax(h @ head)
     tok_lp = head_lp[:, k1:]
+    zs = [h @ p for p in projs]
+    item_ub = tok_lp + jnp.stack([_cluster_bound(z, st, w.shape[1]) for z, st, w in zip(zs, stats, outs)], axis=1)
+    # The token's own log-prob stays a bound without slack: the computed item log-probs never exceed it.
+    item_ub = jnp.minimum(tok_lp, item_ub + _BOUND_SLACK[0] + _BOUND_SLACK[1] * jnp.abs(item_ub))
     m = min(n, k1)
     scores, ids = _top_n(head_lp[:, :k1], m)
     ids = ids.astype(jnp.int32)
@@ -210,12 +251,12 @@ def tree_top_k(head: jax.Array, projs: Sequence[jax.Array], outs: Sequence[jax.A
     buckets = _row_buckets(n_rows)
 
     def make_branch(j: int, size: int) -> Callable:
-        lo, p, w = bounds[j + 1], projs[j], outs[j]
+        lo, z_j, w = bounds[j + 1], zs[j], outs[j]
         n_j = min(n, w.shape[1])
 
         def branch(rows: jax.Array, tok_j: jax.Array) -> tuple[jax.Array, jax.Array]:
             idx, valid = _compact(rows, size)
-            vals, i, lse = _cluster_top_n(h[idx] @ p, w, n_j)
+            vals, i, lse = _cluster_top_n(z_j[idx], w, n_j)
             s = tok_j[idx][:, None] + (vals - lse[:, None])  # same rounding as tree_log_prob
             if n_j < n:
                 s = jnp.pad(s, ((0, 0), (0, n - n_j)), constant_values=-jnp.inf)
@@ -230,7 +271,7 @@ def tree_top_k(head: jax.Array, projs: Sequence[jax.Array], outs: Sequence[jax.A
     bucket_sizes = jnp.asarray(buckets, jnp.int32)
 
     def needs(scores, visited):
-        return (tok_lp > scores[:, n - 1:n]) & ~visited[None, :]
+        return (item_ub > scores[:, n - 1:n]) & ~visited[None, :]
 
     def cond(state):
         scores, _, visited, _ = state
@@ -239,8 +280,8 @@ def tree_top_k(head: jax.Array, projs: Sequence[jax.Array], outs: Sequence[jax.A
     def body(state):
         scores, ids, visited, expanded = state
         need = needs(scores, visited)
-        # Next: the cluster with the most probable token among the rows that still need one.
-        j = jnp.argmax(jnp.max(jnp.where(need, tok_lp, -jnp.inf), axis=0)).astype(jnp.int32)
+        # Next: the cluster with the highest bound among the rows that still need one.
+        j = jnp.argmax(jnp.max(jnp.where(need, item_ub, -jnp.inf), axis=0)).astype(jnp.int32)
         rows = jnp.take(need, j, axis=1)
         bucket = jnp.sum(jnp.sum(rows.astype(jnp.int32)) > bucket_sizes).astype(jnp.int32)
         new_s, new_i = lax.switch(j * len(buckets) + bucket, branches, rows, jnp.take(tok_lp, j, axis=1))
@@ -303,13 +344,18 @@ class BlockwiseSoftmax(nn.Module):
         return tree_loss(self.head, self.tail_proj, self.tail_out, self.cutoffs, self.capacities,
                          self._flat(h), jnp.reshape(targets, (-1,)), jnp.reshape(mask, (-1,)))
 
-    def top_k(self, h: jax.Array, n: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def cluster_stats(self) -> ClusterStats:
+        """Statistics of the tail weights that ``top_k`` bounds clusters with; compute once per model."""
+        return tree_cluster_stats(self.tail_out)
+
+    def top_k(self, h: jax.Array, n: int, stats: ClusterStats | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Exact top-n: ``(log-probs [N, n] descending, ids [N, n], expanded [N, n_tail] bool)``.
 
         ``expanded[r, j-1]`` says whether tail cluster j was scored for row r. Equals
-        ``lax.top_k(log_prob(h), n)`` up to ties and float rounding.
+        ``lax.top_k(log_prob(h), n)`` up to ties and float rounding. ``stats`` (from
+        ``cluster_stats()``) saves one pass over the tail weights per call when serving.
         """
-        return tree_top_k(self.head, self.tail_proj, self.tail_out, self.cutoffs, self._flat(h), n)
+        return tree_top_k(self.head, self.tail_proj, self.tail_out, self.cutoffs, self._flat(h), n, stats)
 
     def __call__(self, h: jax.Array) -> jax.Array:
         return self.log_prob(h)

@@ -66,7 +66,7 @@ def test_two_hosts_match_one(tmp_path):
                "SLURM_JOB_ID": job, "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "2",
                "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_STEP_NUM_NODES": "1"}
         procs.append(subprocess.Popen(
-            [sys.executable, "-c", SCRIPT, str(tmp_path / "cache"), str(tmp_path / "hosts"), "16"],
+            [sys.executable, "-c", SCRIPT, str(tmp_path / "cache"), str(tmp_path / "hosts"), "16", "0"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT))
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, outs):

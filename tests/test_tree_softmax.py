@@ -7,7 +7,7 @@ import pytest
 from jax import lax
 
 from cprec.errors import ConfigError
-from cprec.tree_softmax import BlockwiseSoftmax
+from cprec.tree_softmax import BlockwiseSoftmax, _cluster_bound, tree_cluster_stats
 
 V, D = 60, 16
 CUTOFFS, RANKS = (12, 24, 40, 60), (16, 4, 2, 1)
@@ -180,8 +180,65 @@ def test_top_k_trained_params_skips_clusters(trained, batch):
     _assert_topk_matches(scores, ids, lp, n)
     expanded, tok_lp, kth = np.asarray(expanded), np.asarray(tok_lp), np.asarray(scores)[:, -1:]
     assert expanded.sum() < batch * N_TAIL, "a peaky head must let some clusters be skipped"
-    # A skipped cluster's token cannot beat the row's n-th best item.
-    assert (tok_lp[~expanded] <= np.broadcast_to(kth, tok_lp.shape)[~expanded] + 1e-6).all()
+    # No item of a skipped cluster beats the row's n-th best item.
+    lp = np.asarray(lp)
+    cluster_best = np.stack([lp[:, lo:hi].max(axis=1) for lo, hi in zip(CUTOFFS[:-1], CUTOFFS[1:])], axis=1)
+    assert (cluster_best[~expanded] <= np.broadcast_to(kth, tok_lp.shape)[~expanded] + 1e-6).all()
+
+
+@pytest.mark.parametrize("scale", [0.1, 1.0, 5.0])
+def test_cluster_bound_is_an_upper_bound(params, scale):
+    """No item of a cluster has a higher within-cluster log-prob than the bound, for any row."""
+    module = _module()
+    h = _h(64, seed=7, scale=3.0)
+    p = jax.tree.map(lambda x: x * scale, params)["params"]
+
+    @jax.jit
+    def run(p, h):
+        outs = [p[f"tail_{j}_out"] for j in range(1, N_TAIL + 1)]
+        stats = tree_cluster_stats(outs)
+        res = []
+        for j, (w, st) in enumerate(zip(outs, stats), start=1):
+            z = h @ p[f"tail_{j}_proj"]
+            res.append((jnp.max(jax.nn.log_softmax(z @ w), axis=1), _cluster_bound(z, st, w.shape[1])))
+        return res
+
+    for best, bound in run(p, h):
+        assert np.all(np.asarray(best) <= np.asarray(bound) + 1e-5)
+        assert np.all(np.asarray(bound) <= 0.0)
+    # Uniform clusters: the bound is exact, -log k.
+    zero = jax.tree.map(jnp.zeros_like, p)
+    for (best, bound), k in zip(run(zero, h), np.diff(CUTOFFS)):
+        np.testing.assert_allclose(bound, -np.log(k), rtol=1e-6)
+        np.testing.assert_allclose(best, -np.log(k), rtol=1e-6)
+
+
+def test_top_k_flat_model_skips_clusters_whose_token_beats_the_nth_item(params):
+    """A flat model: every cluster token beats the n-th best item, but no single tail item does."""
+    module = _module()
+    p = jax.tree.map(jnp.copy, params["params"])
+    h = _h(32, seed=8)
+    h = h.at[:, 0].set(1.0)
+    # Cluster tokens get a large constant logit; tail items are nearly uniform within their cluster.
+    p["head"] = p["head"].at[0, CUTOFFS[0]:].add(2.0)
+    for j in range(1, N_TAIL + 1):
+        p[f"tail_{j}_out"] = p[f"tail_{j}_out"] * 0.05
+    flat = {"params": p}
+    n = 3
+    run = jax.jit(lambda p, st, h: (module.apply(p, h, n, st, method=module.top_k), module.apply(p, h),
+                                    jax.nn.log_softmax(h @ p["params"]["head"])[:, CUTOFFS[0]:]))
+    stats = jax.jit(lambda p: module.apply(p, method=module.cluster_stats))(flat)
+    (scores, ids, expanded), lp, tok_lp = run(flat, stats, h)
+    _assert_topk_matches(scores, ids, lp, n)
+    kth = np.asarray(scores)[:, -1:]
+    token_test = np.asarray(tok_lp) > kth
+    assert token_test.mean() > 0.5, "the setting must be one where the token test alone expands a lot"
+    assert np.asarray(expanded).sum() < 0.5 * token_test.sum()
+    # Computing the statistics inside top_k gives the same result.
+    (scores2, ids2, expanded2), _, _ = run(flat, None, h)
+    np.testing.assert_array_equal(scores2, scores)
+    np.testing.assert_array_equal(ids2, ids)
+    np.testing.assert_array_equal(expanded2, expanded)
 
 
 class _Parent(nn.Module):

@@ -1,0 +1,27 @@
+"""Evaluation on a fixed subset of users (eval.num_users)."""
+import json
+
+import numpy as np
+
+from cprec.evaluate import eval_users
+from cprec.train import train_and_evaluate
+
+
+def test_eval_users_is_a_fixed_sorted_subset():
+    np.testing.assert_array_equal(eval_users(7, 0), np.arange(7))
+    np.testing.assert_array_equal(eval_users(7, 7), np.arange(7))
+    a = eval_users(1000, 50)
+    np.testing.assert_array_equal(a, eval_users(1000, 50))
+    assert len(np.unique(a)) == 50 and np.all(np.diff(a) > 0) and a[-1] < 1000
+    assert not np.array_equal(a, np.arange(50))  # random, not the first users
+
+
+def test_training_evaluates_the_subset(tiny, tmp_path, capsys):
+    config = tiny()
+    config.train.num_steps = 4
+    config.eval.num_users = 20
+    test = train_and_evaluate(config, tmp_path / "run")
+    assert "evaluating a fixed subset of 20 of the 80 users" in capsys.readouterr().out
+    # Every metric is a mean over 20 users, so HR@K is a multiple of 1/20.
+    assert all(abs(test[f"hr@{k}"] * 20 - round(test[f"hr@{k}"] * 20)) < 1e-6 for k in (5, 10, 20))
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["eval"]["num_users"] == 20
