@@ -89,8 +89,9 @@ def timed(calls: dict[str, tuple[Callable, tuple]], repeats: int, budget_s: floa
 
     Rounds interleave the calls, so that load from other processes on a shared machine hits all
     of them alike and the ratios stay meaningful. Within a round each call runs ``block`` times in
-    a row and the first run is not timed (unless ``block`` = 1): it only reloads the call's working set into the caches
-    that the other call evicted, as a server answering a stream of requests keeps its model warm.
+    a row and the first run is not timed (unless ``block`` = 1): it only reloads the call's working
+    set into the caches that the other call evicted, as a server answering a stream of requests
+    keeps its model warm.
     Fast calls get more rounds (up to 200, within about ``budget_s``) since millisecond timings are
     the noisiest.
     """
