@@ -38,8 +38,12 @@ class FullSoftmax(nn.Module):
         count = mask.sum()
         return (nll * mask).sum() / jnp.maximum(count, 1.0), count
 
-    def top_k(self, h: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
-        """Top-n (scores, ids) over real items (padding excluded)."""
+    def cluster_stats(self) -> None:
+        """Nothing to precompute for a full ranking (interface of ``BlockwiseSoftmax``)."""
+        return None
+
+    def top_k(self, h: jax.Array, n: int, stats: None = None) -> tuple[jax.Array, jax.Array]:
+        """Top-n (scores, ids) over real items (padding excluded); ``stats`` is unused."""
         lp = self.log_prob(h).at[:, 0].set(-jnp.inf)
         return jax.lax.top_k(lp, n)
 

@@ -30,6 +30,10 @@ def _auto_rows(dim: int, max_len: int, per_device: int) -> int:
     return max(r for r in range(1, min(rows, per_device) + 1) if per_device % r == 0)
 
 
+def _per_device_rows(config: ml_collections.ConfigDict, num_devices: int) -> int:
+    return max(1, config.train.batch_size // num_devices)
+
+
 def micro_batch_rows(config: ml_collections.ConfigDict, num_devices: int | None = None,
                      platform: str | None = None) -> int:
     """Rows of one device in one micro-batch (``config.train.micro_batch_size``; 0 = automatic).
@@ -40,7 +44,7 @@ def micro_batch_rows(config: ml_collections.ConfigDict, num_devices: int | None 
     num_devices = jax.device_count() if num_devices is None else num_devices
     platform = jax.default_backend() if platform is None else platform
     t = config.train
-    per_device = max(1, t.batch_size // num_devices)
+    per_device = _per_device_rows(config, num_devices)
     size = int(t.micro_batch_size)
     if size > 0:
         if per_device % size:
@@ -58,5 +62,4 @@ def num_micro_batches(config: ml_collections.ConfigDict, num_devices: int | None
                       platform: str | None = None) -> int:
     """How many micro-batches one train step accumulates."""
     num_devices = jax.device_count() if num_devices is None else num_devices
-    per_device = max(1, config.train.batch_size // num_devices)
-    return per_device // micro_batch_rows(config, num_devices, platform)
+    return _per_device_rows(config, num_devices) // micro_batch_rows(config, num_devices, platform)

@@ -100,12 +100,11 @@ class NextItNet(nn.Module):
         ``stats``: the tree softmax's ``cluster_stats()`` (see ``serving_stats``), computed once
         per model instead of on every call; ignored by the full softmax.
         """
-        h = self.encode(inputs)[:, -1]
-        return self.head.top_k(h, n, stats) if self.softmax == "tree" else self.head.top_k(h, n)
+        return self.head.top_k(self.encode(inputs)[:, -1], n, stats)
 
     def serving_stats(self):
         """What ``top_k`` can reuse across calls: the tree softmax's cluster statistics (else None)."""
-        return self.head.cluster_stats() if self.softmax == "tree" else None
+        return self.head.cluster_stats()
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
         # Touches every parameter; used by `init` on a tiny input.
