@@ -35,7 +35,7 @@ def build_model(config: ml_collections.ConfigDict, item_counts: np.ndarray) -> N
             if len(cutoffs) < 2:
                 raise ConfigError("config.model.cutoffs gives no tail cluster; the tree softmax needs at least one")
             # Capacities are per loss call: one micro-batch of every device's rows.
-            tokens = micro_batch_rows(config) * jax.device_count() * config.data.max_len
+            tokens = micro_batch_rows(config, num_items=num_items) * jax.device_count() * config.data.max_len
             capacities = cluster_token_capacities(item_counts, cutoffs, tokens, m.capacity_margin)
     return NextItNet(
         num_items=num_items,

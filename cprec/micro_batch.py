@@ -8,6 +8,10 @@ gradients in a `lax.scan`, computes the same gradient (sums of the same per-toke
 another order) 1.7x faster at d=64 and 1.35x at d=256 on the 2-core CPU this was written on
 (`python -m cprec.bench.nextitnet`). Accelerators want the whole batch at once, so the automatic
 choice splits on CPU only.
+
+A full softmax over a large catalogue is the other reason to split, on every platform: it
+materialises [positions, V] logits and their gradient, 25 GB for 64 windows of 50 at V = 1M.
+The automatic choice also caps a micro-batch's logits at a memory budget when it knows V.
 """
 from __future__ import annotations
 
@@ -19,15 +23,20 @@ from cprec.errors import ConfigError
 # Positions (rows x L) per micro-batch that ran fastest here: 3,200 at d=64, 1,600 at d=256.
 # Roughly the activations of one layer fitting in a core's share of cache, hence the 1/sqrt(d).
 _CPU_POSITIONS_AT_D64 = 3200
+# Bytes a full softmax's float32 logits plus their gradient may take in one micro-batch.
+_FULL_LOGITS_BUDGET = {"cpu": 1 << 30, "accelerator": 8 << 30}
 
 
-def _auto_rows(dim: int, max_len: int, per_device: int) -> int:
+def _largest_divisor(n: int, at_most: int) -> int:
+    return max(r for r in range(1, max(1, min(at_most, n)) + 1) if n % r == 0)
+
+
+def _cpu_cache_rows(dim: int, max_len: int) -> int:
     target = _CPU_POSITIONS_AT_D64 * (64 / dim) ** 0.5 / max_len
     rows = 1
     while rows * 2 <= target:
         rows *= 2
-    # The largest divisor of the per-device batch not above the power-of-two target.
-    return max(r for r in range(1, min(rows, per_device) + 1) if per_device % r == 0)
+    return rows
 
 
 def _per_device_rows(config: ml_collections.ConfigDict, num_devices: int) -> int:
@@ -35,11 +44,13 @@ def _per_device_rows(config: ml_collections.ConfigDict, num_devices: int) -> int
 
 
 def micro_batch_rows(config: ml_collections.ConfigDict, num_devices: int | None = None,
-                     platform: str | None = None) -> int:
+                     platform: str | None = None, num_items: int | None = None) -> int:
     """Rows of one device in one micro-batch (``config.train.micro_batch_size``; 0 = automatic).
 
     Automatic: the whole per-device batch on accelerators; on CPU a cache-sized chunk (see the
-    module docstring). An explicit size must divide the per-device batch.
+    module docstring); with a full softmax and ``num_items`` (its output columns) known, also no more rows than keep
+    the logits within _FULL_LOGITS_BUDGET. Always a divisor of the per-device batch. An explicit
+    size must divide the per-device batch.
     """
     num_devices = jax.device_count() if num_devices is None else num_devices
     platform = jax.default_backend() if platform is None else platform
@@ -53,13 +64,16 @@ def micro_batch_rows(config: ml_collections.ConfigDict, num_devices: int | None 
                 f"{num_devices} device(s) gets from train.batch_size={t.batch_size}; use a divisor of {per_device} "
                 "or 0 (automatic)")
         return size
-    if platform != "cpu":
-        return per_device
-    return _auto_rows(int(config.model.dim), int(config.data.max_len), per_device)
+    max_len = int(config.data.max_len)
+    rows = per_device if platform != "cpu" else _cpu_cache_rows(int(config.model.dim), max_len)
+    if num_items is not None and config.model.softmax == "full":
+        budget = _FULL_LOGITS_BUDGET["cpu" if platform == "cpu" else "accelerator"]
+        rows = min(rows, budget // (2 * 4 * max_len * num_items))
+    return _largest_divisor(per_device, rows)
 
 
 def num_micro_batches(config: ml_collections.ConfigDict, num_devices: int | None = None,
-                      platform: str | None = None) -> int:
+                      platform: str | None = None, num_items: int | None = None) -> int:
     """How many micro-batches one train step accumulates."""
     num_devices = jax.device_count() if num_devices is None else num_devices
-    return _per_device_rows(config, num_devices) // micro_batch_rows(config, num_devices, platform)
+    return _per_device_rows(config, num_devices) // micro_batch_rows(config, num_devices, platform, num_items)

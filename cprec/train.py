@@ -153,7 +153,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     parallel = DataParallel()
     parallel.check_divides("train.batch_size", config.train.batch_size)
     parallel.check_divides("eval.batch_size", config.eval.batch_size)
-    micro_batches = num_micro_batches(config, parallel.num_devices)
     results_path = workdir / "results.json"
     if results_path.exists():
         results = json.loads(results_path.read_text())
@@ -162,6 +161,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
     data: SequenceDataset = load_dataset(config.data)
     model = build_model(config, data.item_counts)
+    micro_batches = num_micro_batches(config, parallel.num_devices, num_items=len(data.item_counts))
     report = param_report(model, build_model(uncompressed_config(config), data.item_counts))
     _print_report(report)
     # Written only once data and model are known good, so a failed start leaves no workdir behind.

@@ -55,6 +55,18 @@ def test_automatic_micro_batches():
     assert micro_batch_rows(_config(64, micro=16), 1, "gpu") == 16
 
 
+def test_automatic_micro_batches_keep_full_softmax_logits_in_budget():
+    # 50 positions x 1M columns x 4 bytes x 2 (logits and gradient) = 400 MB per row.
+    assert micro_batch_rows(_config(64), 1, "cpu", num_items=1_000_001) == 2
+    assert micro_batch_rows(_config(64), 1, "gpu", num_items=1_000_001) == 16
+    assert micro_batch_rows(_config(64), 1, "cpu", num_items=30_001) == 64  # small V: the cache rule
+    assert micro_batch_rows(_config(64), 1, "cpu", num_items=50_000_001) == 1  # never below one row
+    tree = _config(64)
+    tree.model.softmax = "tree"  # its logits are the head's and a capacity's, not V's
+    assert micro_batch_rows(tree, 1, "gpu", num_items=1_000_001) == 256
+    assert micro_batch_rows(_config(64, micro=32), 1, "cpu", num_items=1_000_001) == 32  # explicit wins
+
+
 def test_micro_batch_size_must_divide_the_device_batch():
     with pytest.raises(ConfigError, match=r"train.micro_batch_size=48 does not divide the 128 rows .* 2 device"):
         micro_batch_rows(_config(64, micro=48), 2, "cpu")

@@ -38,7 +38,7 @@ def bench_dim(config, data, dim: int, micro_batch_size: int, steps: int, repeats
     model = build_model(config, data.item_counts)
     tx = make_optimizer(config, 1000)
     params = init_params(model, 0)
-    micro = num_micro_batches(config)
+    micro = num_micro_batches(config, num_items=len(data.item_counts))
     step_fn = make_train_step(model, tx, 0, micro)
     batcher = WindowBatcher(data.train, config.train.batch_size, 0)
     batches = [jnp.asarray(batcher.batch(i)) for i in range(steps)]
