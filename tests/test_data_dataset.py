@@ -3,6 +3,7 @@
 import importlib.util
 import os
 import pathlib
+import time
 
 import numpy as np
 import pytest
@@ -104,6 +105,37 @@ def test_interrupted_save_leaves_no_cache(tmp_path, monkeypatch):
     assert list(cache.iterdir()) == []
     monkeypatch.setattr(store.np, "save", real_save)
     assert load_dataset(_cfg(_csv(tmp_path)), cache_root=cache, verbose=False).train.size > 0
+
+
+def _dead_pid() -> int:
+    pid = 4_000_000  # above Linux's pid_max default; checked anyway
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+        except PermissionError:
+            pass
+        pid += 1
+
+
+def test_killed_save_leftovers_are_removed_by_the_next_save(tmp_path):
+    """A SIGKILLed prepare leaves its hidden tmp directory; the next save sweeps the old, dead ones."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    old = time.time() - 2 * store.STALE_TMP_SECONDS
+    stale = cache / f".synthetic-abc.tmp-{_dead_pid()}-0123abcd"
+    recent = cache / f".synthetic-def.tmp-{_dead_pid()}-4567abcd"  # maybe another host's, still writing
+    live = cache / f".synthetic-ghi.tmp-{os.getpid()}-89abcdef"
+    other = cache / ".not-ours"
+    for path in (stale, recent, live, other):
+        path.mkdir()
+        (path / "x.npy").write_bytes(b"0")
+    for path in (stale, live, other):
+        os.utime(path, (old, old))
+    load_dataset(_cfg(_csv(tmp_path)), cache_root=cache, verbose=False)
+    assert not stale.exists()
+    assert recent.exists() and live.exists() and other.exists()
 
 
 def test_synthetic_dataset_keeps_catalog_without_item_filter(tmp_path):

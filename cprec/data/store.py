@@ -1,7 +1,8 @@
 """Prepared-data cache: one directory of `.npy` files plus `meta.json` per (source, config).
 
 A cache directory appears only complete: it is written under a temporary name and renamed
-into place, so an interrupted prepare leaves at most a hidden `.tmp-*` directory behind.
+into place, so an interrupted prepare leaves at most a hidden `.tmp-*` directory behind; the
+next save removes those whose process is gone and which are over an hour old.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 import shutil
+import time
 import uuid
 from collections.abc import Mapping
 
@@ -20,6 +23,10 @@ from cprec.errors import DataError
 
 CACHE_VERSION = 1
 META_FILE = "meta.json"
+# On a shared file system a pid that is dead here may be another host's live prepare: only temporary
+# directories this old (by mtime) are removed.
+STALE_TMP_SECONDS = 3600
+_TMP_NAME = re.compile(r"^\..+\.tmp-(\d+)-[0-9a-f]{8}$")
 
 
 def cache_key(fields: Mapping) -> str:
@@ -42,12 +49,40 @@ def is_complete(directory: pathlib.Path) -> bool:
     return (directory / META_FILE).is_file()
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_tmp(root: pathlib.Path, max_age_s: float = STALE_TMP_SECONDS) -> list[pathlib.Path]:
+    """Removes the temporary directories of interrupted saves under `root`; returns them."""
+    removed = []
+    now = time.time()
+    for path in root.iterdir() if root.is_dir() else ():
+        match = _TMP_NAME.match(path.name)
+        if not match or not path.is_dir() or _pid_alive(int(match.group(1))):
+            continue
+        try:
+            if now - path.stat().st_mtime > max_age_s:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+        except OSError:
+            continue  # removed meanwhile
+    return removed
+
+
 def save(directory: pathlib.Path, arrays: Mapping[str, np.ndarray], meta: Mapping) -> pathlib.Path:
     """Writes `arrays` and `meta` atomically into `directory`; returns it.
 
     If another process finished the same directory first, its copy is kept.
     """
     directory.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(directory.parent)
     tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir()
