@@ -1,0 +1,79 @@
+"""A trained model back from its run directory, for serving, analysis and benchmarks.
+
+    run = load_run("runs/cprec-1m")
+    scores, ids, expanded = run.model.apply({"params": run.params}, inputs, 20, method=NextItNet.top_k)
+
+The run's `config.json` rebuilds the config, its prepared data (the cache is reused) gives the
+item counts the model's clusters depend on, and the parameters come from the best-validation
+checkpoint (`best/`), or else the latest training checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from cprec.checkpointing import Checkpointer
+from cprec.data import SequenceDataset, load_dataset
+from cprec.errors import WorkdirError
+from cprec.factory import build_model, init_params
+from cprec.model import NextItNet
+
+
+class Run(NamedTuple):
+    config: ml_collections.ConfigDict
+    data: SequenceDataset
+    model: NextItNet
+    params: Any
+    step: int  # the training step the parameters are from
+    source: str  # 'best' or 'checkpoints'
+
+
+def run_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
+    """The config a run was started with (its `config.json`, minus the compression report)."""
+    path = pathlib.Path(workdir) / "config.json"
+    try:
+        stored = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise WorkdirError(f"{path} does not exist; give the --workdir of a run that started training") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise WorkdirError(f"{path} is unreadable ({type(e).__name__}); give the workdir of an intact run") from None
+    stored.pop("report", None)
+    return ml_collections.ConfigDict(stored)
+
+
+def load_run(workdir: str | pathlib.Path, verbose: bool = False) -> Run:
+    """Config, data, model and the best (else the latest) parameters of the run in `workdir`."""
+    workdir = pathlib.Path(workdir)
+    config = run_config(workdir)
+    data = load_dataset(config.data, verbose=verbose)
+    model = build_model(config, data.item_counts)
+    params = init_params(model, config.seed)
+    for subdir in ("best", "checkpoints"):
+        if not (workdir / subdir).is_dir():
+            continue
+        ckpt = Checkpointer(workdir, 1, subdir=subdir)
+        try:
+            step = ckpt.latest_step()
+            if step is None:
+                continue
+            if subdir == "best":
+                like = {"params": params, "score": jnp.zeros(()), "step": jnp.zeros((), jnp.int32)}
+            else:
+                like = _train_state_like(config, params)
+            restored = ckpt.restore(step, like)
+        finally:
+            ckpt.close()
+        return Run(config, data, model, jax.device_get(restored["params"]), int(step), subdir)
+    raise WorkdirError(f"{workdir} has no checkpoint (best/ or checkpoints/); train it first with run.py")
+
+
+def _train_state_like(config: ml_collections.ConfigDict, params: Any) -> dict:
+    from cprec.train import make_optimizer  # train imports much more; only needed for this fallback
+
+    tx = make_optimizer(config, 1)
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}

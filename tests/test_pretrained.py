@@ -1,0 +1,75 @@
+"""A trained run loads back from its workdir with its best parameters; the trained-model top-k bench."""
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from cprec.bench import trained_topk
+from cprec.errors import WorkdirError
+from cprec.evaluate import evaluate_split, make_rank_fn
+from cprec.pretrained import load_run
+from cprec.train import train_and_evaluate
+
+
+@pytest.fixture(scope="module")
+def tree_run(tmp_path_factory):
+    from tests.conftest import tiny_config
+
+    base = tmp_path_factory.mktemp("pretrained")
+    config = tiny_config(base / "cache", embedding="blockwise", softmax="tree", cutoffs=(20, 40))
+    test = train_and_evaluate(config, base / "run")
+    return base / "run", config, test
+
+
+def test_load_run_reproduces_the_test_metrics(tree_run):
+    workdir, config, test = tree_run
+    run = load_run(workdir)
+    assert run.source == "best"
+    assert run.step == int(next((workdir / "best").iterdir()).name)
+    assert run.model.softmax == "tree" and run.model.cutoffs[:2] == (20, 40)
+    again = evaluate_split(make_rank_fn(run.model), run.params, run.data.test_inputs, run.data.test_targets,
+                           config.eval.batch_size, config.eval.ks)
+    for key, value in again.items():
+        np.testing.assert_allclose(value, test[key], rtol=1e-5, err_msg=key)
+
+
+def test_load_run_falls_back_to_the_latest_checkpoint(tree_run, tmp_path):
+    workdir, _, _ = tree_run
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    shutil.rmtree(copy / "best")
+    run = load_run(copy)
+    assert run.source == "checkpoints" and run.step == 12
+    best = load_run(workdir)
+    assert jax.tree.structure(run.params) == jax.tree.structure(best.params)
+
+
+def test_load_run_errors(tmp_path, tree_run):
+    with pytest.raises(WorkdirError, match="config.json does not exist"):
+        load_run(tmp_path)
+    copy = tmp_path / "bare"
+    copy.mkdir()
+    shutil.copy(tree_run[0] / "config.json", copy / "config.json")
+    with pytest.raises(WorkdirError, match="has no checkpoint"):
+        load_run(copy)
+    (copy / "config.json").write_text("{not json")
+    with pytest.raises(WorkdirError, match="unreadable"):
+        load_run(copy)
+
+
+def test_trained_topk_bench_matches_the_full_ranking(tree_run, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    res = trained_topk.main([str(tree_run[0]), "--n", "5", "--batches", "1", "8", "--repeats", "1", "--out", str(out)])
+    assert [r["batch"] for r in res["rows"]] == [1, 8]
+    assert all(r["identical"] for r in res["rows"])
+    assert all(0 <= r["mean_expanded_clusters"] <= r["tail_clusters"] == 2 for r in res["rows"])
+    assert json.loads(out.read_text())["rows"][0]["batch"] == 1
+    assert "identical True" in capsys.readouterr().out
+
+
+def test_trained_topk_bench_refuses_a_full_softmax_run(tmp_path, tiny):
+    train_and_evaluate(tiny(), tmp_path / "full")
+    with pytest.raises(SystemExit, match="trained a full softmax"):
+        trained_topk.main([str(tmp_path / "full"), "--repeats", "1"])
