@@ -48,9 +48,9 @@ def micro_batch_rows(config: ml_collections.ConfigDict, num_devices: int | None 
     """Rows of one device in one micro-batch (``config.train.micro_batch_size``; 0 = automatic).
 
     Automatic: the whole per-device batch on accelerators; on CPU a cache-sized chunk (see the
-    module docstring); with a full softmax and ``num_items`` (its output columns) known, also no more rows than keep
-    the logits within _FULL_LOGITS_BUDGET. Always a divisor of the per-device batch. An explicit
-    size must divide the per-device batch.
+    module docstring); with a full softmax and ``num_items`` (its output columns) known, also
+    no more rows than keep the logits within _FULL_LOGITS_BUDGET; always a divisor of the
+    per-device batch. An explicit size must divide the per-device batch.
     """
     num_devices = jax.device_count() if num_devices is None else num_devices
     platform = jax.default_backend() if platform is None else platform

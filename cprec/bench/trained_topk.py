@@ -44,11 +44,12 @@ def bench_run(workdir: str, n: int, batches: list[int], repeats: int) -> dict:
     stats = jax.jit(lambda p: model.apply({"params": p}, method=NextItNet.serving_stats))(params)
     encode_last = jax.jit(lambda p, x: model.apply({"params": p}, x, method=NextItNet.encode)[:, -1])
 
+    # The output layer alone, applied to hidden states (flax binds `m.head` inside apply only).
     def head_top_k(p, s, h):
-        return model.apply({"params": p}, h, n, s, method=lambda m, h, n, s: m.head.top_k(h, n, s))
+        return model.apply({"params": p}, h, n, s, method=lambda m, *a: m.head.top_k(*a))
 
     def head_full(p, h):
-        return lax.top_k(model.apply({"params": p}, h, method=lambda m, h: m.head.log_prob(h)), n)
+        return lax.top_k(model.apply({"params": p}, h, method=lambda m, *a: m.head.log_prob(*a)), n)
 
     calls = {
         "head early stop": jax.jit(head_top_k),
