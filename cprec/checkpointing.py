@@ -5,6 +5,7 @@ import pathlib
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from cprec.errors import WorkdirError
@@ -47,3 +48,8 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def best_state_like(params: Any) -> dict:
+    """The layout of a `best/` checkpoint (parameters, their validation score and step), for restoring."""
+    return {"params": params, "score": jnp.zeros(()), "step": jnp.zeros((), jnp.int32)}

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from cprec.checkpointing import Checkpointer
+from cprec.checkpointing import Checkpointer, best_state_like
 from cprec.data import SequenceDataset, load_dataset
 from cprec.errors import WorkdirError
 from cprec.factory import build_model, init_params
@@ -62,7 +62,7 @@ def load_run(workdir: str | pathlib.Path, verbose: bool = False) -> Run:
             if step is None:
                 continue
             if subdir == "best":
-                like = {"params": params, "score": jnp.zeros(()), "step": jnp.zeros((), jnp.int32)}
+                like = best_state_like(params)
             else:
                 like = _train_state_like(config, params)
             restored = ckpt.restore(step, like)

@@ -21,7 +21,7 @@ from jax import lax
 
 from cprec.allocator import keep_freed_memory
 from cprec.batching import WindowBatcher
-from cprec.checkpointing import Checkpointer
+from cprec.checkpointing import Checkpointer, best_state_like
 from cprec.config import validate_config
 from cprec.data import SequenceDataset, load_dataset
 from cprec.errors import CprecError, WorkdirError
@@ -221,7 +221,7 @@ def _train_loop(config, data, model, train_step, state, start, total_steps, batc
     # The test split is scored with the parameters of the best validation score (model selection).
     select = t.select_metric
     best_ckpt = Checkpointer(ckpt.directory.parent, 1, subdir="best")
-    best_like = {"params": state["params"], "score": jnp.zeros(()), "step": jnp.zeros((), jnp.int32)}
+    best_like = best_state_like(state["params"])
     best_step = best_ckpt.latest_step()
     best_score = float(best_ckpt.restore(best_step, best_like)["score"]) if best_step else -np.inf
 
