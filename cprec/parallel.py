@@ -10,11 +10,15 @@ from __future__ import annotations
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax._src import distributed  # the coordination client: jax has no public barrier with a timeout
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cprec.errors import ConfigError
+
+CONNECT_TIMEOUT_MS = 5 * 60 * 1000  # as long as jax.distributed.initialize waits for every host
 
 
 def initialize_distributed() -> None:
@@ -33,6 +37,21 @@ class DataParallel:
         self.num_devices = self.mesh.size
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.sharded = NamedSharding(self.mesh, PartitionSpec("data"))
+        if jax.process_count() > 1:
+            self._connect_hosts()
+
+    def _connect_hosts(self) -> None:
+        """Runs the first collective over the mesh while every host is at the same point.
+
+        Gloo (the CPU collectives) connects the hosts at the first collective and fails if one
+        is more than 30 s late, which an uneven first compile on a busy machine easily is. Once
+        connected, collectives wait as long as it takes, so connect them here, behind a barrier.
+        """
+        total = jax.jit(jnp.sum, out_shardings=self.replicated)
+        ones = self.shard(np.ones(self.num_devices, np.float32))
+        compiled = total.lower(ones).compile()  # before the barrier, so no host compiles after it
+        distributed.global_state.client.wait_at_barrier("cprec_connect_hosts", CONNECT_TIMEOUT_MS)
+        jax.block_until_ready(compiled(ones))
 
     def check_divides(self, key: str, batch_size: int) -> None:
         if batch_size % self.num_devices:

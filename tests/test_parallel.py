@@ -56,21 +56,45 @@ def test_batch_not_divisible_by_devices_is_an_error(tmp_path):
 
 
 
-def test_two_hosts_match_one(tmp_path):
-    """Two processes joined by jax.distributed, as two SLURM tasks would be, train like one device."""
-    _train(tmp_path, "single", 1)
-    job = str(40000 + os.getpid() % 20000)  # SLURM's job id also picks the coordinator port
+LATE_HOST_SCRIPT = """
+import sys, time
+import jax, jax.numpy as jnp, numpy as np
+from cprec.parallel import DataParallel, initialize_distributed
+initialize_distributed()
+parallel = DataParallel()
+if jax.process_index() == 1:
+    time.sleep(float(sys.argv[1]))  # as a host whose first compile is slow would be
+total = jax.jit(lambda x: jnp.sum(2 * x), out_shardings=parallel.replicated)
+print("TOTAL", float(total(parallel.shard(np.arange(2, dtype=np.float32)))), flush=True)
+"""
+
+
+def _run_hosts(args: list[str], ports_from: int) -> list[str]:
+    """Runs a script as the two tasks of a one-node SLURM job; returns each task's stdout."""
+    job = str(ports_from + os.getpid() % 10000)  # SLURM's job id also picks the coordinator port
     procs = []
     for rank in range(2):
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
                "SLURM_JOB_ID": job, "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "2",
                "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_STEP_NUM_NODES": "1"}
-        procs.append(subprocess.Popen(
-            [sys.executable, "-c", SCRIPT, str(tmp_path / "cache"), str(tmp_path / "hosts"), "16", "0"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT))
+        procs.append(subprocess.Popen([sys.executable, "-c", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, env=env, cwd=ROOT))
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0 and "ERROR" not in out, out + err[-2000:]
+    return [out for out, _ in outs]
+
+
+def test_a_host_late_to_its_first_collective_is_waited_for():
+    """Gloo gives up on a host 30 s late to the first collective; DataParallel connects the hosts up front."""
+    outs = _run_hosts([LATE_HOST_SCRIPT, "35"], ports_from=50000)
+    assert all("TOTAL 2.0" in out for out in outs), outs
+
+
+def test_two_hosts_match_one(tmp_path):
+    """Two processes joined by jax.distributed, as two SLURM tasks would be, train like one device."""
+    _train(tmp_path, "single", 1)
+    _run_hosts([SCRIPT, str(tmp_path / "cache"), str(tmp_path / "hosts"), "16", "0"], ports_from=40000)
     assert _losses(tmp_path / "hosts") == pytest.approx(_losses(tmp_path / "single"), rel=1e-4)
     a = json.loads((tmp_path / "single" / "results.json").read_text())["test"]
     b = json.loads((tmp_path / "hosts" / "results.json").read_text())["test"]
