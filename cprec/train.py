@@ -125,11 +125,16 @@ def _write_json(path: pathlib.Path, payload: dict) -> None:
     tmp.replace(path)
 
 
+# Keys that may change when a run is resumed: derived numbers, and how often to log and checkpoint
+# (neither changes the results; a long run may want rarer logs or more frequent checkpoints).
+NOT_IDENTITY = ("report", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints")
+
+
 def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
     if isinstance(a, dict) and isinstance(b, dict):
         for key in sorted(set(a) | set(b)):
-            if key == "report":
-                continue  # derived numbers, not part of the experiment's identity
+            if f"{prefix}{key}" in NOT_IDENTITY:
+                continue
             d = _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
             if d is not None:
                 return d

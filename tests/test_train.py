@@ -80,6 +80,19 @@ def test_other_experiment_in_workdir_is_refused(tiny, tmp_path):
     assert _snapshot(workdir) == before
 
 
+def test_logging_and_checkpoint_frequency_may_change_on_resume(tiny, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    config = tiny()
+    config.train.num_steps = 4
+    train_and_evaluate(config, workdir)
+    config.train.log_every, config.train.checkpoint_every, config.train.keep_checkpoints = 3, 1, 5
+    train_and_evaluate(config, workdir)  # not refused: the run is recognised as the same experiment
+    assert "already finished" in capsys.readouterr().out
+    config.train.eval_every += 1  # changes which checkpoint is selected: a different experiment
+    with pytest.raises(WorkdirError, match=r"config differs at train.eval_every"):
+        train_and_evaluate(config, workdir)
+
+
 def test_corrupted_checkpoint_is_a_clear_error(tiny, tmp_path):
     workdir = tmp_path / "run"
     config = tiny()
