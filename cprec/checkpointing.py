@@ -28,6 +28,9 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
     def save(self, step: int, state: Any) -> None:
         # Async: the write overlaps training; `close()` waits for it.
         self._manager.save(step, args=ocp.args.StandardSave(state))

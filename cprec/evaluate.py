@@ -33,6 +33,17 @@ def eval_users(num_users: int, limit: int) -> np.ndarray:
     return np.sort(np.random.default_rng(0).choice(num_users, size=limit, replace=False))
 
 
+def eval_splits(data, num_users: int, verbose: bool = False) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The validation and test (inputs, targets) to score: every user's, or the fixed subset of `num_users`."""
+    splits = {"val": (data.val_inputs, data.val_targets), "test": (data.test_inputs, data.test_targets)}
+    users = eval_users(len(data.test_targets), num_users)
+    if len(users) < len(data.test_targets):
+        if verbose:
+            print(f"evaluating a fixed subset of {len(users):,} of the {len(data.test_targets):,} users (eval.num_users)")
+        splits = {name: (x[users], y[users]) for name, (x, y) in splits.items()}
+    return splits
+
+
 def evaluate_split(
     rank_fn: Callable, params, inputs: np.ndarray, targets: np.ndarray, batch_size: int, ks: Sequence[int],
     place: Callable[[np.ndarray], jax.Array] = jax.numpy.asarray,

@@ -46,30 +46,43 @@ def run_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(stored)
 
 
-def load_run(workdir: str | pathlib.Path, verbose: bool = False) -> Run:
-    """Config, data, model and the best (else the latest) parameters of the run in `workdir`."""
+SOURCES = ("best", "checkpoints")  # best-validation parameters; the latest training checkpoints
+
+
+def load_run(workdir: str | pathlib.Path, verbose: bool = False, source: str | None = None,
+             step: int | None = None) -> Run:
+    """Config, data, model and parameters of the run in `workdir`.
+
+    By default the best-validation parameters, else the latest training checkpoint's. `source`
+    ('best' or 'checkpoints') picks one of the two; `step` a kept step of it (default its latest),
+    e.g. to score a run that is still training.
+    """
     workdir = pathlib.Path(workdir)
+    if source is not None and source not in SOURCES:
+        raise WorkdirError(f"checkpoint source {source!r} is unknown; valid choices: {', '.join(SOURCES)}")
     config = run_config(workdir)
     data = load_dataset(config.data, verbose=verbose)
     model = build_model(config, data.item_counts)
     params = init_params(model, config.seed)
-    for subdir in ("best", "checkpoints"):
+    for subdir in (source,) if source else SOURCES:
         if not (workdir / subdir).is_dir():
             continue
         ckpt = Checkpointer(workdir, 1, subdir=subdir)
         try:
-            step = ckpt.latest_step()
-            if step is None:
+            steps = ckpt.all_steps()
+            if not steps:
                 continue
-            if subdir == "best":
-                like = best_state_like(params)
-            else:
-                like = _train_state_like(config, params)
-            restored = ckpt.restore(step, like)
+            if step is not None and step not in steps:
+                raise WorkdirError(f"{workdir / subdir} has no step {step}; its kept steps are "
+                                   f"{', '.join(map(str, steps))}")
+            chosen = steps[-1] if step is None else step
+            like = best_state_like(params) if subdir == "best" else _train_state_like(config, params)
+            restored = ckpt.restore(chosen, like)
         finally:
             ckpt.close()
-        return Run(config, data, model, jax.device_get(restored["params"]), int(step), subdir)
-    raise WorkdirError(f"{workdir} has no checkpoint (best/ or checkpoints/); train it first with run.py")
+        return Run(config, data, model, jax.device_get(restored["params"]), int(chosen), subdir)
+    where = f"{source}/" if source else "best/ or checkpoints/"
+    raise WorkdirError(f"{workdir} has no checkpoint ({where}); train it first with run.py")
 
 
 def _train_state_like(config: ml_collections.ConfigDict, params: Any) -> dict:

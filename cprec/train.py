@@ -25,7 +25,7 @@ from cprec.checkpointing import Checkpointer, best_state_like
 from cprec.config import validate_config
 from cprec.data import SequenceDataset, load_dataset
 from cprec.errors import CprecError, WorkdirError
-from cprec.evaluate import eval_users, evaluate_split, make_rank_fn, topk_latency_ms
+from cprec.evaluate import eval_splits, evaluate_split, make_rank_fn, topk_latency_ms
 from cprec.factory import build_model, init_params, param_report, uncompressed_config
 from cprec.metric_writer import MetricWriter
 from cprec.metrics import popularity_ranks, rank_metrics
@@ -212,11 +212,7 @@ def _train_loop(config, data, model, train_step, state, start, total_steps, batc
     rank_fn = make_rank_fn(model)
     ks = tuple(config.eval.ks)
 
-    splits = {"val": (data.val_inputs, data.val_targets), "test": (data.test_inputs, data.test_targets)}
-    users = eval_users(len(data.test_targets), config.eval.num_users)
-    if len(users) < len(data.test_targets):
-        print(f"evaluating a fixed subset of {len(users):,} of the {len(data.test_targets):,} users (eval.num_users)")
-        splits = {name: (x[users], y[users]) for name, (x, y) in splits.items()}
+    splits = eval_splits(data, config.eval.num_users, verbose=True)
 
     def evaluate(split: str) -> dict[str, float]:
         inputs, targets = splits[split]

@@ -1,4 +1,4 @@
-"""A trained run loads back from its workdir with its best parameters; the trained-model top-k bench."""
+"""A trained run loads back from its workdir; scoring its saved parameters; the trained-model top-k bench."""
 import json
 import shutil
 
@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 
+from cprec import eval_run
 from cprec.bench import trained_topk
 from cprec.errors import WorkdirError
 from cprec.evaluate import evaluate_split, make_rank_fn
@@ -73,3 +74,27 @@ def test_trained_topk_bench_refuses_a_full_softmax_run(tmp_path, tiny):
     train_and_evaluate(tiny(), tmp_path / "full")
     with pytest.raises(SystemExit, match="trained a full softmax"):
         trained_topk.main([str(tmp_path / "full"), "--repeats", "1"])
+
+
+def test_eval_run_scores_saved_parameters_like_training(tree_run, tmp_path, capsys):
+    workdir, _, test = tree_run
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    res = eval_run.main([str(copy)])
+    assert res["source"] == "best" and res["test"] == pytest.approx(test, rel=1e-5)
+    saved = copy / "evaluations" / f"best-{res['step']}.json"
+    assert json.loads(saved.read_text())["test"] == res["test"]
+    assert {p: p.read_bytes() for p in before} == before  # the run's own files are untouched
+    latest = eval_run.main([str(copy), "--source", "checkpoints", "--splits", "test", "--out", str(tmp_path / "e.json")])
+    assert latest["step"] == 12 and set(latest) == {"workdir", "source", "step", "test"}
+    assert "test (" in capsys.readouterr().out
+
+
+def test_eval_run_errors(tree_run, tmp_path):
+    with pytest.raises(SystemExit, match=r"checkpoints has no step 7; its kept steps are .*12"):
+        eval_run.main([str(tree_run[0]), "--source", "checkpoints", "--step", "7", "--out", str(tmp_path / "e.json")])
+    with pytest.raises(SystemExit, match="config.json does not exist"):
+        eval_run.main([str(tmp_path)])
+    with pytest.raises(WorkdirError, match="checkpoint source 'latest' is unknown; valid choices: best, checkpoints"):
+        load_run(tree_run[0], source="latest")

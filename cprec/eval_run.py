@@ -1,0 +1,72 @@
+"""Scores a run's saved parameters on its validation and test users, without training.
+
+    python -m cprec.eval_run runs/nextitnet-1m --source checkpoints        # latest training checkpoint
+    python -m cprec.eval_run runs/cprec-1m                                 # best-validation parameters
+    python -m cprec.eval_run runs/nextitnet-1m --source checkpoints --step 400 --splits test
+
+For runs that are still training (or were stopped early): the metrics of any kept checkpoint,
+computed exactly as training computes them (same users, full ranking, same batch size). The
+run's own files are only read; the metrics are printed and saved to
+`<workdir>/evaluations/<source>-<step>.json` (or `--out`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import time
+
+from cprec.errors import CprecError
+from cprec.evaluate import eval_splits, evaluate_split, make_rank_fn
+from cprec.parallel import DataParallel
+from cprec.pretrained import SOURCES, load_run
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("workdir", help="a run directory written by run.py")
+    p.add_argument("--source", choices=SOURCES, default=None,
+                   help="best-validation parameters or the training checkpoints (default: best, else checkpoints)")
+    p.add_argument("--step", type=int, default=None, help="a kept step of that source (default: its latest)")
+    p.add_argument("--splits", nargs="+", choices=("val", "test"), default=["val", "test"])
+    p.add_argument("--out", default=None, help="JSON path (default <workdir>/evaluations/<source>-<step>.json)")
+    return p
+
+
+def evaluate_run(workdir: str, source: str | None = None, step: int | None = None,
+                 splits: tuple[str, ...] = ("val", "test")) -> dict:
+    """{'source', 'step', '<split>': {metric: value}, ...} for one saved set of parameters."""
+    run = load_run(workdir, source=source, step=step)
+    parallel = DataParallel()
+    e = run.config.eval
+    parallel.check_divides("eval.batch_size", e.batch_size)
+    data = eval_splits(run.data, e.num_users)
+    rank_fn = make_rank_fn(run.model)
+    params = parallel.replicate(run.params)
+    result: dict = {"workdir": str(workdir), "source": run.source, "step": run.step}
+    for split in splits:
+        inputs, targets = data[split]
+        t0 = time.perf_counter()
+        result[split] = evaluate_split(rank_fn, params, inputs, targets, e.batch_size, tuple(e.ks),
+                                       parallel.shard, parallel.gather)
+        print(f"{split} ({len(targets):,} users, {run.source} step {run.step}, {time.perf_counter() - t0:.0f} s): "
+              + ", ".join(f"{k} {v:.4f}" for k, v in result[split].items()), flush=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = _parser().parse_args(argv)
+    try:
+        result = evaluate_run(args.workdir, args.source, args.step, tuple(args.splits))
+    except CprecError as e:
+        raise SystemExit(f"error: {e}") from None
+    out = pathlib.Path(args.out) if args.out else (
+        pathlib.Path(args.workdir) / "evaluations" / f"{result['source']}-{result['step']}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"saved {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
