@@ -12,12 +12,12 @@ run's own files are only read; the metrics are printed and saved to
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import time
 
-from cprec.errors import CprecError
+from cprec.errors import exit_on_user_error
 from cprec.evaluate import eval_splits, evaluate_split, make_rank_fn
+from cprec.jsonfile import write_json
 from cprec.parallel import DataParallel
 from cprec.pretrained import SOURCES, load_run
 
@@ -56,15 +56,11 @@ def evaluate_run(workdir: str, source: str | None = None, step: int | None = Non
 
 def main(argv: list[str] | None = None) -> dict:
     args = _parser().parse_args(argv)
-    try:
+    with exit_on_user_error():
         result = evaluate_run(args.workdir, args.source, args.step, tuple(args.splits))
-    except CprecError as e:
-        raise SystemExit(f"error: {e}") from None
     out = pathlib.Path(args.out) if args.out else (
         pathlib.Path(args.workdir) / "evaluations" / f"{result['source']}-{result['step']}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"saved {out}")
+    print(f"saved {write_json(out, result)}")
     return result
 
 

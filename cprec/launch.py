@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from cprec.errors import CprecError
+from cprec.jsonfile import write_json
 from cprec.sweep import Trial, sweep_root
 
 try:  # the local launcher works without submitit
@@ -42,13 +43,6 @@ Print = Callable[[str], None]
 
 def _now() -> str:
     return datetime.datetime.now().isoformat(timespec="seconds")
-
-
-def _write_json(path: pathlib.Path, data: Mapping[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # readers never see half a file
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    tmp.replace(path)
 
 
 def read_status(workdir: pathlib.Path) -> dict[str, Any]:
@@ -103,7 +97,7 @@ def run_trial(trial: Trial, cwd: str | pathlib.Path, launcher: str = "local", jo
     """Runs one trial to completion in a subprocess; returns (and writes) its final status."""
     workdir = pathlib.Path(cwd) / trial.workdir
     workdir.mkdir(parents=True, exist_ok=True)
-    _write_json(workdir / "trial.json", trial.record())
+    write_json(workdir / "trial.json", trial.record())
     if (workdir / "results.json").exists():
         return read_status(workdir)
     command = [sys.executable, str(RUN_PY), *trial.args()]
@@ -122,7 +116,7 @@ def run_trial(trial: Trial, cwd: str | pathlib.Path, launcher: str = "local", jo
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"},  # log.txt follows progress live
                                 preexec_fn=ignore_signals if child_ignores else None)
         try:
-            _write_json(workdir / "status.json", {"status": "running", **base, "pid": proc.pid})
+            write_json(workdir / "status.json", {"status": "running", **base, "pid": proc.pid})
             for line in proc.stderr:  # stderr is read here to keep its last line for status.json
                 log.write(line)
                 if line.strip():
@@ -143,7 +137,7 @@ def run_trial(trial: Trial, cwd: str | pathlib.Path, launcher: str = "local", jo
         if returncode is not None and returncode < 0:
             last_error = f"killed by {signal.Signals(-returncode).name}; rerun the sweep to resume"
         status["error"] = last_error or f"exit status {returncode} and nothing on stderr"
-    _write_json(workdir / "status.json", status)
+    write_json(workdir / "status.json", status)
     return status
 
 
@@ -162,7 +156,7 @@ def _record_sweep(trials: Sequence[Trial], spec: str) -> pathlib.Path:
 
         if not old or identity(old.get("trials", [])) != identity(json.loads(json.dumps(records))):
             raise CprecError(f"{root} holds another sweep (see its sweep.json); pass --sweep_dir to choose a new directory")
-    _write_json(path, {"config": spec, "trials": records})
+    write_json(path, {"config": spec, "trials": records})
     return root
 
 
@@ -204,7 +198,7 @@ def launch_local(trials: Sequence[Trial], spec: str, parallel: int = 1, out: Pri
             status = future.result()
             failed += status["status"] != "finished"
             out(f"  {futures[future].name}: {_outcome(status)}")
-    out(f"{len(todo) - failed} finished, {failed} failed" + (f"; see the failed trials' log.txt" if failed else ""))
+    out(f"{len(todo) - failed} finished, {failed} failed" + ("; see the failed trials' log.txt" if failed else ""))
     return failed
 
 
@@ -253,7 +247,7 @@ class SlurmTrial(Checkpointable):
     def checkpoint(self, trial: Trial) -> Any:
         """Requeues the same trial; run.py resumes it from its latest orbax checkpoint."""
         workdir = pathlib.Path(self.cwd) / trial.workdir
-        _write_json(workdir / "status.json", {**read_status(workdir), "status": "requeued", "requeued": _now()})
+        write_json(workdir / "status.json", {**read_status(workdir), "status": "requeued", "requeued": _now()})
         return super().checkpoint(trial)
 
 
@@ -301,7 +295,7 @@ def launch_slurm(trials: Sequence[Trial], spec: str, options: SlurmOptions, wait
     for trial, job in zip(todo, jobs):
         status = read_status(trial.workdir)
         if status.get("job_id") != job.job_id:  # the task may already have started and written its own
-            _write_json(trial.workdir / "status.json", {"status": "submitted", "launcher": "slurm",
+            write_json(trial.workdir / "status.json", {"status": "submitted", "launcher": "slurm",
                                                         "job_id": job.job_id, "submitted": _now()})
         out(f"  {trial.name}: job {job.job_id}")
     with open(root / "slurm_jobs.jsonl", "a") as f:
@@ -356,7 +350,7 @@ def _wait(trials: Sequence[Trial], jobs: Sequence[Any], out: Print) -> int:
 
 def _mark_failed(trial: Trial, error: str) -> dict[str, Any]:
     status = {**read_status(trial.workdir), "status": "failed", "error": error}
-    _write_json(trial.workdir / "status.json", status)
+    write_json(trial.workdir / "status.json", status)
     return status
 
 

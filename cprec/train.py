@@ -7,7 +7,6 @@ resumes from the latest checkpoint; a finished run is not retrained.
 from __future__ import annotations
 
 import json
-import math
 import pathlib
 import time
 from typing import Any
@@ -26,6 +25,7 @@ from cprec.config import validate_config
 from cprec.data import SequenceDataset, load_dataset
 from cprec.errors import CprecError, WorkdirError
 from cprec.evaluate import eval_splits, evaluate_split, make_rank_fn, topk_latency_ms
+from cprec.jsonfile import write_json
 from cprec.factory import build_model, init_params, param_report, uncompressed_config
 from cprec.metric_writer import MetricWriter
 from cprec.metrics import popularity_ranks, rank_metrics
@@ -118,13 +118,6 @@ def _check_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDi
             )
 
 
-def _write_json(path: pathlib.Path, payload: dict) -> None:
-    """Atomic write: a crash never leaves a half-written file."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    tmp.replace(path)
-
-
 # Keys that may change when a run is resumed: derived numbers, and how often to log and checkpoint
 # (neither changes the results; a long run may want rarer logs or more frequent checkpoints).
 NOT_IDENTITY = ("report", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints")
@@ -171,7 +164,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     _print_report(report)
     # Written only once data and model are known good, so a failed start leaves no workdir behind.
     workdir.mkdir(parents=True, exist_ok=True)
-    _write_json(workdir / "config.json", {**json.loads(config.to_json_best_effort()), "report": report})
+    write_json(workdir / "config.json", {**json.loads(config.to_json_best_effort()), "report": report}, sort_keys=True)
 
     batcher = WindowBatcher(data.train, config.train.batch_size, config.seed)
     if config.train.num_steps > 0:
@@ -203,7 +196,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     finally:
         writer.close()
         ckpt.close()
-    _write_json(results_path, {"step": total_steps, "test": test, "report": report})
+    write_json(results_path, {"step": total_steps, "test": test, "report": report}, sort_keys=True)
     return test
 
 

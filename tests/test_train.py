@@ -1,7 +1,6 @@
 import json
 import os
 import pathlib
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import pytest
 
 from cprec.batching import WindowBatcher
 from cprec.data import load_dataset
-from cprec.errors import ConfigError, WorkdirError
+from cprec.errors import WorkdirError
 from cprec.factory import build_model, init_params
 from cprec.train import TrainingDiverged, make_optimizer, make_train_step, train_and_evaluate
 

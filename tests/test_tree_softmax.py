@@ -189,7 +189,6 @@ def test_top_k_trained_params_skips_clusters(trained, batch):
 @pytest.mark.parametrize("scale", [0.1, 1.0, 5.0])
 def test_cluster_bound_is_an_upper_bound(params, scale):
     """No item of a cluster has a higher within-cluster log-prob than the bound, for any row."""
-    module = _module()
     h = _h(64, seed=7, scale=3.0)
     p = jax.tree.map(lambda x: x * scale, params)["params"]
 

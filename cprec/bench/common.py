@@ -1,7 +1,6 @@
 """Timing helpers shared by the benchmarks."""
 from __future__ import annotations
 
-import json
 import pathlib
 import platform
 
@@ -9,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from cprec.allocator import keep_freed_memory
+from cprec.jsonfile import write_json
 from cprec.timing import median_seconds
 
 keep_freed_memory()  # benchmarks measure the same allocator setting as training runs
@@ -42,7 +42,4 @@ def device_info() -> dict[str, str]:
 
 
 def save_results(name: str, payload: dict) -> pathlib.Path:
-    RESULTS_DIR.mkdir(exist_ok=True)
-    path = RESULTS_DIR / f"{name}-{jax.devices()[0].platform}.json"
-    path.write_text(json.dumps({"device": device_info(), **payload}, indent=2))
-    return path
+    return write_json(RESULTS_DIR / f"{name}-{jax.devices()[0].platform}.json", {"device": device_info(), **payload})

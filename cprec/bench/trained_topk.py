@@ -11,7 +11,6 @@ early stop expanded. Saves bench_results/trained_topk-<run>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 
 import jax
@@ -20,7 +19,8 @@ from jax import lax
 
 from cprec.bench.common import RESULTS_DIR, device_info
 from cprec.bench.tree_softmax import compare_topk, load_average, timed
-from cprec.errors import CprecError
+from cprec.errors import CprecError, exit_on_user_error
+from cprec.jsonfile import write_json
 from cprec.model import NextItNet
 from cprec.pretrained import load_run
 
@@ -88,16 +88,12 @@ def bench_run(workdir: str, n: int, batches: list[int], repeats: int) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     args = _parser().parse_args(argv)
     load_start = load_average()
-    try:
+    with exit_on_user_error():
         res = bench_run(args.workdir, args.n, args.batches, args.repeats)
-    except CprecError as e:
-        raise SystemExit(f"error: {e}") from None
     res |= {"device": device_info(), "repeats": args.repeats,
             "load_average_start": load_start, "load_average_end": load_average()}
     out = pathlib.Path(args.out or RESULTS_DIR / f"trained_topk-{pathlib.Path(args.workdir).name}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1))
-    print(f"saved {out}")
+    print(f"saved {write_json(out, res)}")
     return res
 
 

@@ -25,7 +25,6 @@ Writes ``bench_results/tree_softmax.json`` at the repository root.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -37,6 +36,7 @@ import numpy as np
 from jax import lax
 
 from cprec.bench.common import RESULTS_DIR
+from cprec.jsonfile import write_json
 from cprec.clusters import cluster_token_capacities, resolve_cutoffs, resolve_ranks
 from cprec.tree_softmax import BlockwiseSoftmax
 from cprec.xent import row_xent
@@ -351,9 +351,7 @@ def main(argv: list[str] | None = None) -> dict:
            "training": training, "topk_cutoffs": topk_spec, "topk": topk}
     print_table(res)
     out = args.out or str(RESULTS_DIR / ("tree_softmax_topk.json" if args.topk_only else "tree_softmax.json"))
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(res, f, indent=1)
+    write_json(out, res)
     print(f"\nsaved {out}")
     return res
 
