@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
@@ -9,6 +10,9 @@ import numpy as np
 from cprec.metrics import rank_metrics
 from cprec.model import NextItNet, eval_ranks
 from cprec.timing import median_seconds
+
+if TYPE_CHECKING:
+    from cprec.data import SequenceDataset
 
 
 def make_rank_fn(model: NextItNet) -> Callable:
@@ -33,7 +37,7 @@ def eval_users(num_users: int, limit: int) -> np.ndarray:
     return np.sort(np.random.default_rng(0).choice(num_users, size=limit, replace=False))
 
 
-def eval_splits(data, num_users: int, verbose: bool = False) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def eval_splits(data: SequenceDataset, num_users: int, verbose: bool = False) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The validation and test (inputs, targets) to score: every user's, or the fixed subset of `num_users`."""
     splits = {"val": (data.val_inputs, data.val_targets), "test": (data.test_inputs, data.test_targets)}
     users = eval_users(len(data.test_targets), num_users)

@@ -25,8 +25,8 @@ from cprec.config import validate_config
 from cprec.data import SequenceDataset, load_dataset
 from cprec.errors import CprecError, WorkdirError
 from cprec.evaluate import eval_splits, evaluate_split, make_rank_fn, topk_latency_ms
-from cprec.jsonfile import write_json
 from cprec.factory import build_model, init_params, param_report, uncompressed_config
+from cprec.jsonfile import write_json
 from cprec.metric_writer import MetricWriter
 from cprec.metrics import popularity_ranks, rank_metrics
 from cprec.micro_batch import num_micro_batches
