@@ -36,8 +36,8 @@ import numpy as np
 from jax import lax
 
 from cprec.bench.common import RESULTS_DIR
-from cprec.jsonfile import write_json
 from cprec.clusters import cluster_token_capacities, resolve_cutoffs, resolve_ranks
+from cprec.jsonfile import write_json
 from cprec.tree_softmax import BlockwiseSoftmax
 from cprec.xent import row_xent
 
