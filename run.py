@@ -63,10 +63,10 @@ def _set_config_spec(argv: list[str], spec: str) -> list[str]:
 
 def main(argv: list[str]) -> int:
     from cprec.config import check_override_keys, load_config_file
-    from cprec.errors import CprecError
-    from cprec.sweep import split_spec
+    from cprec.errors import CprecError, exit_on_user_error
+    from cprec.sweep.expand import split_spec
 
-    try:
+    with exit_on_user_error():
         spec = _config_spec(argv)
         if spec is None and not any(a.split("=")[0] == "--summarize" for a in argv):
             raise CprecError("--config is required, e.g. --config experiments/nextitnet.py")
@@ -81,7 +81,7 @@ def main(argv: list[str]) -> int:
         except flags.Error as exc:
             raise CprecError(str(exc).splitlines()[0]) from None
         if _SUMMARIZE.value:
-            from cprec.summarize import summarize
+            from cprec.sweep.summarize import summarize
 
             summarize(_SUMMARIZE.value)
             return 0
@@ -94,14 +94,11 @@ def main(argv: list[str]) -> int:
         from cprec.train import train_and_evaluate
 
         train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except CprecError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     return 0
 
 
 def _sweep(spec: str, argv: list[str]) -> int:
-    from cprec import launch, sweep
+    from cprec.sweep import expand as sweep, launch
     from cprec.errors import CprecError
 
     if not _SWEEP.value:

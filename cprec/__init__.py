@@ -1,7 +1,9 @@
-"""cprec: CpRec compression of NextItNet sequential recommenders in JAX/Flax."""
-from cprec.embedding import BlockwiseEmbedding
-from cprec.full_softmax import FullSoftmax
-from cprec.model import NextItNet
-from cprec.tree_softmax import BlockwiseSoftmax
+"""cprec: CpRec compression of NextItNet sequential recommenders in JAX/Flax.
+
+Packages, each importing only those listed before it: ``model`` (NextItNet, CpRec's layers),
+``data`` (datasets), ``runtime`` (devices, checkpoints, allocator), ``eval`` (metrics,
+full-ranking evaluation, trained runs), ``train`` (the loop), ``sweep`` (sweeps and launchers).
+"""
+from cprec.model import BlockwiseEmbedding, BlockwiseSoftmax, FullSoftmax, NextItNet
 
 __all__ = ["BlockwiseEmbedding", "BlockwiseSoftmax", "FullSoftmax", "NextItNet"]

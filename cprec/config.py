@@ -14,7 +14,7 @@ import ml_collections
 
 from cprec.data.dataset import default_data_config
 from cprec.errors import ConfigError
-from cprec.sharing import SHARING_SCHEMES
+from cprec.model.sharing import SHARING_SCHEMES
 
 EMBEDDINGS = ("full", "blockwise")
 SOFTMAXES = ("full", "tree")
@@ -115,7 +115,9 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     for key in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
         if t[key] < 1:
             _fail(f"train.{key}", t[key], "must be >= 1")
-    metrics = [f"{m}@{k}" for k in e.ks for m in ("hr", "ndcg", "mrr")]
+    if len(e.ks) == 0 or any(int(k) < 1 for k in e.ks):
+        _fail("eval.ks", e.ks, "must be a non-empty tuple of positive cut-offs, e.g. '(5, 10, 20)'")
+    metrics = [f"{m}@{k}" for k in e.ks for m in ("hr", "ndcg", "mrr")]  # after eval.ks: they name the metrics
     _choice("train.select_metric", t.select_metric, metrics)
     _choice("optim.name", o.name, ("adam", "adamw", "sgd"))
     _choice("optim.schedule", o.schedule, ("constant", "cosine"))
@@ -125,19 +127,12 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         _fail("optim.weight_decay", o.weight_decay, "must be >= 0")
     if o.warmup_steps < 0:
         _fail("optim.warmup_steps", o.warmup_steps, "must be >= 0")
-    if len(e.ks) == 0 or any(int(k) < 1 for k in e.ks):
-        _fail("eval.ks", e.ks, "must be a non-empty tuple of positive cut-offs, e.g. '(5, 10, 20)'")
     if e.topk_n < 1 or any(int(b) < 1 for b in e.topk_batches):
         _fail("eval.topk_n", e.topk_n, "top-n size and eval.topk_batches must be >= 1")
     if e.batch_size < 1:
         _fail("eval.batch_size", e.batch_size, "must be >= 1")
     if e.num_users < 0:
         _fail("eval.num_users", e.num_users, "must be >= 0 (0 = every user)")
-
-
-def residual_dilations(c: ml_collections.ConfigDict) -> tuple[int, ...]:
-    """One dilation per residual block: model.dilations repeated model.num_blocks times."""
-    return tuple(int(r) for r in c.model.dilations) * int(c.model.num_blocks)
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -154,8 +149,23 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
             key, value = first, part
         if key not in defaults:
             raise ConfigError(f"config argument {key!r} is unknown; valid keys: {', '.join(defaults)}")
-        out[key] = type(defaults[key])(value)
+        out[key] = _convert(key, value, defaults[key])
     return out
+
+
+_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def _convert(key: str, value: str, default):
+    """``value`` as the type of ``default``; bool('False') would be True, so booleans are parsed strictly."""
+    if isinstance(default, bool):
+        if value.lower() not in _BOOLEANS:
+            raise ConfigError(f"config argument {key}={value!r} is not a boolean; use true or false")
+        return _BOOLEANS[value.lower()]
+    try:
+        return type(default)(value)
+    except ValueError:
+        raise ConfigError(f"config argument {key}={value!r} is not a valid {type(default).__name__}") from None
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:

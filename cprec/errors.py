@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
+
+# The exit status of every command-line entry point for a problem the user can fix (argparse's too).
+USER_ERROR_STATUS = 2
 
 
 class CprecError(Exception):
@@ -23,8 +27,10 @@ class WorkdirError(CprecError):
 
 @contextlib.contextmanager
 def exit_on_user_error() -> Iterator[None]:
-    """For command-line entry points: a CprecError ends the program with its one-line message."""
+    """For command-line entry points: a CprecError ends the program with ``error: <message>`` on
+    stderr and exit status 2 (``SystemExit.code``), the same for every command."""
     try:
         yield
     except CprecError as e:
-        raise SystemExit(f"error: {e}") from None
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(USER_ERROR_STATUS) from None

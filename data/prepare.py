@@ -17,7 +17,7 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from cprec.data import dataset, download  # noqa: E402
-from cprec.errors import CprecError  # noqa: E402
+from cprec.errors import exit_on_user_error  # noqa: E402
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg.name = args.name or ("recbole" if args.format == "recbole" else "csv" if args.path else "")
     if not cfg.name:
         _parser().error("give a dataset name, or --path FILE")
-    try:
+    with exit_on_user_error():
         if cfg.name in download.ARCHIVES and not cfg.path and not args.no_download:
             raw_dir = pathlib.Path(args.raw_dir)
             if raw_dir.resolve() != (dataset.REPO_ROOT / "data" / "raw").resolve():
@@ -51,9 +51,6 @@ def main(argv: list[str] | None = None) -> int:
             elif not any((dataset.REPO_ROOT / p).is_file() for p in dataset.DEFAULT_PATHS[cfg.name]):
                 download.download(cfg.name, raw_dir)
         data = dataset.load_dataset(cfg)
-    except CprecError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     m = data.meta
     print(
         f"{m['name']}: {m['num_users']:,} users, {m['num_items'] - 1:,} items (+1 padding), "

@@ -26,7 +26,7 @@ import ml_collections
 
 from cprec.config import base_config, parse_arg
 from cprec.errors import ConfigError
-from cprec.sharing import SHARING_SCHEMES
+from cprec.model.sharing import SHARING_SCHEMES
 from cprec.sweep import product, seeds
 from experiments.datasets import apply_dataset
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from cprec.clusters import (check_clusters, check_frequency_order, cluster_token_capacities,
+from cprec.model.clusters import (check_clusters, check_frequency_order, cluster_token_capacities,
                             resolve_cutoffs, resolve_ranks)
 from cprec.errors import ConfigError, DataError
 

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cprec.conv import causal_conv
+from cprec.model.conv import causal_conv
 
 
 @pytest.mark.parametrize("dilation,k", [(1, 3), (2, 3), (4, 3), (3, 2)])

@@ -11,8 +11,9 @@ import pytest
 from cprec.data import SequenceDataset, dataset, load_dataset, store
 from cprec.data.dataset import default_data_config, load_sequences
 from cprec.errors import ConfigError, DataError
+from tests.helpers import SHARED_DATA, user_error
 
-SHARED_ML100K = dataset.REPO_ROOT.parent / "shared" / "data" / "ml-100k" / "ml-100k.inter"
+SHARED_ML100K = SHARED_DATA / "ml-100k" / "ml-100k.inter"
 
 
 def _csv(tmp_path, users=30, per_user=12, seed=0) -> pathlib.Path:
@@ -155,13 +156,14 @@ def test_missing_default_file_says_how_to_download(tmp_path, monkeypatch):
     monkeypatch.setattr(dataset, "REPO_ROOT", tmp_path / "repo")
     message = _message(DataError, load_dataset, _cfg(name="ml-1m"), tmp_path, False)
     assert "ratings.dat not found" in message and "python data/prepare.py ml-1m" in message
+    monkeypatch.setenv(dataset.DATA_PATH_VAR, str(tmp_path / "datasets"))
     message = _message(DataError, load_dataset, _cfg(name="ml-100k"), tmp_path, False)
-    assert "u.data not found" in message and "ml-100k.inter" in message
+    assert "u.data not found" in message and str(tmp_path / "datasets" / "ml-100k" / "ml-100k.inter") in message
     message = _message(DataError, load_dataset, _cfg(tmp_path / "nope.csv"), tmp_path, False)
     assert "nope.csv not found; check data.path" in message
 
 
-def test_ml100k_default_falls_back_to_recbole_file(tmp_path, monkeypatch):
+def test_ml100k_default_falls_back_to_a_recbole_file_on_the_data_path(tmp_path, monkeypatch):
     repo = tmp_path / "repo"
     repo.mkdir()
     shared = tmp_path / "shared" / "data" / "ml-100k"
@@ -169,6 +171,10 @@ def test_ml100k_default_falls_back_to_recbole_file(tmp_path, monkeypatch):
     rows = "".join(f"{u}\t{i}\t3\t{u * 100 + i}\n" for u in range(1, 5) for i in range(1, 6))
     (shared / "ml-100k.inter").write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n" + rows)
     monkeypatch.setattr(dataset, "REPO_ROOT", repo)
+    monkeypatch.delenv(dataset.DATA_PATH_VAR, raising=False)
+    with pytest.raises(DataError, match="u.data not found"):  # the library knows no development paths
+        load_dataset(_cfg(name="ml-100k"), cache_root=tmp_path / "cache", verbose=False)
+    monkeypatch.setenv(dataset.DATA_PATH_VAR, f"{tmp_path / 'empty'}{os.pathsep}{tmp_path / 'shared' / 'data'}")
     data = load_dataset(_cfg(name="ml-100k"), cache_root=tmp_path / "cache", verbose=False)
     assert data.meta["format"] == "recbole" and data.meta["num_users"] == 4
     (repo / "data" / "raw" / "ml-100k").mkdir(parents=True)
@@ -213,13 +219,13 @@ def test_prepare_cli_summary_and_errors(tmp_path, capsys):
     assert cli.main(argv + ["--cache-dir", str(tmp_path / "c"), "--max-len", "4"]) == 0
     out = capsys.readouterr().out
     assert "csv: 30 users" in out and "training windows of 5" in out and str(tmp_path / "c") in out
-    assert cli.main(["--path", str(path), "--cache-dir", str(tmp_path / "c")]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "no column 'user_id'" in err and err.count("\n") == 1
+    err = user_error(capsys, cli.main, ["--path", str(path), "--cache-dir", str(tmp_path / "c")])
+    assert "no column 'user_id'" in err
 
 
 @pytest.mark.skipif(not SHARED_ML100K.is_file(), reason="needs ../shared/data/ml-100k")
-def test_ml100k_shared(tmp_path):
+def test_ml100k_shared(tmp_path, monkeypatch):
+    monkeypatch.setenv(dataset.DATA_PATH_VAR, str(SHARED_DATA))
     cfg = _cfg(name="ml-100k", max_len=50, min_user_count=5, min_item_count=5)
     data = load_dataset(cfg, cache_root=tmp_path, verbose=False)
     assert data.meta["num_users"] == 943 and data.num_items - 1 <= 1682

@@ -3,7 +3,7 @@ import json
 
 import numpy as np
 
-from cprec.evaluate import eval_users
+from cprec.eval.evaluate import eval_users
 from cprec.train import train_and_evaluate
 
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from cprec.metrics import popularity_ranks, rank_metrics
+from cprec.eval.metrics import popularity_ranks, rank_metrics
 
 
 def test_rank_metrics_hand_computed():

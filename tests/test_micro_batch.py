@@ -4,13 +4,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cprec.batching import WindowBatcher
+from cprec.train.batching import WindowBatcher
 from cprec.config import base_config
 from cprec.data import load_dataset
 from cprec.errors import ConfigError
-from cprec.factory import build_model, init_params
-from cprec.micro_batch import micro_batch_rows, num_micro_batches
-from cprec.train import make_optimizer, make_train_step
+from cprec.model.builder import build_model, init_params
+from cprec.train.micro_batch import micro_batch_rows, num_micro_batches
+from cprec.train import make_optimizer, make_train_step, new_train_state
 
 
 @pytest.mark.parametrize("layers", [{}, {"embedding": "blockwise", "softmax": "tree", "cutoffs": (20, 40)}])
@@ -24,7 +24,7 @@ def test_micro_batched_step_equals_the_whole_batch_step(tiny, layers):
     batch = jnp.asarray(WindowBatcher(data.train, config.train.batch_size, 0).batch(0))
     results = []
     for micro in (1, 4, 16):
-        state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+        state = new_train_state(params, tx)
         state, metrics = make_train_step(model, tx, 0, micro)(jax.tree.map(jnp.copy, state), batch)
         results.append((jax.device_get(state["params"]), jax.device_get(metrics)))
     (p1, m1) = results[0]

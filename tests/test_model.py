@@ -3,8 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cprec.model import NextItNet, ResidualStack, eval_ranks
-from cprec.sharing import SHARING_SCHEMES, conv_sharing_index
+from cprec.model.nextitnet import NextItNet, ResidualStack, eval_ranks
+from cprec.model.sharing import SHARING_SCHEMES, conv_sharing_index
 
 V, D = 40, 8
 DILATIONS = (1, 2, 1, 4)
@@ -102,7 +102,7 @@ def test_eval_ranks_exclude_padding_and_count_strictly_better():
 
 
 def test_full_softmax_loss_gradient_matches_plain_log_softmax():
-    from cprec.full_softmax import FullSoftmax
+    from cprec.model.full_softmax import FullSoftmax
 
     head = FullSoftmax(D, V)
     h = jax.random.normal(jax.random.PRNGKey(0), (20, D))
@@ -121,3 +121,27 @@ def test_full_softmax_loss_gradient_matches_plain_log_softmax():
     np.testing.assert_allclose(fused(params, h), plain(params, h), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(jax.grad(fused, (0, 1))(params, h)), jax.tree.leaves(jax.grad(plain, (0, 1))(params, h))):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("softmax", ["full", "tree"])
+def test_output_layers_share_one_interface(softmax):
+    from cprec.model import OutputLayer
+    from cprec.model.full_softmax import FullSoftmax
+    from cprec.model.tree_softmax import BlockwiseSoftmax
+
+    kw = {"softmax": softmax, "cutoffs": (10, 25, V), "ranks": (D, 4, 2)} if softmax == "tree" else {}
+    model = _model(**kw)
+    params = _params(model)
+    x = _seq()
+    layer = (BlockwiseSoftmax(D, V, (10, 25, V), (D, 4, 2)) if softmax == "tree" else FullSoftmax(D, V))
+    assert isinstance(layer, OutputLayer)
+    stats = model.apply({"params": params}, method=NextItNet.serving_stats)
+    scores, ids, expanded = model.apply({"params": params}, x, 5, stats, method=NextItNet.top_k)
+    assert scores.shape == ids.shape == (3, 5) and ids.dtype == jnp.int32 and expanded.dtype == jnp.bool_
+    assert expanded.shape == (3, 2 if softmax == "tree" else 0)
+    full = model.apply({"params": params}, x, method=NextItNet.last_log_prob)
+    want_scores, want_ids = jax.lax.top_k(full.at[:, 0].set(-jnp.inf), 5)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-5)
+    _, count = model.apply({"params": params}, x[:, :-1], x[:, 1:], method=NextItNet.loss)
+    assert count.dtype == jnp.int32 and int(count) == 3 * 11

@@ -1,23 +1,23 @@
 """A trained run loads back from its workdir; scoring its saved parameters; the trained-model top-k bench."""
 import json
+import re
 import shutil
 
 import jax
 import numpy as np
 import pytest
 
-from cprec import eval_run
+from cprec.eval import eval_run
 from cprec.bench import trained_topk
 from cprec.errors import WorkdirError
-from cprec.evaluate import evaluate_split, make_rank_fn
-from cprec.pretrained import load_run
+from cprec.eval.evaluate import evaluate_split, make_rank_fn
+from cprec.eval.pretrained import load_run
 from cprec.train import train_and_evaluate
+from tests.helpers import tiny_config, user_error
 
 
 @pytest.fixture(scope="module")
 def tree_run(tmp_path_factory):
-    from tests.conftest import tiny_config
-
     base = tmp_path_factory.mktemp("pretrained")
     config = tiny_config(base / "cache", embedding="blockwise", softmax="tree", cutoffs=(20, 40))
     test = train_and_evaluate(config, base / "run")
@@ -30,6 +30,7 @@ def test_load_run_reproduces_the_test_metrics(tree_run):
     assert run.source == "best"
     assert run.step == int(next((workdir / "best").iterdir()).name)
     assert run.model.softmax == "tree" and run.model.cutoffs[:2] == (20, 40)
+    assert run.model.capacities is None  # a training concern: the loaded model does not depend on the training machine
     again = evaluate_split(make_rank_fn(run.model), run.params, run.data.test_inputs, run.data.test_targets,
                            config.eval.batch_size, config.eval.ks)
     for key, value in again.items():
@@ -70,10 +71,9 @@ def test_trained_topk_bench_matches_the_full_ranking(tree_run, tmp_path, capsys)
     assert "identical True" in capsys.readouterr().out
 
 
-def test_trained_topk_bench_refuses_a_full_softmax_run(tmp_path, tiny):
+def test_trained_topk_bench_refuses_a_full_softmax_run(tmp_path, tiny, capsys):
     train_and_evaluate(tiny(), tmp_path / "full")
-    with pytest.raises(SystemExit, match="trained a full softmax"):
-        trained_topk.main([str(tmp_path / "full"), "--repeats", "1"])
+    assert "trained a full softmax" in user_error(capsys, trained_topk.main, [str(tmp_path / "full"), "--repeats", "1"])
 
 
 def test_eval_run_scores_saved_parameters_like_training(tree_run, tmp_path, capsys):
@@ -91,10 +91,10 @@ def test_eval_run_scores_saved_parameters_like_training(tree_run, tmp_path, caps
     assert "test (" in capsys.readouterr().out
 
 
-def test_eval_run_errors(tree_run, tmp_path):
-    with pytest.raises(SystemExit, match=r"checkpoints has no step 7; its kept steps are .*12"):
-        eval_run.main([str(tree_run[0]), "--source", "checkpoints", "--step", "7", "--out", str(tmp_path / "e.json")])
-    with pytest.raises(SystemExit, match="config.json does not exist"):
-        eval_run.main([str(tmp_path)])
+def test_eval_run_errors(tree_run, tmp_path, capsys):
+    err = user_error(capsys, eval_run.main, [str(tree_run[0]), "--source", "checkpoints", "--step", "7",
+                                             "--out", str(tmp_path / "e.json")])
+    assert re.search(r"checkpoints has no step 7; its kept steps are .*12", err)
+    assert "config.json does not exist" in user_error(capsys, eval_run.main, [str(tmp_path)])
     with pytest.raises(WorkdirError, match="checkpoint source 'latest' is unknown; valid choices: best, checkpoints"):
         load_run(tree_run[0], source="latest")

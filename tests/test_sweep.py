@@ -12,15 +12,15 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from cprec import launch, sweep
+from cprec.sweep import expand as sweep, launch
 from cprec.errors import ConfigError, CprecError
-from cprec.sweep import expand, product, seeds, slug, zip_
+from cprec.sweep.expand import expand, product, seeds, slug, zip_
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 TINY = """\
 from cprec.config import base_config
-from cprec.sweep import product, seeds, zip_
+from cprec.sweep.expand import product, seeds, zip_
 
 
 def get_config(arg=None):

@@ -10,11 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cprec.batching import WindowBatcher
+from cprec.train.batching import WindowBatcher
 from cprec.data import load_dataset
-from cprec.errors import WorkdirError
-from cprec.factory import build_model, init_params
-from cprec.train import TrainingDiverged, make_optimizer, make_train_step, train_and_evaluate
+from cprec.errors import DataError, WorkdirError
+from cprec.model.builder import build_model, init_params
+from cprec.train import TrainingDiverged, make_optimizer, make_train_step, new_train_state, train_and_evaluate
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -30,7 +30,7 @@ def test_train_step_compiles_once(tiny, micro_batches):
     model = build_model(config, data.item_counts)
     tx = make_optimizer(config, 10)
     params = init_params(model, 0)
-    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    state = new_train_state(params, tx)
     step = make_train_step(model, tx, 0, micro_batches)
     batcher = WindowBatcher(data.train, config.train.batch_size, 0)
     for i in range(3 * batcher.steps_per_epoch):  # crosses epochs and their padded last batches
@@ -45,8 +45,9 @@ def test_batches_depend_only_on_step():
     for step in (0, 3, 4, 9, 4):
         np.testing.assert_array_equal(a.batch(step), b.batch(step))
     epoch = np.concatenate([a.batch(s) for s in range(a.steps_per_epoch)])
-    real = epoch[epoch[:, 0] >= 0]
-    assert sorted(map(tuple, real[np.any(real != 0, axis=1) | (real[:, 1] == 1)])) == sorted(map(tuple, windows))
+    padding = np.all(epoch == 0, axis=1)  # every window here has a non-zero id (the first is 0, 1, 2)
+    assert padding.sum() == a.steps_per_epoch * 16 - len(windows)  # only the last batch is filled up
+    assert sorted(map(tuple, epoch[~padding])) == sorted(map(tuple, windows))  # each window once per epoch
 
 
 def test_train_and_evaluate_outputs_and_no_retrain(tiny, tmp_path, capsys):
@@ -113,19 +114,43 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):
     config.train.num_steps, config.train.log_every, config.train.checkpoint_every = 40, 1, 1
     with pytest.raises(TrainingDiverged, match="loss became .* last good checkpoint"):
         train_and_evaluate(config, workdir)
-    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert not (workdir / "results.json").exists()
-    if steps:  # every kept checkpoint holds finite parameters
-        from cprec.checkpointing import Checkpointer
+    _assert_finite_checkpoints(config, workdir, at_least=1)
 
-        ckpt = Checkpointer(workdir, 2)
-        data = load_dataset(config.data, verbose=False)
-        params = init_params(build_model(config, data.item_counts), 0)
-        tx = make_optimizer(config, 1)
-        like = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
-        restored = ckpt.restore(steps[-1], like)
+
+def test_nan_guard_runs_before_a_checkpoint_between_log_steps(tiny, tmp_path, monkeypatch):
+    # The state turns NaN in step 5; step 6 is a checkpoint step but not a log step (every 7).
+    config = tiny()
+    config.train.num_steps, config.train.log_every, config.train.checkpoint_every, config.train.eval_every = 12, 7, 2, 100
+    config.train.keep_checkpoints = 5
+
+    def poison(state, metrics):
+        if int(jax.device_get(state["step"])) >= 5:
+            state = {**state, "params": jax.tree.map(lambda x: x * jnp.nan, state["params"])}
+            metrics = {**metrics, "loss": metrics["loss"] * jnp.nan}
+        return state, metrics
+
+    _wrap_train_step(monkeypatch, after=poison)
+    with pytest.raises(TrainingDiverged, match="loss became nan at or before step 6"):
+        train_and_evaluate(config, tmp_path / "run")
+    assert _assert_finite_checkpoints(config, tmp_path / "run", at_least=2) == [2, 4]
+
+
+def _assert_finite_checkpoints(config, workdir, at_least: int) -> list[int]:
+    from cprec.runtime.checkpointing import Checkpointer
+
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert len(steps) >= at_least, steps
+    data = load_dataset(config.data, verbose=False)
+    like = new_train_state(init_params(build_model(config, data.item_counts), 0), make_optimizer(config, 1))
+    ckpt = Checkpointer(workdir, 2)
+    try:
+        for step in steps:
+            restored = ckpt.restore(step, like)
+            assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(restored["params"])), step
+    finally:
         ckpt.close()
-        assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(restored["params"]))
+    return steps
 
 
 def _run_cli(args, **kw):
@@ -153,6 +178,7 @@ def _tiny_flags(cache):
         ("--config.model.sharing=foo", "valid choices: none, cross_layer"),
         ("--config.train.micro_batch_size=-1", "config.train.micro_batch_size=-1 is invalid: must be >= 0"),
         ("--config.train.micro_batch_size=5", "micro_batch_size=5 does not divide the 16 rows"),
+        ("--config.eval.ks=(0,)", "config.eval.ks=(0,) is invalid: must be a non-empty tuple of positive cut-offs"),
     ],
 )
 def test_cli_bad_config_is_one_line(tmp_path, override, message):
@@ -161,6 +187,15 @@ def test_cli_bad_config_is_one_line(tmp_path, override, message):
     assert result.stderr.strip().count("\n") == 0, result.stderr
     assert message in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_workdir_that_is_a_file_is_one_line(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("keep me")
+    result = _run_cli([*_tiny_flags(tmp_path / "cache"), f"--workdir={path}"])
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert f"--workdir {path} is a file, not a directory" in result.stderr
+    assert path.read_text() == "keep me"
 
 
 def test_killed_run_resumes_to_the_same_metrics(tmp_path):
@@ -196,7 +231,7 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path):
 def test_failed_start_leaves_no_workdir(tiny, tmp_path):
     config = tiny()
     config.data.name, config.data.path = "csv", str(tmp_path / "missing.csv")
-    with pytest.raises(Exception, match="missing.csv"):
+    with pytest.raises(DataError, match="missing.csv"):
         train_and_evaluate(config, tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
@@ -213,3 +248,61 @@ def test_compression_report_is_saved(tiny, tmp_path):
     assert report["params/compression_ratio"] > 1.5
     first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["params/total"] == parts
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _wrap_train_step(monkeypatch, before=None, after=None) -> None:
+    """Runs ``before(state)`` ahead of and ``after(state, metrics)`` behind every jitted train step of the next runs."""
+    import cprec.train.loop as loop
+
+    real = loop.make_train_step
+
+    def make(*args, **kwargs):
+        step = real(*args, **kwargs)
+
+        def wrapped(state, batch):
+            if before:
+                before(state)
+            out = step(state, batch)
+            return after(*out) if after else out
+        return wrapped
+
+    monkeypatch.setattr(loop, "make_train_step", make)
+
+
+def _interrupted_after(monkeypatch, steps: int) -> None:
+    """Makes the next run stop (as if killed) before its step number ``steps`` + 1, with every save finished."""
+    def stop(state):
+        if int(jax.device_get(state["step"])) >= steps:
+            raise _Interrupt
+
+    _wrap_train_step(monkeypatch, before=stop)
+
+
+def _validated_steps(workdir):
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [line["step"] for line in lines if "val/ndcg@10" in line], [line["step"] for line in lines if "train/loss" in line]
+
+
+@pytest.mark.parametrize("stop_at,eval_every", [(11, 6), (5, 1)])
+def test_a_resumed_run_does_what_an_uninterrupted_one_does(tiny, tmp_path, monkeypatch, stop_at, eval_every):
+    # (11, 6): resumed one step before the end, whose first step is the last; it must still validate,
+    # checkpoint and select. (5, 1): validation every step, the first after the resume included.
+    config = tiny()
+    config.train.eval_every, config.train.checkpoint_every, config.train.log_every = eval_every, 1, 1
+    whole = train_and_evaluate(config, tmp_path / "whole")
+    with monkeypatch.context() as m:
+        _interrupted_after(m, stop_at)
+        with pytest.raises(_Interrupt):
+            train_and_evaluate(config, tmp_path / "resumed")
+    assert not (tmp_path / "resumed" / "results.json").exists()
+    resumed = train_and_evaluate(config, tmp_path / "resumed")
+    assert _validated_steps(tmp_path / "resumed") == _validated_steps(tmp_path / "whole")
+    results = [json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[-1]) for run in ("whole", "resumed")]
+    assert results[0]["test/selected_step"] == results[1]["test/selected_step"]
+    assert sorted(int(p.name) for p in (tmp_path / "resumed" / "checkpoints").iterdir() if p.name.isdigit())[-1] == 12
+    for key in whole:
+        assert resumed[key] == pytest.approx(whole[key], rel=1e-6, abs=1e-9), key

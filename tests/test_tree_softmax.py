@@ -7,7 +7,7 @@ import pytest
 from jax import lax
 
 from cprec.errors import ConfigError
-from cprec.tree_softmax import BlockwiseSoftmax, _cluster_bound, tree_cluster_stats
+from cprec.model.tree_softmax import BlockwiseSoftmax, _cluster_bound, tree_cluster_stats
 
 V, D = 60, 16
 CUTOFFS, RANKS = (12, 24, 40, 60), (16, 4, 2, 1)
@@ -120,7 +120,8 @@ def test_loss_flattens_leading_dims_and_handles_empty_mask(params):
 
 def _assert_topk_matches(scores, ids, lp, n):
     """Exact top-n up to ties: same scores, and the returned ids really score that."""
-    scores, ids, lp = np.asarray(scores), np.asarray(ids), np.asarray(lp)
+    scores, ids, lp = np.asarray(scores), np.asarray(ids), np.array(lp)
+    lp[:, 0] = -np.inf  # padding is never recommended
     ref_s, ref_i = (np.asarray(x) for x in lax.top_k(jnp.asarray(lp), n))
     np.testing.assert_allclose(scores, ref_s, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.take_along_axis(lp, ids, axis=1), scores, rtol=1e-5, atol=1e-5)
@@ -288,7 +289,7 @@ def test_invalid_config(kwargs, key):
 @pytest.fixture
 def force_blocks(monkeypatch):
     """Route every tail cluster through the column-blocked paths used for big clusters."""
-    import cprec.xent as xent
+    import cprec.model.xent as xent
     monkeypatch.setattr(xent, "_BLOCK_MIN_ELEMENTS", 0)
     monkeypatch.setattr(xent, "_BLOCK_RANGE", (8, 8))  # clusters of 12, 16, 20 ids: partial blocks too
 
@@ -319,9 +320,62 @@ def test_blocked_paths_match_reference(params, force_blocks):
 
 
 def test_grouped_top_n_equals_lax_top_k():
-    from cprec.tree_softmax import _top_n
+    from cprec.model.tree_softmax import _top_n
     x = jnp.asarray(np.random.default_rng(10).normal(size=(3, 16 * 40 + 7)), jnp.float32)  # a ragged last group
     vals, ids = jax.jit(_top_n, static_argnums=1)(x, 5)
     ref_vals, ref_ids = lax.top_k(x, 5)
     np.testing.assert_array_equal(vals, ref_vals)
     np.testing.assert_array_equal(ids, ref_ids)
+
+
+def _numpy_top_n(lp: np.ndarray, n: int, exclude: np.ndarray) -> np.ndarray:
+    """Reference: the n best real items of each row, excluded ids and padding removed (a full sort)."""
+    lp = lp.copy()
+    lp[:, 0] = -np.inf
+    for r, row in enumerate(exclude):
+        lp[r, row[row >= 0]] = -np.inf
+    return np.sort(lp, axis=1)[:, ::-1][:, :n]
+
+
+@pytest.mark.parametrize("n", [3, 15])
+def test_recommend_with_exclusions_stays_exact(params, n):
+    module = _module()
+    h = _h(6, seed=11, scale=3.0)
+    lp = np.asarray(module.apply(params, h))
+    ref_top = np.argsort(-lp, axis=1)
+    # Each row excludes its own current best items across head and tail clusters, plus fillers (-1).
+    exclude = np.full((6, 9), -1, np.int32)
+    for r in range(6):
+        exclude[r, : 2 + r] = ref_top[r, : 2 + r]
+    exclude[5, 7:] = [13, 59]  # ids of two tail clusters, whatever their rank
+    stats = module.apply(params, method=module.cluster_stats)
+    scores, ids, expanded, exact = jax.jit(lambda p, s, h, e: module.apply(p, h, n, s, e, method=module.recommend))(
+        params, stats, h, jnp.asarray(exclude))
+    scores, ids = np.asarray(scores), np.asarray(ids)
+    assert np.all(np.asarray(exact))
+    np.testing.assert_allclose(scores, _numpy_top_n(lp, n, exclude), rtol=1e-5, atol=1e-5)
+    for r in range(6):
+        assert not set(ids[r]) & set(exclude[r][exclude[r] >= 0]) and 0 not in ids[r]
+    np.testing.assert_allclose(np.take_along_axis(lp, ids, axis=1), scores, rtol=1e-5, atol=1e-5)
+
+
+def test_cluster_budget_bounds_the_work_and_says_when_it_cut(params):
+    module = _module()
+    h = _h(16, seed=12, scale=0.2)  # flat contexts: most clusters' tokens beat the n-th head item
+    n = 15  # more than the head's 11 real items: every row needs at least one tail cluster
+    lp = np.asarray(module.apply(params, h))
+    stats = module.apply(params, method=module.cluster_stats)
+    run = jax.jit(lambda p, s, h, b: module.apply(p, h, n, s, None, b, method=module.recommend))
+    full_s, full_i, full_exp, full_exact = run(params, stats, h, jnp.full((16,), N_TAIL, jnp.int32))
+    assert np.all(np.asarray(full_exact)) and np.asarray(full_exp).sum(axis=1).max() >= 2
+    np.testing.assert_allclose(full_s, _numpy_top_n(lp, n, np.full((16, 1), -1)), rtol=1e-5, atol=1e-5)
+    budget = np.arange(16) % (N_TAIL + 1)  # 0, 1, 2, 3 clusters
+    s, i, expanded, exact = (np.asarray(x) for x in run(params, stats, h, jnp.asarray(budget, jnp.int32)))
+    assert np.all(expanded.sum(axis=1) <= budget)
+    # A row is exact iff its budgeted list equals the exact one; a cut row is never reported exact.
+    same = np.all(np.isclose(s, np.asarray(full_s), rtol=1e-5, atol=1e-5), axis=1)
+    assert np.all(same[exact]) and not np.all(exact)
+    assert np.all(exact[budget == N_TAIL])
+    # Whatever the budget, the returned scores are the items' true log-probs.
+    finite = np.isfinite(s)
+    np.testing.assert_allclose(np.take_along_axis(lp, np.maximum(i, 0), axis=1)[finite], s[finite], rtol=1e-5, atol=1e-5)

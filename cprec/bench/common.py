@@ -7,7 +7,7 @@ import platform
 import jax
 import jax.numpy as jnp
 
-from cprec.allocator import keep_freed_memory
+from cprec.runtime.allocator import keep_freed_memory
 from cprec.jsonfile import write_json
 from cprec.timing import median_seconds
 

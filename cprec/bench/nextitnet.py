@@ -18,15 +18,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cprec.batching import WindowBatcher
+from cprec.train.batching import WindowBatcher
 from cprec.bench.common import compiled_flops, matmul_peak_flops, save_results
 from cprec.config import base_config
 from cprec.data import load_dataset
-from cprec.factory import build_model, init_params
-from cprec.micro_batch import num_micro_batches
-from cprec.model import target_mask
+from cprec.model.builder import build_model, init_params
+from cprec.train.micro_batch import num_micro_batches
+from cprec.model.nextitnet import target_mask
 from cprec.timing import median_seconds
-from cprec.train import make_optimizer, make_train_step
+from cprec.train import make_optimizer, make_train_step, new_train_state
 
 _WHOLE = "whole"
 
@@ -43,7 +43,7 @@ def bench_dim(config, data, dim: int, micro_batch_size: int, steps: int, repeats
     batcher = WindowBatcher(data.train, config.train.batch_size, 0)
     batches = [jnp.asarray(batcher.batch(i)) for i in range(steps)]
     tokens = float(sum(int(target_mask(np.asarray(b)[:, :-1], np.asarray(b)[:, 1:]).sum()) for b in batches))
-    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    state = new_train_state(params, tx)
     # XLA's cost analysis counts a loop body once, so the FLOPs come from the unsplit step: the
     # same arithmetic as the micro-batched one.
     flops_per_step = compiled_flops(make_train_step(model, tx, 0, 1), state, batches[0])

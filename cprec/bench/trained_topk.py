@@ -21,8 +21,8 @@ from cprec.bench.common import RESULTS_DIR, device_info
 from cprec.bench.tree_softmax import compare_topk, load_average, timed
 from cprec.errors import CprecError, exit_on_user_error
 from cprec.jsonfile import write_json
-from cprec.model import NextItNet
-from cprec.pretrained import load_run
+from cprec.model.nextitnet import NextItNet
+from cprec.eval.pretrained import load_run
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -36,10 +36,10 @@ import numpy as np
 from jax import lax
 
 from cprec.bench.common import RESULTS_DIR
-from cprec.clusters import cluster_token_capacities, resolve_cutoffs, resolve_ranks
+from cprec.model.clusters import cluster_token_capacities, resolve_cutoffs, resolve_ranks
 from cprec.jsonfile import write_json
-from cprec.tree_softmax import BlockwiseSoftmax
-from cprec.xent import row_xent
+from cprec.model.tree_softmax import BlockwiseSoftmax
+from cprec.model.xent import row_xent
 
 DEFAULT_CUTOFFS = (
     "20000,200000",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import os
 import pathlib
 import time
 
@@ -20,7 +21,7 @@ SYNTHETIC_FIELDS = ("num_users", "num_items", "mean_len", "num_topics", "zipf_a"
 
 # Default raw files per dataset, repo-root relative, tried in order.
 DEFAULT_PATHS = {
-    "ml-100k": ("data/raw/ml-100k/u.data", "../shared/data/ml-100k/ml-100k.inter"),
+    "ml-100k": ("data/raw/ml-100k/u.data",),
     "ml-1m": ("data/raw/ml-1m/ratings.dat",),
     "ml-20m": ("data/raw/ml-20m/ratings.csv",),
     "ml-latest": ("data/raw/ml-latest/ratings.csv",),
@@ -167,7 +168,7 @@ def find_raw_file(data_cfg: ml_collections.ConfigDict) -> pathlib.Path:
         if not path.is_file():
             raise DataError(f"data file {path} not found; check data.path")
         return path
-    candidates = [REPO_ROOT / p for p in DEFAULT_PATHS[data_cfg.name]]
+    candidates = [REPO_ROOT / p for p in DEFAULT_PATHS[data_cfg.name]] + data_path_files(data_cfg.name)
     for path in candidates:
         if path.is_file():
             return path
@@ -176,6 +177,17 @@ def find_raw_file(data_cfg: ml_collections.ConfigDict) -> pathlib.Path:
         f"data file {_show(candidates[0])} not found{also}; "
         f"run `python data/prepare.py {data_cfg.name}` to download it"
     )
+
+
+# Folders of datasets shared between projects (os.pathsep-separated), searched after data/raw/:
+# <folder>/<name>/<name>.inter, a RecBole atomic file, e.g. CPREC_DATA_PATH=/datasets.
+DATA_PATH_VAR = "CPREC_DATA_PATH"
+
+
+def data_path_files(name: str) -> list[pathlib.Path]:
+    """The RecBole files of dataset ``name`` in the folders of $CPREC_DATA_PATH, in order."""
+    folders = [f for f in os.environ.get(DATA_PATH_VAR, "").split(os.pathsep) if f]
+    return [pathlib.Path(f).expanduser() / name / f"{name}.inter" for f in folders]
 
 
 def _show(path: pathlib.Path) -> str:
@@ -187,11 +199,11 @@ def _show(path: pathlib.Path) -> str:
 
 
 def infer_format(name: str, path: pathlib.Path) -> str:
-    """Format from the dataset name, else from the file name."""
-    if name in _NAME_FORMAT:
-        return _NAME_FORMAT[name]
+    """Format from the file's RecBole suffix, else the dataset name, else the file name."""
     if name == "recbole" or path.suffix == ".inter":
         return "recbole"
+    if name in _NAME_FORMAT:
+        return _NAME_FORMAT[name]
     if path.name == "u.data":
         return "movielens-100k"
     if path.suffix == ".dat":

@@ -6,39 +6,47 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from cprec.clusters import check_frequency_order, cluster_token_capacities, resolve_cutoffs, resolve_ranks
-from cprec.config import residual_dilations
 from cprec.errors import ConfigError
-from cprec.micro_batch import micro_batch_rows
-from cprec.model import NextItNet
+from cprec.model.clusters import check_frequency_order, resolve_cutoffs, resolve_ranks
+from cprec.model.nextitnet import NextItNet
 
 
-def build_model(config: ml_collections.ConfigDict, item_counts: np.ndarray) -> NextItNet:
-    """NextItNet for `config.model` over the V = len(item_counts) frequency-ordered ids."""
+def residual_dilations(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """One dilation per residual block: model.dilations repeated model.num_blocks times."""
+    return tuple(int(r) for r in config.model.dilations) * int(config.model.num_blocks)
+
+
+def model_clusters(config: ml_collections.ConfigDict, item_counts: np.ndarray) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The (cutoffs, ranks) of ``config.model`` over these frequency-ordered counts; () for an uncompressed model."""
     m = config.model
     num_items = len(item_counts)
-    compressed = m.embedding == "blockwise" or m.softmax == "tree"
-    cutoffs: tuple[int, ...] = ()
-    ranks: tuple[int, ...] = ()
-    capacities = None
-    if compressed:
-        if len(m.cutoffs) == 0:
-            raise ConfigError(
-                "config.model.cutoffs is empty; the block-wise embedding and the tree softmax need cluster "
-                "cutoffs, e.g. --config.model.cutoffs='(0.1, 0.4)'"
-            )
-        check_frequency_order(item_counts)
-        cutoffs = resolve_cutoffs(tuple(m.cutoffs), num_items)
-        rank_spec = tuple(int(r) for r in m.ranks) if len(m.ranks) else int(m.rank_decay)
-        ranks = resolve_ranks(rank_spec, m.dim, len(cutoffs))
-        if m.softmax == "tree":
-            if len(cutoffs) < 2:
-                raise ConfigError("config.model.cutoffs gives no tail cluster; the tree softmax needs at least one")
-            # Capacities are per loss call: one micro-batch of every device's rows.
-            tokens = micro_batch_rows(config, num_items=num_items) * jax.device_count() * config.data.max_len
-            capacities = cluster_token_capacities(item_counts, cutoffs, tokens, m.capacity_margin)
+    if not (m.embedding == "blockwise" or m.softmax == "tree"):
+        return (), ()
+    if len(m.cutoffs) == 0:
+        raise ConfigError(
+            "config.model.cutoffs is empty; the block-wise embedding and the tree softmax need cluster "
+            "cutoffs, e.g. --config.model.cutoffs='(0.1, 0.4)'"
+        )
+    check_frequency_order(item_counts)
+    cutoffs = resolve_cutoffs(tuple(m.cutoffs), num_items)
+    rank_spec = tuple(int(r) for r in m.ranks) if len(m.ranks) else int(m.rank_decay)
+    ranks = resolve_ranks(rank_spec, m.dim, len(cutoffs))
+    if m.softmax == "tree" and len(cutoffs) < 2:
+        raise ConfigError("config.model.cutoffs gives no tail cluster; the tree softmax needs at least one")
+    return cutoffs, ranks
+
+
+def build_model(config: ml_collections.ConfigDict, item_counts: np.ndarray,
+                capacities: tuple[int, ...] | None = None) -> NextItNet:
+    """NextItNet for ``config.model`` over the V = len(item_counts) frequency-ordered ids.
+
+    ``capacities`` (the tree softmax's static tail token buffers) only matter for training's
+    ``loss``; a model built for evaluation or serving needs none, and its parameters are the same.
+    """
+    m = config.model
+    cutoffs, ranks = model_clusters(config, item_counts)
     return NextItNet(
-        num_items=num_items,
+        num_items=len(item_counts),
         dim=m.dim,
         dilations=residual_dilations(config),
         sharing=m.sharing,
@@ -47,7 +55,7 @@ def build_model(config: ml_collections.ConfigDict, item_counts: np.ndarray) -> N
         softmax=m.softmax,
         cutoffs=cutoffs,
         ranks=ranks,
-        capacities=capacities,
+        capacities=capacities if m.softmax == "tree" else None,
         dropout=m.dropout,
     )
 

@@ -10,11 +10,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cprec.conv import causal_conv
-from cprec.embedding import BlockwiseEmbedding
-from cprec.full_softmax import FullSoftmax
-from cprec.sharing import conv_sharing_index
-from cprec.tree_softmax import BlockwiseSoftmax
+from cprec.model.conv import causal_conv
+from cprec.model.embedding import BlockwiseEmbedding
+from cprec.model.full_softmax import FullSoftmax
+from cprec.model.sharing import conv_sharing_index
+from cprec.model.tree_softmax import BlockwiseSoftmax
 
 
 class ResidualStack(nn.Module):
@@ -38,6 +38,7 @@ class ResidualStack(nn.Module):
         )
         kernels = self.param("kernels", init, (n_unique, k, c, c))
         biases = self.param("biases", nn.initializers.zeros, (n_unique, c))
+        # LayerNorm epsilon 1e-6: far below the activations' variance (order 1), it only guards the division.
         for b, r in enumerate(self.dilations):
             y = x
             for j, dilation in enumerate((r, 2 * r)):

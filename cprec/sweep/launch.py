@@ -27,14 +27,14 @@ from typing import Any
 
 from cprec.errors import CprecError
 from cprec.jsonfile import write_json
-from cprec.sweep import Trial, sweep_root
+from cprec.sweep.expand import Trial, sweep_root
 
 try:  # the local launcher works without submitit
     from submitit.helpers import Checkpointable
 except ImportError:  # pragma: no cover - depends on the environment
     Checkpointable = object
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 RUN_PY = REPO / "run.py"
 ACTIVE = ("submitted", "running", "requeued")
 

@@ -1,4 +1,4 @@
-"""Orbax checkpoints of the training state, with user-facing errors."""
+"""Orbax checkpoints of a run (training state, best parameters), with user-facing errors."""
 from __future__ import annotations
 
 import pathlib
@@ -35,11 +35,20 @@ class Checkpointer:
         # Async: the write overlaps training; `close()` waits for it.
         self._manager.save(step, args=ocp.args.StandardSave(state))
 
-    def restore(self, step: int, like: Any) -> Any:
-        """Restores step `step` into arrays shaped like `like`; a damaged checkpoint is a WorkdirError."""
+    def restore(self, step: int, like: Any, partial: bool = False) -> Any:
+        """Restores step `step` into arrays shaped like `like`; a damaged checkpoint is a WorkdirError.
+
+        ``partial``: `like` may name a subset of the saved tree (e.g. only ``{"params": ...}`` of a
+        training state), and only that part is read: no optimizer is needed to load a model.
+        """
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         self._manager.wait_until_finished()  # a save of this step may still be in flight
         try:
+            if partial:  # the manager's standard handler restores whole trees only
+                args = ocp.args.PyTreeRestore(item=abstract, partial_restore=True,
+                                              restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
+                with ocp.PyTreeCheckpointer() as reader:
+                    return reader.restore(self.directory / str(step) / "default", args=args)
             return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
         except Exception as exc:  # orbax raises many types for damaged files
             reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__

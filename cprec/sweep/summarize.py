@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cprec.errors import CprecError
-from cprec.launch import is_active, read_status
+from cprec.sweep.launch import is_active, read_status
 
 TABLE_TEST = ("hr@10", "ndcg@10", "mrr@5")  # the rest of the test metrics go to the CSV only
 

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cprec.clusters import check_clusters
+from cprec.model.clusters import check_clusters
 
 Initializer = Callable[..., jax.Array]
 

@@ -32,9 +32,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cprec.clusters import check_clusters
+from cprec.model.clusters import check_clusters
 from cprec.errors import ConfigError
-from cprec.xent import (block_logits, block_width, column_blocks, log_softmax, lse, online_lse, row_xent,
+from cprec.model.xent import (block_logits, block_width, column_blocks, log_softmax, lse, online_lse, row_xent,
                         softmax_xent, use_blocks)
 
 Initializer = Callable[..., jax.Array]
@@ -51,7 +51,7 @@ def _top_n(x: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
     over the group maxima and one over those n*16 candidates replace a top-n over all K columns.
     """
     rows, k = x.shape
-    group = 16
+    group = 16  # columns per group: small enough that n*16 candidates stay few, large enough to cut K 16x
     if k < 64 * n:
         return lax.top_k(x, n)
     main = k - k % group
@@ -184,7 +184,11 @@ def tree_loss(head: jax.Array, projs: Sequence[jax.Array], outs: Sequence[jax.Ar
 
 
 def _row_buckets(n_rows: int) -> tuple[int, ...]:
-    """Static buffer sizes for the rows that need a cluster: 1, 4, 16, ..., n_rows."""
+    """Static buffer sizes for the rows that need a cluster: 1, 4, 16, ..., n_rows.
+
+    Growing by 4 keeps the compiled branches few (log4 of the batch per cluster) while a buffer
+    wastes at most 3/4 of its rows; by 2 would double the branches for little less padding.
+    """
     sizes, b = [], 1
     while b < n_rows:
         sizes.append(b)
@@ -228,7 +232,25 @@ def tree_top_k(head: jax.Array, projs: Sequence[jax.Array], outs: Sequence[jax.A
 
     Tail cluster j is expanded for a row only while an upper bound on its best item's log-prob
     (its token's log-prob, tightened by ``_cluster_bound``) beats the row's n-th best so far.
-    ``stats`` = ``tree_cluster_stats(outs)``, computed here when not given.
+    ``stats`` = ``tree_cluster_stats(outs)``, computed here when not given. Padding (id 0) is
+    never returned. See ``tree_recommend`` for exclusions and a cluster budget.
+    """
+    scores, ids, expanded, _ = tree_recommend(head, projs, outs, cutoffs, h, n, stats)
+    return scores, ids, expanded
+
+
+def tree_recommend(head: jax.Array, projs: Sequence[jax.Array], outs: Sequence[jax.Array],
+                   cutoffs: Sequence[int], h: jax.Array, n: int, stats: ClusterStats | None = None,
+                   exclude: jax.Array | None = None, max_clusters: jax.Array | None = None,
+                   ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """``tree_top_k`` with per-row exclusions and a per-row budget of tail clusters.
+
+    ``exclude`` [N, E] int: item ids each row must not get (e.g. its history; -1 = none). They
+    score -inf, so every bound stays an upper bound and the result stays exact: a cluster returns
+    its top n + E items, of which at most E are excluded. ``max_clusters`` [N] int: a row expands
+    at most this many tail clusters, its most promising ones by their initial bound (the order
+    does not depend on the other rows). Returns ``(scores, ids, expanded, exact)``; ``exact[r]``
+    says no unexpanded cluster could still change row r's top-n (always true without a budget).
     """
     bounds = _bounds(cutoffs)
     k1, n_rows, n_tail = bounds[1], h.shape[0], len(projs)
@@ -241,8 +263,14 @@ def tree_top_k(head: jax.Array, projs: Sequence[jax.Array], outs: Sequence[jax.A
     item_ub = tok_lp + jnp.stack([_cluster_bound(z, st, w.shape[1]) for z, st, w in zip(zs, stats, outs)], axis=1)
     # The token's own log-prob stays a bound without slack: the computed item log-probs never exceed it.
     item_ub = jnp.minimum(tok_lp, item_ub + _BOUND_SLACK[0] + _BOUND_SLACK[1] * jnp.abs(item_ub))
+    head_items = head_lp[:, :k1].at[:, 0].set(-jnp.inf)  # padding is never recommended
+    n_excl = 0 if exclude is None else exclude.shape[1]
+    if n_excl:
+        exclude = exclude.astype(jnp.int32)
+        in_head = jnp.where((exclude >= 0) & (exclude < k1), exclude, k1)  # k1: out of range, dropped
+        head_items = head_items.at[jnp.arange(n_rows)[:, None], in_head].set(-jnp.inf, mode="drop")
     m = min(n, k1)
-    scores, ids = _top_n(head_lp[:, :k1], m)
+    scores, ids = _top_n(head_items, m)
     ids = ids.astype(jnp.int32)
     if m < n:
         scores = jnp.pad(scores, ((0, 0), (0, n - m)), constant_values=-jnp.inf)
@@ -252,15 +280,23 @@ def tree_top_k(head: jax.Array, projs: Sequence[jax.Array], outs: Sequence[jax.A
 
     def make_branch(j: int, size: int) -> Callable:
         lo, z_j, w = bounds[j + 1], zs[j], outs[j]
-        n_j = min(n, w.shape[1])
+        n_j = min(n + n_excl, w.shape[1])
 
         def branch(rows: jax.Array, tok_j: jax.Array) -> tuple[jax.Array, jax.Array]:
             idx, valid = _compact(rows, size)
             vals, i, lse = _cluster_top_n(z_j[idx], w, n_j)
             s = tok_j[idx][:, None] + (vals - lse[:, None])  # same rounding as tree_log_prob
-            if n_j < n:
-                s = jnp.pad(s, ((0, 0), (0, n - n_j)), constant_values=-jnp.inf)
-                i = jnp.pad(i, ((0, 0), (0, n - n_j)), constant_values=-1 - lo)
+            got = n_j
+            if n_excl:  # drop the excluded among the n + E best, keep the n best of the rest
+                hit = jnp.any(i[:, :, None] == (exclude[idx] - lo)[:, None, :], axis=2)
+                s = jnp.where(hit, -jnp.inf, s)
+                if got > n:
+                    s, pos = lax.top_k(s, n)
+                    i = jnp.take_along_axis(i, pos, axis=1)
+                    got = n
+            if got < n:
+                s = jnp.pad(s, ((0, 0), (0, n - got)), constant_values=-jnp.inf)
+                i = jnp.pad(i, ((0, 0), (0, n - got)), constant_values=-1 - lo)
             dest = jnp.where(valid, idx, n_rows)  # dropped: rows that do not need cluster j
             new_s = jnp.full((n_rows, n), -jnp.inf, s.dtype).at[dest].set(s, mode="drop")
             new_i = jnp.full((n_rows, n), -1, jnp.int32).at[dest].set(i.astype(jnp.int32) + lo, mode="drop")
@@ -270,8 +306,16 @@ def tree_top_k(head: jax.Array, projs: Sequence[jax.Array], outs: Sequence[jax.A
     branches = [make_branch(j, b) for j in range(n_tail) for b in buckets]
     bucket_sizes = jnp.asarray(buckets, jnp.int32)
 
+    if max_clusters is None:
+        allowed = jnp.ones((n_rows, n_tail), bool)
+    else:  # each row's own most promising clusters, ranked by their initial bound (ties by index)
+        order = jnp.argsort(-item_ub, axis=1, stable=True)
+        rank = jnp.zeros((n_rows, n_tail), jnp.int32).at[jnp.arange(n_rows)[:, None], order].set(
+            jnp.arange(n_tail, dtype=jnp.int32)[None, :])
+        allowed = rank < jnp.asarray(max_clusters, jnp.int32).reshape(-1, 1)
+
     def needs(scores, visited):
-        return (item_ub > scores[:, n - 1:n]) & ~visited[None, :]
+        return (item_ub > scores[:, n - 1:n]) & ~visited[None, :] & allowed
 
     def cond(state):
         scores, _, visited, _ = state
@@ -292,7 +336,9 @@ def tree_top_k(head: jax.Array, projs: Sequence[jax.Array], outs: Sequence[jax.A
 
     init = (scores, ids, jnp.zeros((n_tail,), bool), jnp.zeros((n_rows, n_tail), bool))
     scores, ids, _, expanded = lax.while_loop(cond, body, init)
-    return scores, ids, expanded
+    # The n-th best only rises, so a cluster once below it stays below: these are the ones skipped for budget.
+    exact = ~jnp.any((item_ub > scores[:, n - 1:n]) & ~expanded, axis=1)
+    return scores, ids, expanded, exact
 
 
 # ----------------------------------------------------------------------------------------------
@@ -356,6 +402,12 @@ class BlockwiseSoftmax(nn.Module):
         ``cluster_stats()``) saves one pass over the tail weights per call when serving.
         """
         return tree_top_k(self.head, self.tail_proj, self.tail_out, self.cutoffs, self._flat(h), n, stats)
+
+    def recommend(self, h: jax.Array, n: int, stats: ClusterStats | None = None, exclude: jax.Array | None = None,
+                  max_clusters: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+        """``top_k`` with per-row excluded ids [N, E] (-1 = none) and cluster budgets [N]; adds ``exact`` [N]."""
+        return tree_recommend(self.head, self.tail_proj, self.tail_out, self.cutoffs, self._flat(h), n, stats,
+                              exclude, max_clusters)
 
     def __call__(self, h: jax.Array) -> jax.Array:
         return self.log_prob(h)

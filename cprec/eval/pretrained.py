@@ -14,14 +14,13 @@ import pathlib
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
-from cprec.checkpointing import Checkpointer, best_state_like
+from cprec.runtime.checkpointing import Checkpointer, best_state_like
 from cprec.data import SequenceDataset, load_dataset
 from cprec.errors import WorkdirError
-from cprec.factory import build_model, init_params
-from cprec.model import NextItNet
+from cprec.model.builder import build_model, init_params
+from cprec.model.nextitnet import NextItNet
 
 
 class Run(NamedTuple):
@@ -76,17 +75,11 @@ def load_run(workdir: str | pathlib.Path, verbose: bool = False, source: str | N
                 raise WorkdirError(f"{workdir / subdir} has no step {step}; its kept steps are "
                                    f"{', '.join(map(str, steps))}")
             chosen = steps[-1] if step is None else step
-            like = best_state_like(params) if subdir == "best" else _train_state_like(config, params)
-            restored = ckpt.restore(chosen, like)
+            like = best_state_like(params) if subdir == "best" else {"params": params}
+            restored = ckpt.restore(chosen, like, partial=True)  # the parameters alone, no optimizer slots
         finally:
             ckpt.close()
         return Run(config, data, model, jax.device_get(restored["params"]), int(chosen), subdir)
     where = f"{source}/" if source else "best/ or checkpoints/"
     raise WorkdirError(f"{workdir} has no checkpoint ({where}); train it first with run.py")
 
-
-def _train_state_like(config: ml_collections.ConfigDict, params: Any) -> dict:
-    from cprec.train import make_optimizer  # train imports much more; only needed for this fallback
-
-    tx = make_optimizer(config, 1)
-    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}

@@ -16,10 +16,10 @@ import pathlib
 import time
 
 from cprec.errors import exit_on_user_error
-from cprec.evaluate import eval_splits, evaluate_split, make_rank_fn
+from cprec.eval.evaluate import eval_splits, evaluate_split, make_rank_fn
 from cprec.jsonfile import write_json
-from cprec.parallel import DataParallel
-from cprec.pretrained import SOURCES, load_run
+from cprec.runtime.parallel import DataParallel
+from cprec.eval.pretrained import SOURCES, load_run
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 import jax
 import numpy as np
 
-from cprec.metrics import rank_metrics
-from cprec.model import NextItNet, eval_ranks
+from cprec.eval.metrics import rank_metrics
+from cprec.model.nextitnet import NextItNet, eval_ranks
 from cprec.timing import median_seconds
 
 if TYPE_CHECKING:

@@ -134,6 +134,7 @@ def cluster_token_capacities(
     caps = []
     for lo, hi in zip(cutoffs[:-1], cutoffs[1:]):
         share = counts[lo:hi].sum() / total if total > 0 else 1.0
+        # Multiples of 8 rows: whole SIMD/sublane tiles for the gathered [capacity, d] matmuls.
         cap = 8 * max(1, math.ceil(share * tokens_per_batch * margin / 8))
         caps.append(int(min(cap, tokens_per_batch)))
     return tuple(caps)

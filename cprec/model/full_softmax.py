@@ -1,0 +1,63 @@
+"""The uncompressed output layer: one [dim, V] weight and a full softmax.
+
+It has the interface of ``cprec.model.output.OutputLayer``, as `BlockwiseSoftmax` does, so the
+model can swap one for the other.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cprec.model.xent import row_xent
+
+
+class FullSoftmax(nn.Module):
+    """Full softmax over all V item ids (id 0 = padding is a column but never a target)."""
+
+    dim: int
+    num_items: int
+
+    def setup(self) -> None:
+        self.kernel = self.param(
+            "kernel", nn.initializers.normal(stddev=self.dim**-0.5), (self.dim, self.num_items)
+        )
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        return h @ self.kernel
+
+    def log_prob(self, h: jax.Array) -> jax.Array:
+        """[N, dim] -> [N, V] log-probabilities."""
+        return jax.nn.log_softmax(self.logits(h), axis=-1)
+
+    def loss(self, h: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Mean negative log-likelihood over the tokens where mask is true, and their count (int32)."""
+        # Fused kernel with a hand-written backward: no [N, V] cotangent (matters at large V).
+        nll = row_xent(h, self.kernel, targets)
+        count = jnp.sum(mask.astype(jnp.int32))
+        return jnp.sum(jnp.where(mask, nll, 0.0)) / jnp.maximum(count, 1).astype(nll.dtype), count
+
+    def cluster_stats(self) -> None:
+        """Nothing to precompute for a full ranking (interface of ``BlockwiseSoftmax``)."""
+        return None
+
+    def top_k(self, h: jax.Array, n: int, stats: None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Top-n ``(log-probs, ids, expanded)`` over real items (padding excluded); ``stats`` is unused.
+
+        ``expanded`` is ``[N, 0]``: a full softmax has no tail clusters to skip.
+        """
+        scores, ids, expanded, _ = self.recommend(h, n)
+        return scores, ids, expanded
+
+    def recommend(self, h: jax.Array, n: int, stats: None = None, exclude: jax.Array | None = None,
+                  max_clusters: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+        """``top_k`` without the ids in ``exclude`` [N, E] (-1 = none); always exact (no clusters to budget)."""
+        lp = self.log_prob(h).at[:, 0].set(-jnp.inf)
+        if exclude is not None and exclude.shape[1]:
+            rows = jnp.arange(lp.shape[0])[:, None]
+            lp = lp.at[rows, jnp.where(exclude >= 0, exclude, lp.shape[1])].set(-jnp.inf, mode="drop")
+        scores, ids = jax.lax.top_k(lp, n)
+        return scores, ids.astype(jnp.int32), jnp.zeros((lp.shape[0], 0), bool), jnp.ones((lp.shape[0],), bool)
+
+    def __call__(self, h: jax.Array) -> jax.Array:
+        return self.log_prob(h)

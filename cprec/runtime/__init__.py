@@ -1,0 +1,1 @@
+"""What training, evaluation and serving share below the model: devices, checkpoints, the allocator."""

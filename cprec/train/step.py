@@ -1,0 +1,99 @@
+"""The optimizer, the train state and the jitted train step."""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax import lax
+
+from cprec.model.builder import model_clusters
+from cprec.model.clusters import cluster_token_capacities
+from cprec.model.nextitnet import NextItNet
+from cprec.train.micro_batch import micro_batch_rows
+
+
+def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+    o = config.optim
+    if o.schedule == "cosine":
+        lr = optax.warmup_cosine_decay_schedule(0.0, o.lr, max(o.warmup_steps, 1), max(total_steps, o.warmup_steps + 1))
+    elif o.warmup_steps > 0:
+        lr = optax.linear_schedule(0.0, o.lr, o.warmup_steps)
+    else:
+        lr = o.lr
+    if o.name == "adam":
+        opt = optax.adam(lr) if o.weight_decay == 0 else optax.chain(optax.add_decayed_weights(o.weight_decay), optax.adam(lr))
+    elif o.name == "adamw":
+        opt = optax.adamw(lr, weight_decay=o.weight_decay)
+    else:
+        opt = optax.chain(optax.add_decayed_weights(o.weight_decay), optax.sgd(lr))
+    if o.clip_norm > 0:
+        opt = optax.chain(optax.clip_by_global_norm(o.clip_norm), opt)
+    return opt
+
+
+def make_train_step(model: NextItNet, tx: optax.GradientTransformation, seed: int, micro_batches: int = 1):
+    """One jitted step on a [B, L+1] window batch; the state is donated.
+
+    With ``micro_batches`` = n > 1 the gradient is accumulated over n micro-batches of B/n rows in
+    a ``lax.scan`` (see cprec/micro_batch.py for why): the same mean loss and gradient over all
+    the batch's targets, summed in another order. Micro-batch i holds rows i, i+n, i+2n, ..., so
+    every micro-batch takes the same share of each device's rows under data parallelism.
+    """
+    base_rng = jax.random.PRNGKey(seed)
+
+    def loss_sum(params, batch, rng):
+        mean, count = model.apply(
+            {"params": params}, batch[:, :-1], batch[:, 1:], True, rngs={"dropout": rng}, method=NextItNet.loss
+        )
+        count = count.astype(jnp.float32)
+        return mean * count, count
+
+    def grads_of(params, batch, rng):
+        (total, count), grads = jax.value_and_grad(loss_sum, has_aux=True)(params, batch, rng)
+        return total, count, grads
+
+    def step(state: dict[str, Any], batch: jax.Array):
+        rng = jax.random.fold_in(base_rng, state["step"])  # the same step gets the same randomness on resume
+        params = state["params"]
+        if micro_batches == 1:
+            total, count, grads = grads_of(params, batch, rng)
+        else:
+            chunks = batch.reshape(-1, micro_batches, batch.shape[1]).transpose(1, 0, 2)
+
+            def accumulate(acc, chunk_and_index):
+                chunk, i = chunk_and_index
+                return jax.tree.map(jnp.add, acc, grads_of(params, chunk, jax.random.fold_in(rng, i))), None
+
+            zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+            (total, count, grads), _ = lax.scan(accumulate, zero, (chunks, jnp.arange(micro_batches)))
+        scale = 1.0 / jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g * scale, grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": state["step"] + 1}
+        return new_state, {"loss": total * scale, "tokens": count, "grad_norm": optax.tree.norm(grads)}
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def new_train_state(params: Any, tx: optax.GradientTransformation) -> dict[str, Any]:
+    """The dict-shaped train state that the step updates and the checkpoints hold."""
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+
+def loss_capacities(config: ml_collections.ConfigDict, item_counts: np.ndarray,
+                    num_devices: int) -> tuple[int, ...] | None:
+    """Static tail-token capacities of the tree softmax's loss, per loss call (one micro-batch of every device).
+
+    A training concern only: the buffers size the routed tokens of one call, so they depend on the
+    micro-batch and the device count; evaluation and serving build the model without them.
+    """
+    if config.model.softmax != "tree":
+        return None
+    cutoffs, _ = model_clusters(config, item_counts)
+    rows = micro_batch_rows(config, num_devices, num_items=len(item_counts))
+    tokens = rows * num_devices * int(config.data.max_len)
+    return cluster_token_capacities(item_counts, cutoffs, tokens, config.model.capacity_margin)
