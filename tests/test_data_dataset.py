@@ -1,6 +1,7 @@
 """load_dataset end to end: cache reuse, memmap, atomic writes, config/data errors, prepare.py."""
 
 import importlib.util
+import json
 import os
 import pathlib
 import time
@@ -239,3 +240,46 @@ def test_ml100k_shared(tmp_path, monkeypatch):
     assert other.meta["format"] == "movielens-100k"
     for name in ("train", "val_inputs", "val_targets", "test_inputs", "test_targets", "item_counts"):
         np.testing.assert_array_equal(getattr(data, name), getattr(other, name))
+
+
+def test_item_raw_ids_give_back_the_file_ids(tmp_path):
+    data = load_dataset(_cfg(_csv(tmp_path)), cache_root=tmp_path / "cache", verbose=False)
+    ids = dataset.item_raw_ids(data)
+    assert data.meta["item_ids"] == "tokens" and data.meta["cache_version"] == store.CACHE_VERSION
+    assert len(ids) == data.num_items and ids[0] is None and all(t.startswith("item") for t in ids[1:])
+    # The most frequent training item of the file is internal id 1.
+    rows = [line.split(",") for line in _csv(tmp_path).read_text().splitlines()[1:]]
+    by_user = {}
+    for user, item, when in rows:
+        by_user.setdefault(user, []).append((int(when), item))
+    seqs = [[item for _, item in sorted(events)] for events in by_user.values()]
+    train = [item for seq in seqs if len(seq) >= 3 for item in seq[:-2]]
+    assert data.item_counts[1] == max(train.count(t) for t in set(train)) == train.count(ids[1])
+    integer = load_dataset(_cfg(name="synthetic", num_users=50, num_items=40, mean_len=8, num_topics=4,
+                                min_item_count=0), cache_root=tmp_path / "cache", verbose=False)
+    ids = dataset.item_raw_ids(integer)
+    assert integer.meta["item_ids"] == "integers" and ids[0] is None and sorted(ids[1:]) == list(range(40))
+
+
+def test_a_cache_without_item_ids_says_how_to_prepare_again(tmp_path):
+    cfg = _cfg(_csv(tmp_path), sep=",")
+    directory = dataset.prepare(cfg, tmp_path / "cache", verbose=False)
+    meta_path = directory / store.META_FILE
+    meta = json.loads(meta_path.read_text())
+    del meta["item_ids"]  # as written before the tokens were kept
+    meta_path.write_text(json.dumps(meta))
+    data = load_dataset(cfg, cache_root=tmp_path / "cache", verbose=False)
+    message = _message(DataError, dataset.item_raw_ids, data)
+    assert f"data cache {directory} was prepared by an older cprec" in message and "delete that directory" in message
+    command = message.split("`")[1]
+    assert command.startswith("python data/prepare.py csv ") and f"--path {cfg.path} " in command
+    assert f"--cache-dir {tmp_path / 'cache'}" in command and "--max-len 5" in command and "--user-col user" in command
+
+
+def test_cache_directory_prepares_nothing(tmp_path):
+    cfg = _cfg(_csv(tmp_path))
+    directory = dataset.cache_directory(cfg, tmp_path / "cache")
+    assert not directory.exists() and not (tmp_path / "cache").exists()
+    assert dataset.prepare(cfg, tmp_path / "cache", verbose=False) == directory and store.is_complete(directory)
+    assert dataset.prepare_command(_cfg(name="synthetic")) == (
+        "python data/prepare.py synthetic --max-len 5 --min-item-count 2 --min-user-count 3")

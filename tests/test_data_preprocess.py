@@ -124,3 +124,20 @@ def test_dense_codes_sparse_and_compact():
         codes, uniques = preprocess.dense_codes(x)
         np.testing.assert_array_equal(uniques[codes], x)
         np.testing.assert_array_equal(uniques, np.sort(np.unique(x)))
+
+
+def test_item_tokens_are_kept_for_the_raw_ids():
+    tokens = ["", "plain", "café", "a,b", "x" * 300]
+    data, offsets = preprocess.encode_tokens(tokens)
+    assert data.dtype == np.uint8 and offsets.dtype == np.int64 and offsets[-1] == data.size
+    assert preprocess.decode_tokens(data, offsets) == tokens
+    assert preprocess.decode_tokens(*preprocess.encode_tokens([])) == []
+    u, i, t = (np.array(c) for c in zip(*EVENTS))
+    codes = {100: 0, 300: 1, 200: 2, 700: 3, 400: 4, 600: 5, 500: 6}
+    names = [f"item-{raw}" for raw in codes]
+    arrays, _ = preprocess.prepare_events(u, np.array([codes[x] for x in i]), t, max_len=3, min_user_count=0,
+                                          min_item_count=0, item_tokens=names)
+    kept = preprocess.decode_tokens(arrays["item_token_data"], arrays["item_token_offsets"])
+    assert [kept[c] for c in arrays["raw_item_ids"][1:]] == ["item-100", "item-300", "item-200", "item-400",
+                                                            "item-600", "item-500"]
+    assert "item_token_data" not in _prepare()[0]

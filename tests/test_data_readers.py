@@ -129,3 +129,15 @@ def test_wrong_field_counts(tmp_path):
 def test_empty_token_id(tmp_path):
     path = _write(tmp_path, "e.csv", "user_id,item_id,timestamp\na,,1\n")
     assert "line 2: empty 'item_id'" in _error(readers.read_csv, path)
+
+
+def test_token_readers_return_the_item_tokens_by_code(tmp_path):
+    path = _write(tmp_path, "e.csv", 'user_id,item_id,timestamp\nx,b,1\ny,"a,1",2\nx,b,3\nx,007,4\n')
+    (u, i, t), tokens = readers.read_events_with_tokens(path, "csv")
+    _check((u, i, t), [0, 1, 0, 0], [0, 1, 0, 2], [1, 2, 3, 4])
+    assert tokens == ["b", "a,1", "007"]  # tokens[code]: the file's text, first appearance first
+    text = "user_id:token\titem_id:token\ttimestamp:float\nu\t12\t1\nv\t3\t2\n"
+    (_, i, _), tokens = readers.read_events_with_tokens(_write(tmp_path, "x.inter", text), "recbole")
+    assert tokens is None and i.tolist() == [12, 3]  # plain integers keep their values, no tokens
+    (_, i, _), tokens = readers.read_events_with_tokens(_write(tmp_path, "u.data", "1\t2\t3\t4\n"), "movielens-100k")
+    assert tokens is None and i.tolist() == [2]

@@ -28,6 +28,13 @@ def test_the_model_imports_nothing_from_training(module):
     assert not leaked, f"importing {module} loads {leaked}"
 
 
+def test_serving_imports_only_the_model():
+    loaded = _imported_by("cprec.serve")
+    assert "cprec.serve.recommender" in loaded and "cprec.serve.incremental" in loaded
+    leaked = sorted(m for m in loaded if m.startswith(NOT_IN_THE_MODEL))
+    assert not leaked, f"importing cprec.serve loads {leaked}"
+
+
 def test_evaluation_imports_nothing_from_training():
     loaded = _imported_by("cprec.eval.pretrained")
     assert not sorted(m for m in loaded if m.startswith(("cprec.train", "cprec.sweep", "optax")))

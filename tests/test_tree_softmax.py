@@ -379,3 +379,24 @@ def test_cluster_budget_bounds_the_work_and_says_when_it_cut(params):
     # Whatever the budget, the returned scores are the items' true log-probs.
     finite = np.isfinite(s)
     np.testing.assert_allclose(np.take_along_axis(lp, np.maximum(i, 0), axis=1)[finite], s[finite], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("blocked", [False, True])
+def test_score_of_candidates_equals_the_full_log_prob(params, blocked, request):
+    if blocked:
+        request.getfixturevalue("force_blocks")
+    module = _module()
+    h = _h(5, seed=13, scale=2.0)
+    lp = np.asarray(module.apply(params, h))
+    rng = np.random.default_rng(0)
+    cand = rng.integers(1, V, size=(5, 7)).astype(np.int32)
+    cand[0] = [1, 2, 3, 4, 5, 6, 7]  # head only: no tail normaliser needed for this row
+    cand[1, :2] = [0, V]  # padding and out of range: -inf
+    got = np.asarray(jax.jit(lambda p, h, c: module.apply(p, h, c, method=module.score))(params, h, jnp.asarray(cand)))
+    want = np.take_along_axis(lp, np.clip(cand, 0, V - 1), axis=1)
+    ok = (cand > 0) & (cand < V)
+    np.testing.assert_allclose(got[ok], want[ok], rtol=1e-5, atol=1e-5)
+    assert np.all(np.isneginf(got[~ok]))
+    # Only head candidates in the whole batch: still exact (every tail cluster's normaliser skipped).
+    head_only = jnp.asarray(np.tile(np.arange(1, 8, dtype=np.int32), (5, 1)))
+    np.testing.assert_allclose(module.apply(params, h, head_only, method=module.score), lp[:, 1:8], rtol=1e-5, atol=1e-5)

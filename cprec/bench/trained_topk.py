@@ -18,7 +18,7 @@ import numpy as np
 from jax import lax
 
 from cprec.bench.common import RESULTS_DIR, device_info
-from cprec.bench.tree_softmax import compare_topk, load_average, timed
+from cprec.bench.tree_softmax import compare_topk, load_average, real_items, timed
 from cprec.errors import CprecError, exit_on_user_error
 from cprec.jsonfile import write_json
 from cprec.model.nextitnet import NextItNet
@@ -49,13 +49,14 @@ def bench_run(workdir: str, n: int, batches: list[int], repeats: int) -> dict:
         return model.apply({"params": p}, h, n, s, method=lambda m, *a: m.head.top_k(*a))
 
     def head_full(p, h):
-        return lax.top_k(model.apply({"params": p}, h, method=lambda m, *a: m.head.log_prob(*a)), n)
+        return lax.top_k(real_items(model.apply({"params": p}, h, method=lambda m, *a: m.head.log_prob(*a))), n)
 
     calls = {
         "head early stop": jax.jit(head_top_k),
         "head full": jax.jit(head_full),
         "model early stop": jax.jit(lambda p, s, x: model.apply({"params": p}, x, n, s, method=NextItNet.top_k)),
-        "model full": jax.jit(lambda p, x: lax.top_k(model.apply({"params": p}, x, method=NextItNet.last_log_prob), n)),
+        "model full": jax.jit(lambda p, x: lax.top_k(real_items(model.apply({"params": p}, x,
+                                                                             method=NextItNet.last_log_prob)), n)),
     }
     inputs = np.asarray(run.data.test_inputs)
     rows = []

@@ -237,6 +237,11 @@ def context_vectors(n: int, d: int, key: jax.Array) -> jax.Array:
     return jax.random.normal(key, (n, d)).at[:, 0].set(1.0)
 
 
+def real_items(log_prob: jax.Array) -> jax.Array:
+    """The full ranking's scores with padding (id 0) removed, as ``top_k`` never returns it."""
+    return log_prob.at[:, 0].set(-jnp.inf)
+
+
 def compare_topk(a: tuple, b: tuple) -> dict:
     """Agreement of two (scores, ids) top-k results; ids may differ only between tied scores."""
     sa, ia = np.asarray(a[0]), np.asarray(a[1])
@@ -253,7 +258,7 @@ def bench_topk(args: argparse.Namespace, spec: str, counts: np.ndarray) -> list[
     # The cluster statistics depend on the parameters only: computed once per model, as a server would.
     stats_fn = jax.jit(lambda p: module.apply(p, method=module.cluster_stats))
     fast = jax.jit(lambda p, st, h: module.apply(p, h, n, st, method=module.top_k))
-    full = jax.jit(lambda p, h: lax.top_k(module.apply(p, h, method=module.log_prob), n))
+    full = jax.jit(lambda p, h: lax.top_k(real_items(module.apply(p, h, method=module.log_prob)), n))
     settings = {
         "random-init": (module.init(jax.random.PRNGKey(3), jnp.zeros((1, args.dim))),
                         lambda b: jax.random.normal(jax.random.PRNGKey(4), (b, args.dim))),

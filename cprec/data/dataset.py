@@ -6,6 +6,7 @@ import dataclasses
 import datetime
 import os
 import pathlib
+import shlex
 import time
 
 import ml_collections
@@ -108,13 +109,8 @@ def load_sequences(dataset: SequenceDataset) -> tuple[np.ndarray, np.ndarray]:
     return arrays["seq_items"], arrays["seq_offsets"]
 
 
-def prepare(
-    data_cfg: ml_collections.ConfigDict,
-    cache_root: str | pathlib.Path | None = None,
-    verbose: bool = True,
-) -> pathlib.Path:
-    """Returns the cache directory of `data_cfg`, building it unless it already exists."""
-    log = _logger(verbose)
+def _cache_fields(data_cfg: ml_collections.ConfigDict, cache_root) -> tuple[pathlib.Path, dict, dict]:
+    """(cache directory, source identity, key fields) of `data_cfg`; needs its raw file, not the cache."""
     _validate(data_cfg)
     source = resolve_source(data_cfg)
     fields = {
@@ -124,7 +120,86 @@ def prepare(
         "min_item_count": int(data_cfg.min_item_count),
     }
     root = pathlib.Path(cache_root or data_cfg.cache_dir or REPO_ROOT / "data" / "prepared")
-    directory = store.cache_path(root, data_cfg.name, store.cache_key(fields))
+    return store.cache_path(root, data_cfg.name, store.cache_key(fields)), source, fields
+
+
+def cache_directory(data_cfg: ml_collections.ConfigDict, cache_root: str | pathlib.Path | None = None) -> pathlib.Path:
+    """Where `data_cfg`'s prepared arrays are, or would be, cached; prepares nothing.
+
+    `store.is_complete` of it says whether `load_dataset` would reuse the cache or prepare anew.
+    A missing raw file is a DataError (the cache key depends on the file's identity).
+    """
+    return _cache_fields(data_cfg, cache_root)[0]
+
+
+def prepare_command(data_cfg: ml_collections.ConfigDict) -> str:
+    """The `python data/prepare.py ...` command that prepares `data_cfg`'s cache (non-default options only)."""
+    words = ["python", "data/prepare.py", data_cfg.name]
+    for key, default in default_data_config().items():
+        if key != "name" and key in data_cfg and data_cfg[key] != default:
+            words += ["--" + key.replace("_", "-"), shlex.quote(str(data_cfg[key]))]
+    return " ".join(words)
+
+
+def item_raw_ids(dataset: SequenceDataset) -> list:
+    """The item id of the data file for every internal id: index 0 (padding) is None.
+
+    Integer ids (MovieLens, synthetic data, token columns that are all plain integers) are ints;
+    other tokens are the file's strings. A cache prepared before the tokens were kept is a
+    DataError that says how to prepare it again.
+    """
+    directory = pathlib.Path(dataset.meta["cache_dir"])
+    kind = dataset.meta.get("item_ids")
+    if kind not in ("integers", "tokens"):
+        raise DataError(
+            f"data cache {directory} was prepared by an older cprec and lacks the item ids of the data file; "
+            f"delete that directory and prepare it again ({_prepare_hint(dataset.meta, directory)})"
+        )
+    arrays, _ = store.load(directory)
+    raw = np.asarray(arrays["raw_item_ids"])[1:].tolist()
+    if kind == "integers":
+        return [None] + raw
+    try:
+        tokens = preprocess.decode_tokens(arrays["item_token_data"], arrays["item_token_offsets"])
+        return [None] + [tokens[code] for code in raw]
+    except (KeyError, IndexError, UnicodeDecodeError) as e:
+        raise DataError(
+            f"data cache {directory} has damaged item tokens ({type(e).__name__}); delete that directory and "
+            f"prepare it again ({_prepare_hint(dataset.meta, directory)})"
+        ) from None
+
+
+def _prepare_hint(meta: dict, directory: pathlib.Path) -> str:
+    """`python data/prepare.py ...` for the dataset of a cache's meta, or a generic hint."""
+    try:
+        cfg = default_data_config()
+        cfg.name = meta["name"]
+        source, config = meta["config"]["source"], meta["config"]
+        if cfg.name == "synthetic":
+            for key in SYNTHETIC_FIELDS:
+                cfg[key] = source[key]
+        else:
+            cfg.path, cfg.format = source["path"], source["format"]
+            for key in ("user_col", "item_col", "time_col", "sep"):
+                if key in source:
+                    cfg[key] = source[key]
+        for key in ("max_len", "min_user_count", "min_item_count"):
+            cfg[key] = config[key]
+        if directory.parent.resolve() != (REPO_ROOT / "data" / "prepared").resolve():
+            cfg.cache_dir = str(directory.parent)
+        return f"`{prepare_command(cfg)}`, or rerun the run's command"
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return "`python data/prepare.py` with the run's data options, or rerun the run's command"
+
+
+def prepare(
+    data_cfg: ml_collections.ConfigDict,
+    cache_root: str | pathlib.Path | None = None,
+    verbose: bool = True,
+) -> pathlib.Path:
+    """Returns the cache directory of `data_cfg`, building it unless it already exists."""
+    log = _logger(verbose)
+    directory, source, fields = _cache_fields(data_cfg, cache_root)
     if store.is_complete(directory):
         log(f"reusing cache {directory}")
         return directory
@@ -132,6 +207,7 @@ def prepare(
     log(f"preparing {data_cfg.name} into {directory}")
     arrays, stats = _build(data_cfg, source, log)
     meta = {
+        "item_ids": "tokens" if "item_token_offsets" in arrays else "integers",  # see item_raw_ids
         "name": data_cfg.name,
         "source": source.get("path", "synthetic"),
         "format": source.get("format", "synthetic"),
@@ -212,6 +288,7 @@ def infer_format(name: str, path: pathlib.Path) -> str:
 
 
 def _build(data_cfg: ml_collections.ConfigDict, source: dict, log) -> tuple[dict[str, np.ndarray], dict]:
+    tokens = None
     if data_cfg.name == "synthetic":
         params = {k: data_cfg[k] for k in SYNTHETIC_FIELDS}
         with preprocess.stage(log, f"generated synthetic data {params}"):
@@ -219,7 +296,7 @@ def _build(data_cfg: ml_collections.ConfigDict, source: dict, log) -> tuple[dict
         catalog = int(data_cfg.num_items)
     else:
         with preprocess.stage(log, f"read {source['path']} ({source['format']})"):
-            users, items, times = readers.read_events(
+            (users, items, times), tokens = readers.read_events_with_tokens(
                 source["path"],
                 source["format"],
                 sep=data_cfg.sep,
@@ -238,6 +315,7 @@ def _build(data_cfg: ml_collections.ConfigDict, source: dict, log) -> tuple[dict
         min_user_count=int(data_cfg.min_user_count),
         min_item_count=int(data_cfg.min_item_count),
         catalog_size=catalog,
+        item_tokens=tokens,
         log=log,
     )
 

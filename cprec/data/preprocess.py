@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -141,12 +141,16 @@ def prepare_events(
     min_user_count: int = 5,
     min_item_count: int = 5,
     catalog_size: int | None = None,
+    item_tokens: Sequence[str] | None = None,
     log: Log | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """Runs the whole protocol; returns (arrays, stats).
 
     `catalog_size`: raw item ids are `0..catalog_size-1` (synthetic data); with
     `min_item_count <= 0` never-seen ids stay in the vocabulary with count 0.
+    `item_tokens`: when the reader coded the item tokens (`items` index it), the tokens are kept
+    as item_token_data + item_token_offsets (see `encode_tokens`), so that `raw_item_ids` maps
+    back to the file's text.
     Arrays: train [N, L+1], val_inputs/test_inputs [U, L], val_targets/test_targets [U] (int32),
     item_counts [V] int64, seq_items [E] int32 + seq_offsets [U+1] int64 (the sorted, re-indexed
     sequences), raw_item_ids [V] int64 (-1 for padding), raw_user_ids [U] int64.
@@ -201,6 +205,8 @@ def prepare_events(
             "raw_item_ids": raw_item_ids,
             "raw_user_ids": u_raw.astype(np.int64),
         }
+        if item_tokens is not None:
+            arrays["item_token_data"], arrays["item_token_offsets"] = encode_tokens(item_tokens)
     stats.update(
         num_users=int(lengths.size),
         num_items=int(item_counts.size),
@@ -209,3 +215,18 @@ def prepare_events(
         num_train_targets=int(np.count_nonzero(arrays["train"][:, :-1])),
     )
     return arrays, stats
+
+
+def encode_tokens(tokens: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(data uint8 [B], offsets int64 [n+1]): the tokens' UTF-8 bytes, concatenated; token k is
+    `data[offsets[k]:offsets[k+1]]`. Plain arrays, so the cache needs no pickle and any token fits."""
+    encoded = [t.encode("utf-8") for t in tokens]
+    offsets = np.zeros(len(encoded) + 1, np.int64)
+    offsets[1:] = np.cumsum(np.fromiter(map(len, encoded), np.int64, len(encoded)))
+    return np.frombuffer(b"".join(encoded), np.uint8).copy(), offsets
+
+
+def decode_tokens(data: np.ndarray, offsets: np.ndarray) -> list[str]:
+    """The tokens of `encode_tokens`."""
+    blob, bounds = np.asarray(data).tobytes(), np.asarray(offsets).tolist()
+    return [blob[a:b].decode("utf-8") for a, b in zip(bounds[:-1], bounds[1:])]

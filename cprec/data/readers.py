@@ -4,6 +4,8 @@ MovieLens files are all-numeric, so they are parsed in large byte chunks by `np.
 (about 2M rows/s); a chunk that fails the fast parse is re-scanned line by line only to name the
 offending line. Token formats (RecBole `.inter`, generic CSV) go through the `csv` module; tokens become ints in
 order of first appearance, unless every token of a column is a plain integer (then its value).
+`read_events_with_tokens` also returns the item token strings in that case (`tokens[code]`), so
+the ids of the data file can be given back (see `cprec.data.dataset.item_raw_ids`).
 """
 
 from __future__ import annotations
@@ -40,16 +42,34 @@ def read_events(
     time_col: str = "timestamp",
 ) -> Events:
     """Reads `path` in format `fmt` (one of `FORMATS`)."""
-    if fmt == "movielens-100k":
-        return read_movielens_100k(path)
-    if fmt == "movielens-dat":
-        return read_movielens_dat(path)
-    if fmt == "movielens-csv":
-        return read_movielens_csv(path)
+    return read_events_with_tokens(path, fmt, sep=sep, user_col=user_col, item_col=item_col, time_col=time_col)[0]
+
+
+def read_events_with_tokens(
+    path: str | pathlib.Path,
+    fmt: str,
+    *,
+    sep: str = ",",
+    user_col: str = "user_id",
+    item_col: str = "item_id",
+    time_col: str = "timestamp",
+) -> tuple[Events, list[str] | None]:
+    """`read_events` plus the item tokens: `tokens[code]` is the file's text of item code `code`.
+
+    None when the items are the file's integer values already (MovieLens formats, or token
+    columns whose every token is a plain integer).
+    """
     if fmt == "recbole":
-        return read_recbole(path, user_col=user_col, item_col=item_col, time_col=time_col)
+        return _read_table(path, "\t", (user_col, item_col, time_col), quoting=csv.QUOTE_NONE)
     if fmt == "csv":
-        return read_csv(path, sep=sep, user_col=user_col, item_col=item_col, time_col=time_col)
+        _check_sep(sep)
+        return _read_table(path, sep, (user_col, item_col, time_col), quoting=csv.QUOTE_MINIMAL)
+    if fmt == "movielens-100k":
+        return read_movielens_100k(path), None
+    if fmt == "movielens-dat":
+        return read_movielens_dat(path), None
+    if fmt == "movielens-csv":
+        return read_movielens_csv(path), None
     raise DataError(f"unknown data format {fmt!r}; use one of {', '.join(FORMATS)}")
 
 
@@ -83,7 +103,7 @@ def read_recbole(
     time_col: str = "timestamp",
 ) -> Events:
     """RecBole atomic `.inter` file: tab separated, header of `name:type` fields, token ids."""
-    return _read_table(path, "\t", (user_col, item_col, time_col), quoting=csv.QUOTE_NONE)
+    return _read_table(path, "\t", (user_col, item_col, time_col), quoting=csv.QUOTE_NONE)[0]
 
 
 def read_csv(
@@ -98,9 +118,13 @@ def read_csv(
 
     An empty `time_col` keeps the file order as the time order.
     """
+    _check_sep(sep)
+    return _read_table(path, sep, (user_col, item_col, time_col), quoting=csv.QUOTE_MINIMAL)[0]
+
+
+def _check_sep(sep: str) -> None:
     if len(sep) != 1:
         raise DataError(f"csv separator must be one character, got {sep!r}; set data.sep")
-    return _read_table(path, sep, (user_col, item_col, time_col), quoting=csv.QUOTE_MINIMAL)
 
 
 def _file_error(path, e: OSError) -> DataError:
@@ -237,8 +261,9 @@ class _TokenIds(dict):
         return value
 
 
-def _read_table(path, sep: str, wanted: tuple[str, str, str], quoting: int) -> Events:
-    """Reads token ids and numeric timestamps of a delimited text file with a header."""
+def _read_table(path, sep: str, wanted: tuple[str, str, str], quoting: int) -> tuple[Events, list[str] | None]:
+    """Reads token ids and numeric timestamps of a delimited text file with a header; also the
+    item tokens by code (None when the items keep their integer values)."""
     try:
         f = open(path, newline="", encoding="utf-8-sig")
     except OSError as e:
@@ -272,19 +297,20 @@ def _read_table(path, sep: str, wanted: tuple[str, str, str], quoting: int) -> E
             raise DataError(f"{path} is not UTF-8 text ({e.reason}); convert it to UTF-8") from None
         except csv.Error as e:
             raise DataError(f"{path} line {reader.line_num}: malformed CSV ({e}); fix that line") from None
-    u = _token_values(np.concatenate(u_parts) if u_parts else np.zeros(0, np.int64), users)
-    i = _token_values(np.concatenate(i_parts) if i_parts else np.zeros(0, np.int64), items)
+    u, _ = _token_values(np.concatenate(u_parts) if u_parts else np.zeros(0, np.int64), users)
+    i, item_tokens = _token_values(np.concatenate(i_parts) if i_parts else np.zeros(0, np.int64), items)
     t = np.concatenate(t_parts) if t_parts else np.arange(len(u), dtype=np.float64)
-    return u, i, t
+    return (u, i, t), item_tokens
 
 
-def _token_values(codes: np.ndarray, ids: dict[str, int]) -> np.ndarray:
+def _token_values(codes: np.ndarray, ids: dict[str, int]) -> tuple[np.ndarray, list[str] | None]:
     """Keeps the integer value of tokens when every token is a plain integer, so a RecBole
-    copy of a MovieLens file prepares exactly like the original; else the first-appearance codes."""
+    copy of a MovieLens file prepares exactly like the original (tokens None); else the
+    first-appearance codes and the tokens by code."""
     tokens = list(ids)
     if not all(t.isascii() and t.isdigit() and len(t) < 19 and (t == "0" or t[0] != "0") for t in tokens):
-        return codes
-    return np.array(tokens, dtype=np.int64)[codes]
+        return codes, tokens
+    return np.array(tokens, dtype=np.int64)[codes], None
 
 
 def _drop_blank(path, rows: list[list[str]], lines: np.ndarray, need: int):

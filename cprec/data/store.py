@@ -21,7 +21,9 @@ import numpy as np
 
 from cprec.errors import DataError
 
-CACHE_VERSION = 1
+# Part of every cache key: a cache written in another format is never found, so it is prepared
+# again. 2: the item tokens of token-coded files (item_token_data/offsets) and meta's `item_ids`.
+CACHE_VERSION = 2
 META_FILE = "meta.json"
 # On a shared file system a pid that is dead here may be another host's live prepare: only temporary
 # directories this old (by mtime) are removed.
@@ -88,7 +90,7 @@ def save(directory: pathlib.Path, arrays: Mapping[str, np.ndarray], meta: Mappin
         tmp.mkdir()
         for name, array in arrays.items():
             np.save(tmp / f"{name}.npy", np.ascontiguousarray(array))
-        full_meta = {**meta, "arrays": sorted(arrays)}
+        full_meta = {**meta, "cache_version": CACHE_VERSION, "arrays": sorted(arrays)}
         (tmp / META_FILE).write_text(json.dumps(full_meta, indent=2, sort_keys=True) + "\n")
         try:
             tmp.rename(directory)

@@ -59,5 +59,11 @@ class FullSoftmax(nn.Module):
         scores, ids = jax.lax.top_k(lp, n)
         return scores, ids.astype(jnp.int32), jnp.zeros((lp.shape[0], 0), bool), jnp.ones((lp.shape[0],), bool)
 
+    def score(self, h: jax.Array, candidates: jax.Array) -> jax.Array:
+        """Log-probs [N, M] of candidate ids [N, M] (ids outside [1, V) score -inf)."""
+        c = candidates.astype(jnp.int32)
+        lp = jnp.take_along_axis(self.log_prob(h), jnp.clip(c, 0, self.num_items - 1), axis=1)
+        return jnp.where((c > 0) & (c < self.num_items), lp, -jnp.inf)
+
     def __call__(self, h: jax.Array) -> jax.Array:
         return self.log_prob(h)

@@ -37,3 +37,7 @@ class OutputLayer(Protocol):
         """``top_k`` without the ids of ``exclude`` [N, E] (-1 = none), expanding at most ``max_clusters`` [N]
         tail clusters per row: ``(log-probs, ids, expanded, exact [N] bool)``, exact where no budget cut."""
         ...
+
+    def score(self, h: jax.Array, candidates: jax.Array) -> jax.Array:
+        """Exact log-probs ``[N, M]`` of candidate ids ``[N, M]`` (ids outside [1, V) score -inf)."""
+        ...

@@ -341,6 +341,48 @@ def tree_recommend(head: jax.Array, projs: Sequence[jax.Array], outs: Sequence[j
     return scores, ids, expanded, exact
 
 
+
+def _cluster_lse(z: jax.Array, w: jax.Array) -> jax.Array:
+    """logsumexp of ``z @ w`` per row, streamed in column blocks for big low-rank clusters."""
+    rows, k = z.shape[0], w.shape[1]
+    if not use_blocks(rows, z.shape[1], k):
+        return lse(z @ w)
+    width = block_width(rows, k)
+
+    def body(carry, inp):
+        b, w_blk = inp
+        return online_lse(*carry, block_logits(z, w_blk, b, width, k)), None
+
+    blocks = column_blocks(w, width)
+    init = (jnp.full((rows,), -jnp.inf, z.dtype), jnp.zeros((rows,), z.dtype))
+    (m, s), _ = lax.scan(body, init, (jnp.arange(blocks.shape[0], dtype=jnp.int32), blocks))
+    return m + jnp.log(s)
+
+
+def tree_score(head: jax.Array, projs: Sequence[jax.Array], outs: Sequence[jax.Array],
+               cutoffs: Sequence[int], h: jax.Array, candidates: jax.Array) -> jax.Array:
+    """Exact log-probs ``[N, M]`` of M candidate ids per row (ids outside [1, V) score -inf).
+
+    Computes the head once and, per tail cluster, its normaliser only when a candidate of the
+    batch falls in it (a ``lax.cond``), plus one column per candidate: the cost of a ranking stage
+    that scores a few candidates after retrieval, not a full ``log_prob``.
+    """
+    bounds = _bounds(cutoffs)
+    k1 = bounds[1]
+    c = candidates.astype(jnp.int32)
+    valid = (c > 0) & (c < bounds[-1])
+    head_lp = log_softmax(h @ head)
+    cluster = jnp.sum(c[..., None] >= jnp.asarray(bounds[1:-1], jnp.int32), axis=-1)  # 0 = head
+    out = jnp.take_along_axis(head_lp, jnp.clip(c, 0, k1 - 1), axis=1)
+    for j, (p, w) in enumerate(zip(projs, outs), start=1):
+        in_j = valid & (cluster == j)
+        z = h @ p
+        norm = lax.cond(jnp.any(in_j), lambda z=z, w=w: _cluster_lse(z, w), lambda z=z: jnp.zeros(z.shape[:1], z.dtype))
+        cols = jnp.take(w, jnp.clip(c - bounds[j], 0, w.shape[1] - 1), axis=1)  # [d_j, N, M]
+        logit = jnp.einsum("nd,dnm->nm", z, cols)
+        out = jnp.where(in_j, head_lp[:, k1 + j - 1, None] + logit - norm[:, None], out)
+    return jnp.where(valid, out, -jnp.inf)
+
 # ----------------------------------------------------------------------------------------------
 
 class BlockwiseSoftmax(nn.Module):
@@ -408,6 +450,10 @@ class BlockwiseSoftmax(nn.Module):
         """``top_k`` with per-row excluded ids [N, E] (-1 = none) and cluster budgets [N]; adds ``exact`` [N]."""
         return tree_recommend(self.head, self.tail_proj, self.tail_out, self.cutoffs, self._flat(h), n, stats,
                               exclude, max_clusters)
+
+    def score(self, h: jax.Array, candidates: jax.Array) -> jax.Array:
+        """Exact log-probs [N, M] of candidate ids [N, M], without a full ``log_prob`` (see ``tree_score``)."""
+        return tree_score(self.head, self.tail_proj, self.tail_out, self.cutoffs, self._flat(h), candidates)
 
     def __call__(self, h: jax.Array) -> jax.Array:
         return self.log_prob(h)

@@ -1,0 +1,161 @@
+"""Export a trained run as a serving artifact (see cprec/serve/artifact.py for the layout).
+
+    python -m cprec.export runs/cprec-1m exports/cprec-1m --dtype int8
+
+The artifact holds the model's parameters (safetensors: float32, bfloat16, or int8 row-wise item
+tables), its constructor kwargs and L, the data file's item id of every internal id, the item
+counts, and a manifest (source run, checkpoint, test metrics, sizes). A server needs nothing else:
+no optimizer state, no prepared data, no pickle. Parameters come from best/ (best validation)
+unless --source/--step pick another kept checkpoint.
+
+The run's prepared data supplies the item ids and counts. If it is gone, the export stops and
+prints the `python data/prepare.py` command that prepares it again: it never re-reads a raw data
+file itself. Synthetic data is the exception: it regenerates deterministically in seconds, so a
+synthetic run's data is prepared again on the fly.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+import numpy as np
+
+from cprec.data import store
+from cprec.data.dataset import cache_directory, item_raw_ids, prepare_command
+from cprec.errors import DataError, WorkdirError, exit_on_user_error
+from cprec.eval.pretrained import SOURCES, load_run, run_config
+from cprec.serve.artifact import DTYPES, Artifact, check_out_dir, model_kwargs_of, save_artifact
+
+
+def extra_exports(out_dir: pathlib.Path, artifact: Artifact) -> None:
+    """Hook for further files of the artifact; writes none so far.
+
+    Called with the artifact's directory while it is still being written (under its temporary
+    name, after the parameters, model.json and the item files, before manifest.json) and the
+    artifact as `load_artifact` will return it (its manifest without the file sizes yet). Files
+    written here become part of the artifact, atomically, and are counted in its manifest. The place for, e.g., a `jax.export` StableHLO serialisation
+    of the recommend function (`artifact.model().top_k` on `artifact.float_params()`).
+    """
+
+
+def _kept_steps(directory: pathlib.Path) -> list[int]:
+    """The step folders of an orbax checkpoint directory (orbax names them by step)."""
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def _check_checkpoints(run_dir: pathlib.Path, source: str | None, step: int | None) -> None:
+    """The errors of `load_run` about checkpoints, raised before anything (data included) is prepared."""
+    for subdir in (source,) if source else SOURCES:
+        steps = _kept_steps(run_dir / subdir)
+        if not steps:
+            continue
+        if step is not None and step not in steps:
+            raise WorkdirError(f"{run_dir / subdir} has no step {step}; its kept steps are {', '.join(map(str, steps))}")
+        return
+    where = f"{source}/" if source else "best/ or checkpoints/"
+    raise WorkdirError(f"{run_dir} has no checkpoint ({where}); train it first with run.py")
+
+
+def _check_prepared_data(run_dir: pathlib.Path, data_cfg, log) -> None:
+    """Refuses a run whose prepared data is gone, unless it is synthetic (cheap and deterministic)."""
+    directory = cache_directory(data_cfg)
+    if store.is_complete(directory):
+        return
+    if data_cfg.name == "synthetic":
+        log(f"[data] the run's synthetic data is not prepared; generating it again (deterministic) into {directory}")
+        return
+    raise DataError(
+        f"the prepared data of {run_dir} is gone (no cache {directory}); prepare it again with "
+        f"`{prepare_command(data_cfg)}` and export again (the export does not re-read raw data files)"
+    )
+
+
+def _tree_bytes(path: pathlib.Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _results(run_dir: pathlib.Path) -> dict:
+    try:
+        return json.loads((run_dir / "results.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def export(run_dir: str | pathlib.Path, out_dir: str | pathlib.Path, *, dtype: str = "float32",
+           source: str | None = None, step: int | None = None, force: bool = False,
+           extra=extra_exports, log=print) -> pathlib.Path:
+    """Writes the artifact of the run in `run_dir` into `out_dir`; returns `out_dir`.
+
+    Every problem the user can fix is a CprecError raised before anything is written (a synthetic
+    run's data may have been generated again by then; nothing else).
+    """
+    run_dir = pathlib.Path(run_dir)
+    out_dir = check_out_dir(out_dir, force)
+    config = run_config(run_dir)
+    _check_checkpoints(run_dir, source, step)
+    _check_prepared_data(run_dir, config.data, log)
+    run = load_run(run_dir, source=source, step=step)
+    item_ids = item_raw_ids(run.data)
+    results = _results(run_dir)
+    manifest = {
+        "source_run": str(run_dir.resolve()),
+        "source": run.source,
+        "step": run.step,
+        # results.json's test metrics are those of the best-validation parameters (best/).
+        "metrics": results.get("test"),
+        "report": results.get("report"),
+        "data": {"name": config.data.name, "num_items": run.data.num_items},
+    }
+    return save_artifact(out_dir, model_kwargs=model_kwargs_of(run.model), max_len=int(config.data.max_len),
+                         params=run.params, item_ids=item_ids, item_counts=np.asarray(run.data.item_counts),
+                         dtype=dtype, manifest=manifest, force=force, extra=extra)
+
+
+def summary(out_dir: pathlib.Path, run_dir: pathlib.Path) -> str:
+    """What was written: dtype, bytes per file, total, and the size against the latest training checkpoint."""
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    total = manifest["total_bytes"]
+    lines = [f"wrote {out_dir} ({manifest['dtype']}, {manifest['param_count']:,} parameters, "
+             f"{manifest['source']}/ step {manifest['step']})"]
+    width = max(len(name) for name in manifest["files"])
+    lines += [f"  {name:<{width}}  {size:>14,} bytes" for name, size in manifest["files"].items()]
+    lines.append(f"  {'total':<{width}}  {total:>14,} bytes")
+    steps = _kept_steps(run_dir / "checkpoints")
+    if steps:
+        ckpt = run_dir / "checkpoints" / str(steps[-1])
+        size = _tree_bytes(ckpt)
+        lines.append(f"latest training checkpoint {ckpt} (parameters + Adam moments): {size:,} bytes; "
+                     f"the artifact is {size / max(total, 1):.2f}x smaller")
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m cprec.export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", help="the --workdir of a trained run")
+    p.add_argument("out_dir", help="the artifact directory to write (must be absent or empty unless --force)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="float32 (exact), bfloat16 (all parameters), int8 (row-wise uint8 item tables, the rest "
+                        "float32); default float32")
+    p.add_argument("--source", choices=SOURCES, default=None,
+                   help="best (best validation) or checkpoints (latest training); default best, else checkpoints")
+    p.add_argument("--step", type=int, default=None, help="a kept step of the source (default its latest)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR (once the new one is complete)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    with exit_on_user_error():
+        out = export(args.run_dir, args.out_dir, dtype=args.dtype, source=args.source, step=args.step,
+                     force=args.force)
+    print(summary(out, pathlib.Path(args.run_dir)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

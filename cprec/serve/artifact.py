@@ -1,0 +1,355 @@
+"""A serving artifact: one directory with all a server needs to recommend, and no pickle.
+
+    art = load_artifact("exports/cprec-1m")
+    model, params = art.model(), art.float_params()
+    scores, ids, _ = model.apply({"params": params}, histories, 20, method=NextItNet.top_k)
+    raw = [art.item_ids[i] for i in ids[0]]           # the data file's item ids
+
+Layout (``FORMAT_VERSION`` 1), written by ``save_artifact`` (``python -m cprec.export``):
+
+- ``params.safetensors``: every parameter under its "/"-joined name (``stack/kernels``,
+  ``head/tail_1_out``, ...). float32: all float32. bfloat16: all stored as BF16 (safetensors'
+  own dtype, which ``safetensors.numpy.save_file`` / ``load_file`` and torch read).
+  int8: each quantised item table (``cprec.serve.quantize``) as three tensors ``<name>.q`` (uint8),
+  ``<name>.scale`` and ``<name>.offset`` (float32, shaped to broadcast against ``q``: 1 on every axis
+  but the item axis); the rest float32. The header metadata holds ``format`` (``cprec-params``),
+  ``dtype`` and ``quantized`` (JSON ``{name: item axis}``).
+- ``model.json``: the ``NextItNet`` constructor kwargs (``MODEL_FIELDS``) and ``max_len`` (L, the
+  history length the model was trained on).
+- ``items.json``: a list, the data file's item id for every internal id; index 0 (padding) is
+  null; integer ids stay JSON numbers, token ids JSON strings.
+- ``item_counts.json``: a list, the training count of every internal id (the clusters follow it).
+- ``manifest.json``: ``format_version``, ``cprec_version``, ``created``, ``dtype``, what the caller
+  passes (the export: ``source_run``, ``source``, ``step``, ``metrics``), ``param_count``,
+  ``quantized``, ``files`` (bytes of each file, itself included) and ``total_bytes``.
+
+``load_artifact`` returns float32 numpy arrays for float32 and bfloat16 artifacts (bfloat16 values
+upcast exactly; serving computes in float32 as training did) and ``QuantizedTable`` leaves for
+int8 ones: dequantise them with ``Artifact.float_params()`` once, or ``dequantize_tree`` inside a
+jitted call to keep the item tables 8-bit in memory.
+
+A directory appears only complete: it is written under a hidden temporary sibling name, read back
+and checked, then renamed into place (a replaced one is removed only after that).
+"""
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import os
+import pathlib
+import shutil
+import sys
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import ml_dtypes
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from cprec.errors import CprecError
+from cprec.model.nextitnet import NextItNet
+from cprec.serve.quantize import (QuantizedTable, dequantize_tree, is_quantized, param_path,
+                                  quantize_params)
+
+FORMAT_VERSION = 1
+DTYPES = ("float32", "bfloat16", "int8")
+MODEL_FIELDS = ("num_items", "dim", "dilations", "sharing", "kernel_size", "embedding", "softmax", "cutoffs", "ranks")
+_TUPLE_FIELDS = ("dilations", "cutoffs", "ranks")
+PARAMS_FILE, MODEL_FILE, ITEMS_FILE, COUNTS_FILE, MANIFEST_FILE = (
+    "params.safetensors", "model.json", "items.json", "item_counts.json", "manifest.json")
+_QUANT_PARTS = ("q", "scale", "offset")
+_FALLBACK_VERSION = "0.1.0"
+
+
+class ArtifactError(CprecError):
+    """A missing, damaged or unreadable artifact directory, or one that may not be written."""
+
+
+class Artifact(NamedTuple):
+    model_kwargs: dict  # NextItNet(**model_kwargs); tuples for dilations, cutoffs, ranks
+    max_len: int  # L, the history length of training
+    params: Any  # nested dicts: float32 numpy arrays, QuantizedTable leaves for int8 item tables
+    item_ids: list  # data file item id per internal id; [0] is None (padding)
+    item_counts: np.ndarray  # [V] int64 training counts
+    manifest: dict
+
+    def model(self) -> NextItNet:
+        """The model to apply the parameters to (no training capacities: serving needs none)."""
+        return NextItNet(**self.model_kwargs)
+
+    def float_params(self) -> Any:
+        """The parameters with every quantised table dequantised to float32."""
+        return dequantize_tree(self.params)
+
+
+def model_kwargs_of(model: NextItNet) -> dict:
+    """The constructor kwargs of `model` an artifact keeps (``MODEL_FIELDS``)."""
+    return {field: getattr(model, field) for field in MODEL_FIELDS}
+
+
+def cprec_version() -> str:
+    """The installed distribution's version, else ``cprec.__version__``, else ``_FALLBACK_VERSION``."""
+    try:
+        return importlib.metadata.version("cprec")
+    except importlib.metadata.PackageNotFoundError:
+        return str(getattr(sys.modules.get("cprec"), "__version__", _FALLBACK_VERSION))
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+
+def check_out_dir(out_dir: str | pathlib.Path, force: bool) -> pathlib.Path:
+    """`out_dir` as a path, or an ArtifactError when it may not be (re)written; writes nothing."""
+    out_dir = pathlib.Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ArtifactError(f"{out_dir} exists and is not a directory; give another output directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise ArtifactError(f"{out_dir} exists and is not empty; pass --force to replace it, or give another directory")
+    return out_dir
+
+
+def _flatten(params: Any) -> dict[str, Any]:
+    leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]
+    flat = {}
+    for path, leaf in leaves:
+        name = param_path(path)
+        if not name or "." in name:
+            raise ValueError(f"parameter name {name!r} cannot be stored: names must be non-empty and have no '.'")
+        flat[name] = leaf
+    return flat
+
+
+def _unflatten(flat: Mapping[str, Any]) -> dict:
+    tree: dict = {}
+    for name, leaf in flat.items():
+        *parents, last = name.split("/")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = leaf
+    return tree
+
+
+def _tensors(params: Any, dtype: str) -> tuple[dict[str, np.ndarray], dict[str, int], Any]:
+    """(safetensors dict, {quantised name: axis}, the params as load_artifact will return them)."""
+    if dtype == "int8":
+        params = quantize_params(params)
+    tensors, quantized, loaded = {}, {}, {}
+    for name, leaf in _flatten(params).items():
+        if is_quantized(leaf):
+            quantized[name] = int(leaf.axis)
+            parts = (np.asarray(leaf.q, np.uint8), np.asarray(leaf.scale, np.float32),
+                     np.asarray(leaf.offset, np.float32))
+            for part, array in zip(_QUANT_PARTS, parts):
+                tensors[f"{name}.{part}"] = np.ascontiguousarray(array)
+            loaded[name] = QuantizedTable(*parts, leaf.axis)
+            continue
+        array = np.asarray(leaf)
+        if not np.issubdtype(array.dtype, np.floating):
+            raise ValueError(f"parameter {name} has dtype {array.dtype}; an artifact stores float parameters")
+        array = array.astype(np.float32)
+        if dtype == "bfloat16":
+            stored = array.astype(ml_dtypes.bfloat16)
+            tensors[name], loaded[name] = np.ascontiguousarray(stored), stored.astype(np.float32)
+        else:
+            tensors[name], loaded[name] = np.ascontiguousarray(array), array
+    return tensors, quantized, _unflatten(loaded)
+
+
+def _json_id(raw: Any, index: int) -> Any:
+    if raw is None:
+        return None
+    if isinstance(raw, (bool, np.bool_)):
+        raise ValueError(f"item id {raw!r} of internal id {index} is neither an int nor a string")
+    if isinstance(raw, (int, np.integer)):
+        return int(raw)
+    if isinstance(raw, str):
+        return raw
+    raise ValueError(f"item id {raw!r} of internal id {index} is neither an int nor a string")
+
+
+def _model_json(model_kwargs: Mapping, max_len: int) -> dict:
+    missing = [f for f in MODEL_FIELDS if f not in model_kwargs]
+    extra = [f for f in model_kwargs if f not in MODEL_FIELDS]
+    if missing or extra:
+        raise ValueError(f"model_kwargs needs exactly {MODEL_FIELDS}; missing {missing}, unexpected {extra}")
+    out = {}
+    for field in MODEL_FIELDS:
+        value = model_kwargs[field]
+        out[field] = [int(v) for v in value] if field in _TUPLE_FIELDS else value
+    for field in ("num_items", "dim", "kernel_size"):
+        out[field] = int(out[field])
+    out["max_len"] = int(max_len)
+    return out
+
+
+def _write_compact_json(path: pathlib.Path, data: Any) -> None:
+    path.write_text(json.dumps(data, separators=(",", ":")) + "\n")
+
+
+def _write_manifest(directory: pathlib.Path, manifest: dict) -> dict:
+    """Writes manifest.json with the byte counts of every file, its own included (a fixed point)."""
+    files = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST_FILE}
+    size = 0
+    for _ in range(10):
+        full = {**manifest, "files": {**files, MANIFEST_FILE: size}, "total_bytes": sum(files.values()) + size}
+        text = json.dumps(full, indent=2) + "\n"
+        if len(text.encode()) == size:
+            break
+        size = len(text.encode())
+    (directory / MANIFEST_FILE).write_text(text)
+    return full
+
+
+def save_artifact(out_dir: str | pathlib.Path, *, model_kwargs: dict, max_len: int, params: Any,
+                  item_ids: list, item_counts: np.ndarray, dtype: str, manifest: dict, force: bool = False,
+                  extra: Callable[[pathlib.Path, Artifact], None] | None = None) -> pathlib.Path:
+    """Writes the artifact of a model into `out_dir` (layout in the module docstring); returns it.
+
+    An existing non-empty `out_dir` is refused unless `force`, and then replaced only once the new
+    artifact is complete. `manifest`: what to record beside the sizes (e.g. the source run).
+    `extra(directory, artifact)`: writes further files (e.g. a compiled recommend function) into the
+    not-yet-renamed directory; they are part of the artifact, counted in the manifest.
+    """
+    if dtype not in DTYPES:
+        raise ArtifactError(f"dtype {dtype!r} is unknown; valid choices: {', '.join(DTYPES)}")
+    out_dir = check_out_dir(out_dir, force)
+    counts = np.asarray(item_counts).astype(np.int64)
+    model_json = _model_json(model_kwargs, max_len)
+    num_items = model_json["num_items"]
+    if len(item_ids) != num_items or counts.shape != (num_items,):
+        raise ValueError(f"{len(item_ids)} item ids and {counts.shape} counts for a model of {num_items} items")
+    ids = [_json_id(raw, k) for k, raw in enumerate(item_ids)]
+    tensors, quantized, loaded_params = _tensors(params, dtype)
+    kwargs = {f: tuple(model_json[f]) if f in _TUPLE_FIELDS else model_json[f] for f in MODEL_FIELDS}
+    param_count = int(sum(np.prod(np.shape(t.q if is_quantized(t) else t)) for t in
+                          jax.tree.leaves(loaded_params, is_leaf=is_quantized)))
+    full_manifest = {
+        "format_version": FORMAT_VERSION,
+        "cprec_version": cprec_version(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **{k: v for k, v in manifest.items() if k not in ("format_version", "files", "total_bytes")},
+        "dtype": dtype,
+        "param_count": param_count,
+        "quantized": quantized,
+    }
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{tag}"
+    old = out_dir.parent / f".{out_dir.name}.old-{tag}"
+    moved_old = False
+    try:
+        tmp.mkdir()
+        metadata = {"format": "cprec-params", "dtype": dtype, "quantized": json.dumps(quantized, sort_keys=True)}
+        save_file(tensors, str(tmp / PARAMS_FILE), metadata=metadata)
+        (tmp / MODEL_FILE).write_text(json.dumps(model_json, indent=2) + "\n")
+        _write_compact_json(tmp / ITEMS_FILE, ids)
+        _write_compact_json(tmp / COUNTS_FILE, counts.tolist())
+        if extra is not None:
+            extra(tmp, Artifact(kwargs, model_json["max_len"], loaded_params, ids, counts, dict(full_manifest)))
+        _write_manifest(tmp, full_manifest)
+        load_artifact(tmp)  # what was written reads back and matches the model
+        if out_dir.is_dir():
+            if any(out_dir.iterdir()):
+                check_out_dir(out_dir, force)  # appeared meanwhile
+                out_dir.rename(old)
+                moved_old = True
+            else:
+                out_dir.rmdir()
+        tmp.rename(out_dir)
+    except OSError as e:
+        raise ArtifactError(f"cannot write the artifact {out_dir} ({' '.join(str(e).split())[:200]}); "
+                            "check free space and permissions") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if moved_old:
+            if out_dir.exists():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.rename(out_dir)  # the new one never arrived: the old stays
+    return out_dir
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+
+def _read_json(path: pathlib.Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{path} is missing; the artifact is incomplete: export it again") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{path} is unreadable ({type(e).__name__}); the artifact is damaged: export it again") from None
+
+
+def _read_params(path: pathlib.Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing; the artifact is incomplete: export it again")
+    try:
+        with safe_open(str(path), framework="np") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as e:  # safetensors raises its own SafetensorError and others for damaged files
+        reason = " ".join(str(e).split())[:160] or type(e).__name__
+        raise ArtifactError(f"{path} is damaged ({reason}); export the artifact again") from None
+    return tensors, metadata
+
+
+def _expected_shapes(model: NextItNet) -> dict[str, tuple[int, ...]]:
+    import jax.numpy as jnp
+
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.ones((1, 2), jnp.int32))["params"])
+    return {name: tuple(leaf.shape) for name, leaf in _flatten(shapes).items()}
+
+
+def load_artifact(path: str | pathlib.Path) -> Artifact:
+    """Reads an artifact directory written by ``save_artifact``; every problem is an ArtifactError."""
+    directory = pathlib.Path(path)
+    if not directory.is_dir():
+        raise ArtifactError(f"artifact directory {directory} does not exist; give an OUT_DIR of `python -m cprec.export`")
+    manifest = _read_json(directory / MANIFEST_FILE)
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if version != FORMAT_VERSION:
+        raise ArtifactError(f"{directory / MANIFEST_FILE} has format_version {version!r}; this cprec reads format_version "
+                            f"{FORMAT_VERSION}: export the run again with this cprec")
+    model_json = _read_json(directory / MODEL_FILE)
+    try:
+        kwargs = {f: tuple(int(v) for v in model_json[f]) if f in _TUPLE_FIELDS else model_json[f]
+                  for f in MODEL_FIELDS}
+        max_len = int(model_json["max_len"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(f"{directory / MODEL_FILE} lacks a valid {e}; the artifact is damaged: export it again") from None
+    item_ids = _read_json(directory / ITEMS_FILE)
+    counts = _read_json(directory / COUNTS_FILE)
+    if not (isinstance(item_ids, list) and isinstance(counts, list) and len(item_ids) == len(counts) == kwargs["num_items"]):
+        raise ArtifactError(f"{directory}: items.json and item_counts.json do not list the model's {kwargs['num_items']} "
+                            "items; the artifact is damaged: export it again")
+    tensors, metadata = _read_params(directory / PARAMS_FILE)
+    try:
+        quantized = {name: int(axis) for name, axis in json.loads(metadata.get("quantized", "{}")).items()}
+    except (ValueError, TypeError, AttributeError):
+        raise ArtifactError(f"{directory / PARAMS_FILE} has unreadable metadata; export the artifact again") from None
+    flat: dict[str, Any] = {}
+    try:
+        for name, axis in quantized.items():
+            q, scale, offset = (tensors.pop(f"{name}.{part}") for part in _QUANT_PARTS)
+            flat[name] = QuantizedTable(q, scale.astype(np.float32), offset.astype(np.float32), axis)
+    except KeyError as e:
+        raise ArtifactError(f"{directory / PARAMS_FILE} lacks the tensor {e}; export the artifact again") from None
+    for name, array in tensors.items():
+        flat[name] = np.asarray(array).astype(np.float32)  # bfloat16 upcasts exactly
+    model = NextItNet(**kwargs)
+    try:
+        expected = _expected_shapes(model)
+    except CprecError as e:
+        raise ArtifactError(f"{directory / MODEL_FILE} describes no valid model ({e}); export it again") from None
+    got = {name: tuple(np.shape(leaf.q if is_quantized(leaf) else leaf)) for name, leaf in flat.items()}
+    if got != expected:
+        diff = sorted(set(got.items()) ^ set(expected.items()))[:3]
+        raise ArtifactError(f"{directory / PARAMS_FILE} does not match model.json (first differences: {diff}); "
+                            "export the artifact again")
+    return Artifact(kwargs, max_len, _unflatten(flat), item_ids, np.asarray(counts, np.int64), manifest)

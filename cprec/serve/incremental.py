@@ -1,0 +1,242 @@
+"""Incremental encoding for NextItNet ("Fast WaveNet Generation", Paine et al. 2016).
+
+``NextItNet.encode`` recomputes every position of a window on every request. At serving time only
+the last position is scored, and a causal conv layer of dilation d and kernel k needs just the last
+``(k - 1) * d`` inputs of that layer to produce its next output. So a user's *state* keeps, per conv
+layer, a queue of those inputs; appending one event runs one position through every layer and
+pushes one vector per queue: the work is O(layers), independent of the history length.
+
+State (a pytree, batch axis first; every row is one user):
+
+- ``"queues"``: tuple over conv layers (block 0 conv 1, block 0 conv 2, block 1 conv 1, ...) of
+  ``[B, (k - 1) * d, C]`` ring buffers; the input of absolute history position ``p`` sits in slot
+  ``p mod ((k - 1) * d)`` (a ring, not a shifted queue, so an append writes one slot per layer:
+  with a donated state XLA updates it in place);
+- ``"count"``: ``[B]`` int32, the number of events appended so far modulo the lcm of the queue
+  lengths (all the ring arithmetic needs, and it never overflows);
+- ``"h"``: ``[B, C]`` the last position's hidden state (what the output layer scores), kept so that a
+  masked step or an empty history still has an answer.
+
+Semantics: positions before a history's first item behave as the padding item (id 0) repeated
+forever. The padding id has an embedding and the convs have biases and layer norms, so the padding
+activations are not zero: ``padding_row`` computes them once per model. The incremental ``h`` equals
+``NextItNet.encode([0] * P + history)[:, -1]`` for any ``P >= receptive_field(model)``; note that
+``encode`` zero-pads *before its window*, so a shorter window (``P + len(history) < receptive field``)
+differs from it: for such windows the zeros still reach the last position.
+
+Serving is deterministic: no dropout anywhere.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from cprec.model.nextitnet import NextItNet
+from cprec.model.sharing import conv_sharing_index
+
+State = dict[str, Any]
+
+# Mirrors ResidualStack's nn.LayerNorm(epsilon=1e-6).
+LN_EPSILON = 1e-6
+
+
+def _conv_layers(model: NextItNet) -> tuple[tuple[int, int], ...]:
+    """(dilation, unique kernel index) per conv layer, in the stack's order."""
+    _, index = conv_sharing_index(model.sharing, len(model.dilations))
+    dilations = [d for r in model.dilations for d in (r, 2 * r)]
+    return tuple(zip(dilations, index))
+
+
+def _queue_lengths(model: NextItNet) -> tuple[int, ...]:
+    return tuple((model.kernel_size - 1) * d for d, _ in _conv_layers(model))
+
+
+def _count_period(model: NextItNet) -> int:
+    # Every queue length divides it, so `count mod period` gives the same slots as the true count.
+    return math.lcm(*(s for s in _queue_lengths(model) if s > 0)) if any(_queue_lengths(model)) else 1
+
+
+def receptive_field(model: NextItNet) -> int:
+    """How many positions (the current one included) the last hidden state depends on."""
+    return 1 + sum(_queue_lengths(model))
+
+
+def _layer_norm(y: jax.Array, p: dict[str, jax.Array]) -> jax.Array:
+    """flax's nn.LayerNorm over the last axis, step for step (fast variance, clipped at 0)."""
+    mean = y.mean(-1, keepdims=True)
+    mean2 = lax.square(y).mean(-1, keepdims=True)
+    var = jnp.maximum(0.0, mean2 - lax.square(mean))
+    return (y - mean) * (lax.rsqrt(var + LN_EPSILON) * p["scale"]) + p["bias"]
+
+
+def _embed_ids(module: NextItNet, ids: jax.Array) -> jax.Array:
+    return module.embed(ids)
+
+
+def _embed(model: NextItNet, params: Any, ids: jax.Array) -> jax.Array:
+    """Input embedding (full or block-wise) through the model itself, so both kinds just work."""
+    return model.apply({"params": params}, ids, method=_embed_ids)
+
+
+def _window(
+    model: NextItNet, params: Any, x: jax.Array, prefixes: tuple[jax.Array, ...] | None
+) -> tuple[jax.Array, list[jax.Array]]:
+    """The residual stack over a whole window, with a chosen left context per conv layer.
+
+    ``x``: [B, T, C] embeddings. ``prefixes``: per conv layer the [B, (k-1)*d, C] inputs before the
+    window, in position order; ``None`` means zeros, i.e. exactly ``ResidualStack``. Returns the
+    [B, T, C] outputs and, per conv layer, its [B, (k-1)*d + T, C] prefixed inputs.
+    """
+    stack = params["stack"]
+    k, c = model.kernel_size, model.dim
+    batch, t, _ = x.shape
+    layers = _conv_layers(model)
+    inputs = []
+    for b in range(len(model.dilations)):
+        y = x
+        for j in range(2):
+            layer = 2 * b + j
+            dilation, u = layers[layer]
+            pad = (k - 1) * dilation
+            pre = jnp.zeros((batch, pad, c), y.dtype) if prefixes is None else prefixes[layer]
+            yp = jnp.concatenate([pre, y], axis=1)
+            inputs.append(yp)
+            # Same shifted-slices-and-one-matmul form as causal_conv, so the numerics match encode.
+            taps = [yp[:, i * dilation : i * dilation + t, :] for i in range(k)]
+            z = jnp.concatenate(taps, axis=-1) @ stack["kernels"][u].reshape(k * c, c) + stack["biases"][u]
+            y = jax.nn.relu(_layer_norm(z, stack[f"ln_{b}_{j}"]))
+        x = x + y
+    return x, inputs
+
+
+def padding_row(model: NextItNet, params: Any) -> State:
+    """The state (batch 1) of an empty history: the activations of an endless run of padding.
+
+    A window of ``receptive_field`` padding items, zero-padded on the left like ``encode``: the
+    zeros reach layer l's inputs only at the first (sum of earlier queue lengths) positions, so the
+    last ``(k-1)*d`` inputs of every conv layer, and the last output, are those of endless padding.
+    """
+    x = _embed(model, params, jnp.zeros((1, receptive_field(model)), jnp.int32))
+    h, inputs = _window(model, params, x, None)
+    queues = tuple(inp[:, inp.shape[1] - s :, :] for inp, s in zip(inputs, _queue_lengths(model)))
+    # Slot p mod s for position p: positions -s..-1 land in slots 0..s-1, i.e. position order.
+    return {"queues": queues, "count": jnp.zeros((1,), jnp.int32), "h": h[:, -1]}
+
+
+def initial_state(model: NextItNet, params: Any, batch_size: int, row: State | None = None) -> State:
+    """The empty-history state broadcast to ``batch_size`` rows.
+
+    ``row``: a ``padding_row(model, params)`` computed once per model (else computed here).
+    """
+    row = padding_row(model, params) if row is None else row
+    return jax.tree.map(lambda a: jnp.broadcast_to(a, (batch_size,) + a.shape[1:]), row)
+
+
+def append(
+    model: NextItNet, params: Any, state: State, items: jax.Array, mask: jax.Array | None = None
+) -> tuple[State, jax.Array]:
+    """Appends one event per row: ``items`` [B] int -> (new state, h [B, C]).
+
+    ``mask`` [B] bool (default all True): rows where it is False keep their state and h unchanged.
+    Jit it with ``jax.jit(functools.partial(append, model))``: the model is static, params and
+    state are pytrees of fixed shapes, so it compiles once per batch size.
+    """
+    stack = params["stack"]
+    k, c = model.kernel_size, model.dim
+    items = jnp.asarray(items, jnp.int32)
+    mask = jnp.ones(items.shape, bool) if mask is None else jnp.asarray(mask, bool)
+    count = state["count"]
+    rows = jnp.arange(items.shape[0])
+    layers = _conv_layers(model)
+    x = _embed(model, params, items)  # [B, C]
+    queues = []
+    for b in range(len(model.dilations)):
+        y = x
+        for j in range(2):
+            layer = 2 * b + j
+            dilation, u = layers[layer]
+            q = state["queues"][layer]
+            s = q.shape[1]
+            # Tap i reads position count - s + i*dilation, i.e. slot (count + i*dilation) mod s; the
+            # last tap is the current input itself.
+            taps = [q[rows, (count + i * dilation) % s] for i in range(k - 1)] + [y]
+            if s:
+                slot = count % s  # the oldest entry (tap 0), no longer needed after this step
+                queues.append(q.at[rows, slot].set(jnp.where(mask[:, None], y, q[rows, slot])))
+            else:
+                queues.append(q)
+            z = jnp.concatenate(taps, axis=-1) @ stack["kernels"][u].reshape(k * c, c) + stack["biases"][u]
+            y = jax.nn.relu(_layer_norm(z, stack[f"ln_{b}_{j}"]))
+        x = x + y
+    h = jnp.where(mask[:, None], x, state["h"])
+    new_count = (count + mask.astype(count.dtype)) % _count_period(model)
+    return {"queues": tuple(queues), "count": new_count, "h": h}, h
+
+
+def append_many(
+    model: NextItNet,
+    params: Any,
+    state: State,
+    items: jax.Array,
+    lengths: jax.Array | None = None,
+    mask: jax.Array | None = None,
+) -> tuple[State, jax.Array]:
+    """Appends several events per row: ``items`` [B, T] -> (new state, h [B, C]).
+
+    Give either ``lengths`` [B] (row b's events are its last ``lengths[b]`` entries: left padding)
+    or ``mask`` [B, T] bool (False entries are skipped and leave the row unchanged); neither means
+    every entry is an event. A scan over ``append``: T sequential steps.
+    """
+    items = jnp.asarray(items, jnp.int32)
+    t = items.shape[1]
+    if mask is None:
+        if lengths is None:
+            mask = jnp.ones(items.shape, bool)
+        else:
+            mask = jnp.arange(t)[None, :] >= t - jnp.asarray(lengths)[:, None]
+    mask = jnp.asarray(mask, bool)
+
+    def step(carry: State, xs: tuple[jax.Array, jax.Array]) -> tuple[State, None]:
+        new, _ = append(model, params, carry, xs[0], xs[1])
+        return new, None
+
+    state, _ = lax.scan(step, state, (items.T, mask.T))
+    return state, state["h"]
+
+
+def encode_state(
+    model: NextItNet, params: Any, histories: jax.Array, row: State | None = None
+) -> tuple[State, jax.Array]:
+    """States of whole histories: ``histories`` [B, T] left-padded with 0 -> (state, h [B, C]).
+
+    Equal to ``initial_state`` followed by appending each row's items from its first non-zero id on
+    (the leading zeros are "before the history" and skipped), but computed as one parallel pass
+    over the window: each conv layer sees the padding activations (``row``'s queues) to the left
+    of the window instead of ``encode``'s zeros, and its ring buffer is gathered from the last
+    inputs. ``row``: a precomputed ``padding_row`` (else computed here).
+    """
+    row = padding_row(model, params) if row is None else row
+    histories = jnp.asarray(histories, jnp.int32)
+    batch, t = histories.shape
+    real = histories > 0
+    # Events counted from the first real item: a 0 after it is fed as item 0, like encode would.
+    n = jnp.where(real.any(axis=1), t - jnp.argmax(real, axis=1), 0).astype(jnp.int32)
+    prefixes = tuple(jnp.broadcast_to(q, (batch,) + q.shape[1:]) for q in row["queues"])
+    out, inputs = _window(model, params, _embed(model, params, histories), prefixes)
+    queues = []
+    for inp, s in zip(inputs, _queue_lengths(model)):
+        # Slot s' holds history position p = n - s + ((s' - n) mod s), at index T + ((s' - n) mod s)
+        # of the prefixed inputs (window position w sits at index w + s; p = w - (T - n)).
+        idx = t + (jnp.arange(s)[None, :] - n[:, None]) % s if s else jnp.zeros((batch, 0), jnp.int32)
+        queues.append(jnp.take_along_axis(inp, idx[:, :, None], axis=1))
+    h = out[:, -1]
+    return {"queues": tuple(queues), "count": n % _count_period(model), "h": h}, h
+
+
+def state_nbytes(state: State) -> int:
+    """Bytes the state's arrays hold, for all its rows (a batch-1 state: one user's cost)."""
+    return int(sum(leaf.nbytes for leaf in jax.tree.leaves(state)))

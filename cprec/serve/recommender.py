@@ -1,0 +1,314 @@
+"""`Recommender`: top-n recommendations, candidate scores and incremental sessions in raw item ids.
+
+    rec = Recommender.load("exports/cprec-1m")
+    [r] = rec.recommend([[1193, 661, 914]], n=20)          # r.items, r.scores, r.exact, r.unknown_items
+    rec.score([1193, 661, 914], candidates=[3408, 2355])    # exact log-probs of a few candidates
+    s = rec.session([1193, 661]); s.append([914]); s.recommend(20)   # O(layers) per new event
+
+Everything per model (dequantised statistics of the early stop, the padding state of a session) is
+computed once at load; every call pads its batch to a few bucket shapes, so a server compiles each
+shape once. Item tables quantised to int8 stay int8 in memory and are dequantised inside the jitted
+calls. Imports the model package only (never training or evaluation).
+"""
+from __future__ import annotations
+
+import collections
+from collections.abc import Hashable, Iterable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cprec.errors import CprecError
+from cprec.model.nextitnet import NextItNet
+from cprec.serve.artifact import Artifact, load_artifact
+from cprec.serve.incremental import append_many, encode_state, padding_row, receptive_field, state_nbytes
+from cprec.serve.quantize import dequantize_tree
+
+CONTEXTS = ("window", "stream")
+
+
+class RequestError(CprecError, ValueError):
+    """A request the model cannot answer as asked (e.g. n outside [1, number of items])."""
+
+
+class Recommendation(NamedTuple):
+    items: list  # raw item ids, best first
+    scores: list[float]  # their log-probabilities
+    exact: bool  # False only when max_clusters stopped a cluster that could have changed the list
+    unknown_items: list  # history ids the model does not know (skipped)
+
+
+class Scores(NamedTuple):
+    scores: list  # log-probability per candidate, None for an unknown candidate
+    unknown_items: list  # unknown history and candidate ids (skipped / None)
+
+
+def bucket(size: int, smallest: int = 1, largest: int | None = None) -> int:
+    """The padded size of a dimension: the next power of two >= size (and >= smallest), capped at largest."""
+    b = max(smallest, 1 << max(0, int(size) - 1).bit_length())
+    return b if largest is None else min(b, largest)
+
+
+class ItemIds:
+    """Raw dataset item id <-> internal id (1..V-1; 0 is padding)."""
+
+    def __init__(self, raw_ids: Sequence) -> None:
+        self.raw = list(raw_ids)
+        self._index = {raw: i for i, raw in enumerate(self.raw) if i > 0}
+
+    def internal(self, raw_ids: Iterable) -> tuple[list[int], list]:
+        """(known internal ids in order, unknown raw ids)."""
+        known, unknown = [], []
+        for r in raw_ids:
+            i = self._index.get(r)
+            if i is None and isinstance(r, str) and r.lstrip("-").isdigit():
+                i = self._index.get(int(r))  # JSON clients may send integer ids as strings
+            (known.append(i) if i is not None else unknown.append(r))
+        return known, unknown
+
+
+class Recommender:
+    """A trained model loaded from an export directory (``python -m cprec.export``), for serving.
+
+    ``context``: what a stateless ``recommend`` reads of a history. 'window' (default): the last
+    L items, left-padded, as the model was trained and evaluated; 'stream': everything in the
+    receptive field, as a ``Session`` does (see the README for which scores better).
+    """
+
+    def __init__(self, artifact: Artifact, context: str = "window", max_batch: int = 256) -> None:
+        if context not in CONTEXTS:
+            raise RequestError(f"context={context!r} is unknown; valid choices: {', '.join(CONTEXTS)}")
+        self.artifact, self.context, self.max_batch = artifact, context, max_batch
+        self.model: NextItNet = artifact.model()
+        self.ids = ItemIds(artifact.item_ids)
+        self.num_items = len(artifact.item_ids)
+        self.max_len = int(artifact.max_len)
+        self.receptive_field = receptive_field(self.model)
+        self.num_tail_clusters = max(0, len(self.model.cutoffs) - 1) if self.model.softmax == "tree" else 0
+        self.params = jax.device_put(artifact.params)  # int8 tables stay int8 on the device
+        model = self.model
+        # Per model, once: the early stop's statistics (from the dequantised weights, so the bound
+        # holds for the model that is served) and the state of an empty session.
+        self.stats = jax.jit(lambda p: model.apply({"params": dequantize_tree(p)}, method=NextItNet.serving_stats))(
+            self.params)
+        self._padding = jax.jit(lambda p: padding_row(model, dequantize_tree(p)))(self.params)
+        self._hidden_fn = jax.jit(self._hidden)
+        self._top_fn = jax.jit(self._top, static_argnums=5)
+        self._score_fn = jax.jit(self._score)
+        self._append_fn = jax.jit(self._append)
+        self._state_fn = jax.jit(self._state)
+
+    @classmethod
+    def load(cls, path: str, **kwargs: Any) -> "Recommender":
+        return cls(load_artifact(path), **kwargs)
+
+    # -- jitted pieces: parameters (possibly quantised) are arguments, dequantised inside ----------
+
+    def _hidden(self, params, histories):
+        """h [B, d] after each row's last item; histories [B, T] left-padded with 0."""
+        p = dequantize_tree(params)
+        if self.context == "window":
+            return self.model.apply({"params": p}, histories, method=NextItNet.encode)[:, -1]
+        return encode_state(self.model, p, histories, self._padding)[1]
+
+    def _top(self, params, stats, h, exclude, budget, n):
+        p = dequantize_tree(params)
+        return self.model.apply({"params": p}, h, n, stats, exclude, budget,
+                                method=lambda m, *a: m.head.recommend(*a))
+
+    def _score(self, params, h, candidates):
+        return self.model.apply({"params": dequantize_tree(params)}, h, candidates,
+                                method=lambda m, *a: m.head.score(*a))
+
+    def _append(self, params, state, items, mask):
+        return append_many(self.model, dequantize_tree(params), state, items, mask=mask)
+
+    def _state(self, params, histories):
+        return encode_state(self.model, dequantize_tree(params), histories, self._padding)
+
+    # -- public API ------------------------------------------------------------------------------
+
+    @property
+    def context_len(self) -> int:
+        return self.max_len if self.context == "window" else self.receptive_field
+
+    def check_n(self, n: int) -> int:
+        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or not 1 <= n < self.num_items:
+            raise RequestError(f"n={n!r} is invalid: ask for 1 to {self.num_items - 1} items (the catalogue)")
+        return int(n)
+
+    def recommend(self, histories: Sequence[Sequence], n: int = 20, exclude_seen: bool = True,
+                  max_clusters: int | Sequence[int | None] | None = None) -> list[Recommendation]:
+        """Top-n next items for each history of raw ids (most recent last), best first.
+
+        Unknown ids are skipped and reported per row. ``exclude_seen``: never recommend an item of
+        the history (exact: excluded items score -inf, the early stop's bounds still hold).
+        ``max_clusters``: at most this many tail clusters per row (one value or one per row; None =
+        exact); the result says whether each row is exact.
+        """
+        n = self.check_n(n)
+        known, unknown = zip(*(self.ids.internal(h) for h in histories)) if histories else ((), ())
+        budgets = list(max_clusters) if isinstance(max_clusters, (list, tuple)) else [max_clusters] * len(known)
+        if len(budgets) != len(known):
+            raise RequestError(f"max_clusters has {len(budgets)} values for {len(known)} histories")
+        hidden = self.hidden(known)
+        seen = [sorted(set(k)) if exclude_seen else [] for k in known]
+        return [Recommendation(items, scores, exact, list(u)) for (items, scores, exact), u in
+                zip(self.top(hidden, n, seen, budgets), unknown)]
+
+    def hidden(self, histories: Sequence[Sequence[int]]) -> np.ndarray:
+        """The hidden states [B, d] of internal-id histories (encoded in bucketed batches)."""
+        t = self.context_len
+        out = []
+        for start in range(0, len(histories), self.max_batch):
+            rows = histories[start:start + self.max_batch]
+            x = np.zeros((bucket(len(rows), largest=self.max_batch), t), np.int32)
+            for r, items in enumerate(rows):
+                items = items[-t:]
+                if items:
+                    x[r, t - len(items):] = items
+            out.append(np.asarray(self._hidden_fn(self.params, x))[:len(rows)])
+        return np.concatenate(out) if out else np.zeros((0, self.model.dim), np.float32)
+
+    def top(self, hidden: np.ndarray, n: int, exclude: Sequence[Sequence[int]],
+            budgets: Sequence[int | None]) -> list[tuple[list, list[float], bool]]:
+        """Top-n (raw ids, scores, exact) from hidden states, with per-row exclusions and budgets."""
+        n = self.check_n(n)
+        n_pad = bucket(n, smallest=8, largest=self.num_items - 1)  # few compiled n, sliced per request
+        results = []
+        for start in range(0, len(hidden), self.max_batch):
+            h = hidden[start:start + self.max_batch]
+            rows = bucket(len(h), largest=self.max_batch)
+            excl = exclude[start:start + self.max_batch]
+            e = np.full((rows, bucket(max((len(x) for x in excl), default=0), smallest=8)), -1, np.int32)
+            for r, ids in enumerate(excl):
+                e[r, :len(ids)] = ids
+            b = np.full((rows,), self.num_tail_clusters, np.int32)
+            for r, budget in enumerate(budgets[start:start + self.max_batch]):
+                if budget is not None:
+                    if int(budget) < 0:
+                        raise RequestError(f"max_clusters={budget} is invalid: give 0 or more tail clusters (or null)")
+                    b[r] = min(int(budget), self.num_tail_clusters)
+            hp = np.zeros((rows, h.shape[1]), np.float32)
+            hp[:len(h)] = h
+            scores, ids, _, exact = (np.asarray(x) for x in self._top_fn(self.params, self.stats, hp, e, b, n_pad))
+            for r in range(len(h)):
+                keep = np.isfinite(scores[r, :n])
+                results.append(([self.ids.raw[i] for i in ids[r, :n][keep]], scores[r, :n][keep].tolist(),
+                                bool(exact[r])))
+        return results
+
+    def score(self, history: Sequence, candidates: Sequence) -> Scores:
+        """Exact log-probabilities of the next item being each candidate (raw ids), the history
+        encoded once and only the head and the candidates' clusters normalised."""
+        known, unknown = self.ids.internal(history)
+        h = self.hidden([known])
+        cand = np.zeros((1, bucket(len(candidates), smallest=8)), np.int32)  # id 0 (padding) scores -inf
+        internal = []
+        for j, c in enumerate(candidates):
+            found, missing = self.ids.internal([c])
+            internal.append(found[0] if found else None)
+            unknown = [*unknown, *missing]
+            cand[0, j] = found[0] if found else 0
+        out = np.asarray(self._score_fn(self.params, h, cand))[0]
+        return Scores([float(out[j]) if i is not None else None for j, i in enumerate(internal)], list(unknown))
+
+    def session(self, history: Sequence = ()) -> "Session":
+        """A user's cached state: each ``append`` costs O(layers), not O(L x layers)."""
+        known, unknown = self.ids.internal(history)
+        return Session(self, self._encode_session(known), set(known), unknown)
+
+    def _encode_session(self, known: Sequence[int]):
+        t = self.receptive_field  # earlier items cannot reach the state
+        x = np.zeros((1, t), np.int32)
+        tail = list(known)[-t:]
+        if tail:
+            x[0, t - len(tail):] = tail
+        state, _ = self._state_fn(self.params, x)
+        return state
+
+
+class Session:
+    """One user's incremental state (batch 1) and the items seen so far."""
+
+    def __init__(self, rec: Recommender, state: Any, seen: set[int], unknown: list) -> None:
+        self.rec, self.state, self.seen, self.unknown_items = rec, state, seen, list(unknown)
+
+    def append(self, items: Sequence) -> list:
+        """Appends events (raw ids, oldest first); returns the unknown ones, which are skipped."""
+        known, unknown = self.rec.ids.internal(items)
+        self.unknown_items.extend(unknown)
+        if known:
+            t = bucket(len(known), smallest=4)
+            x = np.zeros((1, t), np.int32)
+            x[0, t - len(known):] = known
+            mask = x > 0
+            self.state, _ = self.rec._append_fn(self.rec.params, self.state, x, mask)
+            self.seen.update(known)
+        return unknown
+
+    def recommend(self, n: int = 20, exclude_seen: bool = True, max_clusters: int | None = None) -> Recommendation:
+        h = np.asarray(self.state["h"])
+        [(items, scores, exact)] = self.rec.top(h, n, [sorted(self.seen) if exclude_seen else []], [max_clusters])
+        return Recommendation(items, scores, exact, list(self.unknown_items))
+
+    @property
+    def nbytes(self) -> int:
+        return state_nbytes(self.state) + 28 * len(self.seen)  # the seen set: about one int object per item
+
+
+class SessionStore:
+    """Sessions by user id, least recently used first out, bounded by entries and bytes."""
+
+    def __init__(self, rec: Recommender, max_entries: int = 100_000, max_bytes: int = 1 << 30) -> None:
+        self.rec, self.max_entries, self.max_bytes = rec, max_entries, max_bytes
+        self._sessions: collections.OrderedDict[Hashable, Session] = collections.OrderedDict()
+        self.nbytes = 0
+        self.evicted = 0
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __contains__(self, user: Hashable) -> bool:
+        return user in self._sessions
+
+    def get(self, user: Hashable) -> Session:
+        """The user's session (a new empty one if none), now the most recently used."""
+        session = self._sessions.pop(user, None)
+        if session is None:
+            session = self.rec.session()
+        else:
+            self.nbytes -= session.nbytes
+        return self._put(user, session)
+
+    def append(self, user: Hashable, items: Sequence) -> Session:
+        session = self.get(user)
+        self.nbytes -= session.nbytes
+        session.append(items)
+        self.nbytes += session.nbytes
+        self._evict()
+        return session
+
+    def delete(self, user: Hashable) -> bool:
+        session = self._sessions.pop(user, None)
+        if session is not None:
+            self.nbytes -= session.nbytes
+        return session is not None
+
+    def _put(self, user: Hashable, session: Session) -> Session:
+        self._sessions[user] = session
+        self.nbytes += session.nbytes
+        self._evict(keep=user)
+        return session
+
+    def _evict(self, keep: Hashable | None = None) -> None:
+        while self._sessions and (len(self._sessions) > self.max_entries or self.nbytes > self.max_bytes):
+            user, oldest = next(iter(self._sessions.items()))
+            if user == keep and len(self._sessions) == 1:
+                break  # a single session larger than the byte bound is still served
+            self._sessions.pop(user)
+            self.nbytes -= oldest.nbytes
+            self.evicted += 1
+

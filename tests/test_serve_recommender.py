@@ -1,0 +1,156 @@
+"""cprec.serve.Recommender against the plain model: raw ids, exclusions, budgets, scores, sessions."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cprec.model.nextitnet import NextItNet
+from cprec.serve.artifact import Artifact, model_kwargs_of
+from cprec.serve.quantize import quantize_params
+from cprec.serve.recommender import Recommender, RequestError, SessionStore
+
+V, D, L = 60, 8, 10
+
+
+def _artifact(softmax="tree", quantized=False) -> Artifact:
+    kw = dict(num_items=V, dim=D, dilations=(1, 2, 1, 4), sharing="cross_block")
+    if softmax == "tree":
+        kw.update(embedding="blockwise", softmax="tree", cutoffs=(12, 30, V), ranks=(D, 4, 2))
+    model = NextItNet(**kw)
+    params = model.init(jax.random.PRNGKey(0), jnp.ones((1, 2), jnp.int32))["params"]
+    rng = np.random.default_rng(0)
+    # Non-zero biases and LayerNorm offsets, and scores spread enough that the top-n is not all ties.
+    params = jax.tree.map(lambda x: np.asarray(x) * 3 + 0.3 * rng.standard_normal(x.shape).astype(np.float32), params)
+    if quantized:
+        params = quantize_params(params)
+    ids = [None] + [f"movie-{i}" for i in range(1, V)]  # raw ids are strings here
+    return Artifact(model_kwargs_of(model), L, params, ids, np.arange(V)[::-1].copy(), {})
+
+
+def _raw(ids):
+    return [f"movie-{i}" for i in ids]
+
+
+def _reference_top(model, params, histories, n, exclude_seen, window=L):
+    """Full log-softmax over all items of the plain model, a numpy sort."""
+    x = np.zeros((len(histories), window), np.int32)
+    for r, h in enumerate(histories):
+        h = h[-window:]
+        x[r, window - len(h):] = h
+    lp = np.array(model.apply({"params": params}, jnp.asarray(x), method=NextItNet.last_log_prob))
+    lp[:, 0] = -np.inf
+    if exclude_seen:
+        for r, h in enumerate(histories):
+            lp[r, h] = -np.inf
+    return np.argsort(-lp, axis=1, kind="stable")[:, :n], np.sort(lp, axis=1)[:, ::-1][:, :n], lp
+
+
+@pytest.fixture(scope="module", params=["tree", "full"])
+def served(request):
+    art = _artifact(request.param)
+    return art, Recommender(art)
+
+
+HISTORIES = [[3, 5, 7], [40, 41, 2, 2, 13, 58, 59, 1, 30, 31, 32, 33], [20]]
+
+
+@pytest.mark.parametrize("exclude_seen", [False, True])
+def test_recommend_matches_the_full_softmax_in_raw_ids(served, exclude_seen):
+    art, rec = served
+    got = rec.recommend([_raw(h) for h in HISTORIES], n=15, exclude_seen=exclude_seen)
+    ids, scores, _ = _reference_top(art.model(), art.params, HISTORIES, 15, exclude_seen)
+    for r, res in enumerate(got):
+        assert res.exact and res.unknown_items == []
+        np.testing.assert_allclose(res.scores, scores[r], rtol=1e-5, atol=1e-5)
+        assert res.items == _raw(ids[r])  # scores are spread: no ties to reorder
+        if exclude_seen:
+            assert not set(res.items) & set(_raw(HISTORIES[r]))
+
+
+def test_unknown_ids_are_skipped_and_reported(served):
+    _, rec = served
+    [with_unknown] = rec.recommend([["movie-3", "new-item", "movie-5", 999_999, "movie-7"]], n=5)
+    [plain] = rec.recommend([_raw([3, 5, 7])], n=5)
+    assert with_unknown.unknown_items == ["new-item", 999_999]
+    assert with_unknown.items == plain.items
+    [empty] = rec.recommend([["nothing-known"]], n=3)
+    assert len(empty.items) == 3 and empty.unknown_items == ["nothing-known"]
+
+
+def test_long_histories_are_truncated_to_what_the_model_sees(served):
+    _, rec = served
+    long = list(np.random.default_rng(1).integers(1, V, 5000))
+    [a] = rec.recommend([_raw(long)], n=5, exclude_seen=False)
+    [b] = rec.recommend([_raw(long[-L:])], n=5, exclude_seen=False)
+    assert a.items == b.items
+
+
+def test_bad_n_is_a_request_error(served):
+    _, rec = served
+    for n in (0, -1, V, 2.5, True):
+        with pytest.raises(RequestError, match="is invalid: ask for 1 to"):
+            rec.recommend([_raw([1])], n=n)
+
+
+def test_cluster_budget_trades_exactness(served):
+    art, rec = served
+    full = rec.recommend([_raw(h) for h in HISTORIES], n=25, exclude_seen=False)
+    none = rec.recommend([_raw(h) for h in HISTORIES], n=25, exclude_seen=False, max_clusters=0)
+    if art.model().softmax == "full":
+        assert all(r.exact for r in none) and [r.items for r in none] == [r.items for r in full]
+        return
+    for a, b in zip(full, none):
+        # n = 25 > the 11 real head items: without any tail cluster the list cannot be exact.
+        assert a.exact and not b.exact and len(b.items) == 11
+
+
+def test_score_equals_the_full_log_prob(served):
+    art, rec = served
+    _, _, lp = _reference_top(art.model(), art.params, [HISTORIES[1]], 1, False)
+    cands = [1, 11, 12, 29, 30, 59]
+    out = rec.score(_raw(HISTORIES[1]), _raw(cands) + ["unknown"])
+    np.testing.assert_allclose(out.scores[:-1], lp[0, cands], rtol=1e-5, atol=1e-5)
+    assert out.scores[-1] is None and out.unknown_items == ["unknown"]
+
+
+def test_session_appends_equal_the_stream_recommendation(served):
+    art, _ = served
+    stream = Recommender(art, context="stream")
+    history = [40, 41, 2, 13, 58, 59, 1, 30]
+    session = stream.session(_raw(history[:3]))
+    for item in history[3:]:
+        session.append(_raw([item]))
+    [want] = stream.recommend([_raw(history)], n=10)
+    got = session.recommend(10)
+    assert got.items == want.items
+    np.testing.assert_allclose(got.scores, want.scores, rtol=1e-5, atol=1e-5)
+    assert not set(got.items) & set(_raw(history))
+
+
+def test_int8_artifact_recommends_like_its_dequantised_model():
+    art = _artifact("tree", quantized=True)
+    rec = Recommender(art)
+    assert any(getattr(leaf, "dtype", None) == np.uint8 or str(getattr(leaf, "dtype", "")) in ("int8", "uint8")
+               for leaf in jax.tree.leaves(rec.params))
+    from cprec.serve.quantize import dequantize_tree
+
+    ids, scores, _ = _reference_top(art.model(), dequantize_tree(art.params), HISTORIES, 10, True)
+    for r, res in enumerate(rec.recommend([_raw(h) for h in HISTORIES], n=10)):
+        np.testing.assert_allclose(res.scores, scores[r], rtol=1e-4, atol=1e-4)
+        assert res.exact
+
+
+def test_session_store_is_bounded_lru(served):
+    _, rec = served
+    store = SessionStore(rec, max_entries=2)
+    store.append("a", _raw([1, 2]))
+    store.append("b", _raw([3]))
+    store.get("a")  # a is now the most recent
+    store.append("c", _raw([4]))
+    assert "b" not in store and "a" in store and "c" in store and store.evicted == 1
+    one = store.get("a").nbytes
+    small = SessionStore(rec, max_entries=100, max_bytes=int(2.5 * one))
+    for user in "uvwxyz":
+        small.append(user, _raw([5]))
+    assert len(small) == 2 and small.nbytes <= 2.5 * one
+    assert small.delete("z") and not small.delete("z")
