@@ -25,7 +25,7 @@ import numpy as np
 from cprec.data import store
 from cprec.data.dataset import cache_directory, item_raw_ids, prepare_command
 from cprec.errors import DataError, WorkdirError, exit_on_user_error
-from cprec.eval.pretrained import SOURCES, load_run, run_config
+from cprec.eval.pretrained import SOURCES, find_checkpoint, load_run, run_config
 from cprec.serve.artifact import DTYPES, Artifact, check_out_dir, model_kwargs_of, save_artifact
 
 
@@ -38,26 +38,6 @@ def extra_exports(out_dir: pathlib.Path, artifact: Artifact) -> None:
     written here become part of the artifact, atomically, and are counted in its manifest. The place for, e.g., a `jax.export` StableHLO serialisation
     of the recommend function (`artifact.model().top_k` on `artifact.float_params()`).
     """
-
-
-def _kept_steps(directory: pathlib.Path) -> list[int]:
-    """The step folders of an orbax checkpoint directory (orbax names them by step)."""
-    if not directory.is_dir():
-        return []
-    return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
-
-
-def _check_checkpoints(run_dir: pathlib.Path, source: str | None, step: int | None) -> None:
-    """The errors of `load_run` about checkpoints, raised before anything (data included) is prepared."""
-    for subdir in (source,) if source else SOURCES:
-        steps = _kept_steps(run_dir / subdir)
-        if not steps:
-            continue
-        if step is not None and step not in steps:
-            raise WorkdirError(f"{run_dir / subdir} has no step {step}; its kept steps are {', '.join(map(str, steps))}")
-        return
-    where = f"{source}/" if source else "best/ or checkpoints/"
-    raise WorkdirError(f"{run_dir} has no checkpoint ({where}); train it first with run.py")
 
 
 def _check_prepared_data(run_dir: pathlib.Path, data_cfg, log) -> None:
@@ -96,7 +76,7 @@ def export(run_dir: str | pathlib.Path, out_dir: str | pathlib.Path, *, dtype: s
     run_dir = pathlib.Path(run_dir)
     out_dir = check_out_dir(out_dir, force)
     config = run_config(run_dir)
-    _check_checkpoints(run_dir, source, step)
+    find_checkpoint(run_dir, source, step)  # a missing checkpoint or step is refused before any data is prepared
     _check_prepared_data(run_dir, config.data, log)
     run = load_run(run_dir, source=source, step=step)
     item_ids = item_raw_ids(run.data)
@@ -124,9 +104,12 @@ def summary(out_dir: pathlib.Path, run_dir: pathlib.Path) -> str:
     width = max(len(name) for name in manifest["files"])
     lines += [f"  {name:<{width}}  {size:>14,} bytes" for name, size in manifest["files"].items()]
     lines.append(f"  {'total':<{width}}  {total:>14,} bytes")
-    steps = _kept_steps(run_dir / "checkpoints")
-    if steps:
-        ckpt = run_dir / "checkpoints" / str(steps[-1])
+    try:
+        _, latest = find_checkpoint(run_dir, "checkpoints")
+    except WorkdirError:  # a run keeping only best/: nothing to compare with
+        latest = None
+    if latest is not None:
+        ckpt = run_dir / "checkpoints" / str(latest)
         size = _tree_bytes(ckpt)
         lines.append(f"latest training checkpoint {ckpt} (parameters + Adam moments): {size:,} bytes; "
                      f"the artifact is {size / max(total, 1):.2f}x smaller")

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import jax
 import ml_collections
 
-from cprec.runtime.checkpointing import Checkpointer, best_state_like
+from cprec.runtime.checkpointing import Checkpointer
 from cprec.data import SequenceDataset, load_dataset
 from cprec.errors import WorkdirError
 from cprec.model.builder import build_model, init_params
@@ -48,6 +48,33 @@ def run_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
 SOURCES = ("best", "checkpoints")  # best-validation parameters; the latest training checkpoints
 
 
+def find_checkpoint(workdir: str | pathlib.Path, source: str | None = None, step: int | None = None) -> tuple[str, int]:
+    """(subdir, step) of the parameters ``load_run`` reads: ``source`` ('best' or 'checkpoints';
+    default best, else checkpoints) and a kept ``step`` of it (default its latest).
+
+    Needs no data and builds no model, so a caller can refuse a run before preparing anything.
+    """
+    workdir = pathlib.Path(workdir)
+    if source is not None and source not in SOURCES:
+        raise WorkdirError(f"checkpoint source {source!r} is unknown; valid choices: {', '.join(SOURCES)}")
+    for subdir in (source,) if source else SOURCES:
+        if not (workdir / subdir).is_dir():
+            continue
+        ckpt = Checkpointer(workdir, 1, subdir=subdir)
+        try:
+            steps = ckpt.all_steps()
+        finally:
+            ckpt.close()
+        if not steps:
+            continue
+        if step is not None and step not in steps:
+            raise WorkdirError(f"{workdir / subdir} has no step {step}; its kept steps are "
+                               f"{', '.join(map(str, steps))}")
+        return subdir, steps[-1] if step is None else step
+    where = f"{source}/" if source else "best/ or checkpoints/"
+    raise WorkdirError(f"{workdir} has no checkpoint ({where}); train it first with run.py")
+
+
 def load_run(workdir: str | pathlib.Path, verbose: bool = False, source: str | None = None,
              step: int | None = None) -> Run:
     """Config, data, model and parameters of the run in `workdir`.
@@ -57,29 +84,13 @@ def load_run(workdir: str | pathlib.Path, verbose: bool = False, source: str | N
     e.g. to score a run that is still training.
     """
     workdir = pathlib.Path(workdir)
-    if source is not None and source not in SOURCES:
-        raise WorkdirError(f"checkpoint source {source!r} is unknown; valid choices: {', '.join(SOURCES)}")
     config = run_config(workdir)
+    subdir, chosen = find_checkpoint(workdir, source, step)  # before the data: a wrong step costs nothing
     data = load_dataset(config.data, verbose=verbose)
     model = build_model(config, data.item_counts)
-    params = init_params(model, config.seed)
-    for subdir in (source,) if source else SOURCES:
-        if not (workdir / subdir).is_dir():
-            continue
-        ckpt = Checkpointer(workdir, 1, subdir=subdir)
-        try:
-            steps = ckpt.all_steps()
-            if not steps:
-                continue
-            if step is not None and step not in steps:
-                raise WorkdirError(f"{workdir / subdir} has no step {step}; its kept steps are "
-                                   f"{', '.join(map(str, steps))}")
-            chosen = steps[-1] if step is None else step
-            like = best_state_like(params) if subdir == "best" else {"params": params}
-            restored = ckpt.restore(chosen, like, partial=True)  # the parameters alone, no optimizer slots
-        finally:
-            ckpt.close()
-        return Run(config, data, model, jax.device_get(restored["params"]), int(chosen), subdir)
-    where = f"{source}/" if source else "best/ or checkpoints/"
-    raise WorkdirError(f"{workdir} has no checkpoint ({where}); train it first with run.py")
-
+    ckpt = Checkpointer(workdir, 1, subdir=subdir)
+    try:  # the parameters alone (of a best/ or a training checkpoint): no optimizer slots
+        restored = ckpt.restore(chosen, {"params": init_params(model, config.seed)}, partial=True)
+    finally:
+        ckpt.close()
+    return Run(config, data, model, jax.device_get(restored["params"]), int(chosen), subdir)
