@@ -21,13 +21,21 @@ def causal_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, dilatio
     Returns:
       [B, T, C_out]; output t depends on inputs at positions <= t only.
     """
-    k, c_in, c_out = kernel.shape
-    t = x.shape[1]
-    pad = (k - 1) * dilation
+    pad = (kernel.shape[0] - 1) * dilation
     # Left (causal) padding only: position t never sees t+1..T.
-    xp = jnp.pad(x, ((0, 0), (pad, 0), (0, 0)))
-    taps = [xp[:, i * dilation : i * dilation + t, :] for i in range(k)]
+    return padded_conv(jnp.pad(x, ((0, 0), (pad, 0), (0, 0))), kernel, bias, dilation)
+
+
+def padded_conv(xp: jax.Array, kernel: jax.Array, bias: jax.Array | None, dilation: int) -> jax.Array:
+    """``causal_conv`` of an input whose first (k - 1) * dilation positions are its left context:
+    [B, (k-1)*dilation + T, C] -> [B, T, C_out] (zeros as the context is ``causal_conv``)."""
+    k = kernel.shape[0]
+    t = xp.shape[1] - (k - 1) * dilation
+    return tap_matmul([xp[:, i * dilation : i * dilation + t, :] for i in range(k)], kernel, bias)
+
+
+def tap_matmul(taps: list[jax.Array], kernel: jax.Array, bias: jax.Array | None) -> jax.Array:
+    """The conv's one matmul: the k taps [..., C] (oldest first) on channels times [k*C, C_out]."""
+    k, c_in, c_out = kernel.shape
     y = jnp.concatenate(taps, axis=-1) @ kernel.reshape(k * c_in, c_out)
-    if bias is not None:
-        y = y + bias
-    return y
+    return y if bias is None else y + bias

@@ -17,6 +17,10 @@ from cprec.model.sharing import conv_sharing_index
 from cprec.model.tree_softmax import BlockwiseSoftmax
 
 
+# Far below the activations' variance (order 1): it only guards the division.
+LAYER_NORM_EPSILON = 1e-6
+
+
 class ResidualStack(nn.Module):
     """Residual blocks: conv(r) -> LN -> ReLU -> conv(2r) -> LN -> ReLU, plus the input.
 
@@ -38,13 +42,12 @@ class ResidualStack(nn.Module):
         )
         kernels = self.param("kernels", init, (n_unique, k, c, c))
         biases = self.param("biases", nn.initializers.zeros, (n_unique, c))
-        # LayerNorm epsilon 1e-6: far below the activations' variance (order 1), it only guards the division.
         for b, r in enumerate(self.dilations):
             y = x
             for j, dilation in enumerate((r, 2 * r)):
                 u = index[2 * b + j]
                 y = causal_conv(y, kernels[u], biases[u], dilation)
-                y = nn.relu(nn.LayerNorm(epsilon=1e-6, name=f"ln_{b}_{j}")(y))
+                y = nn.relu(nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, name=f"ln_{b}_{j}")(y))
             x = x + y
         return x
 

@@ -31,17 +31,16 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cprec.model.nextitnet import NextItNet
+from cprec.model.conv import padded_conv, tap_matmul
+from cprec.model.nextitnet import LAYER_NORM_EPSILON, NextItNet
 from cprec.model.sharing import conv_sharing_index
 
 State = dict[str, Any]
-
-# Mirrors ResidualStack's nn.LayerNorm(epsilon=1e-6).
-LN_EPSILON = 1e-6
 
 
 def _conv_layers(model: NextItNet) -> tuple[tuple[int, int], ...]:
@@ -66,11 +65,8 @@ def receptive_field(model: NextItNet) -> int:
 
 
 def _layer_norm(y: jax.Array, p: dict[str, jax.Array]) -> jax.Array:
-    """flax's nn.LayerNorm over the last axis, step for step (fast variance, clipped at 0)."""
-    mean = y.mean(-1, keepdims=True)
-    mean2 = lax.square(y).mean(-1, keepdims=True)
-    var = jnp.maximum(0.0, mean2 - lax.square(mean))
-    return (y - mean) * (lax.rsqrt(var + LN_EPSILON) * p["scale"]) + p["bias"]
+    """The stack's LayerNorm with the parameters ``p`` of one layer (``ln_{b}_{j}``)."""
+    return nn.LayerNorm(epsilon=LAYER_NORM_EPSILON).apply({"params": p}, y)
 
 
 def _embed_ids(module: NextItNet, ids: jax.Array) -> jax.Array:
@@ -93,7 +89,7 @@ def _window(
     """
     stack = params["stack"]
     k, c = model.kernel_size, model.dim
-    batch, t, _ = x.shape
+    batch = x.shape[0]
     layers = _conv_layers(model)
     inputs = []
     for b in range(len(model.dilations)):
@@ -105,9 +101,8 @@ def _window(
             pre = jnp.zeros((batch, pad, c), y.dtype) if prefixes is None else prefixes[layer]
             yp = jnp.concatenate([pre, y], axis=1)
             inputs.append(yp)
-            # Same shifted-slices-and-one-matmul form as causal_conv, so the numerics match encode.
-            taps = [yp[:, i * dilation : i * dilation + t, :] for i in range(k)]
-            z = jnp.concatenate(taps, axis=-1) @ stack["kernels"][u].reshape(k * c, c) + stack["biases"][u]
+            # The model's own conv (shifted slices, one matmul), so the numerics match encode.
+            z = padded_conv(yp, stack["kernels"][u], stack["biases"][u], dilation)
             y = jax.nn.relu(_layer_norm(z, stack[f"ln_{b}_{j}"]))
         x = x + y
     return x, inputs
@@ -146,7 +141,7 @@ def append(
     state are pytrees of fixed shapes, so it compiles once per batch size.
     """
     stack = params["stack"]
-    k, c = model.kernel_size, model.dim
+    k = model.kernel_size
     items = jnp.asarray(items, jnp.int32)
     mask = jnp.ones(items.shape, bool) if mask is None else jnp.asarray(mask, bool)
     count = state["count"]
@@ -169,7 +164,7 @@ def append(
                 queues.append(q.at[rows, slot].set(jnp.where(mask[:, None], y, q[rows, slot])))
             else:
                 queues.append(q)
-            z = jnp.concatenate(taps, axis=-1) @ stack["kernels"][u].reshape(k * c, c) + stack["biases"][u]
+            z = tap_matmul(taps, stack["kernels"][u], stack["biases"][u])
             y = jax.nn.relu(_layer_norm(z, stack[f"ln_{b}_{j}"]))
         x = x + y
     h = jnp.where(mask[:, None], x, state["h"])
