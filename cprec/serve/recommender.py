@@ -17,7 +17,6 @@ from collections.abc import Hashable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from cprec.errors import CprecError
@@ -49,6 +48,16 @@ def bucket(size: int, smallest: int = 1, largest: int | None = None) -> int:
     """The padded size of a dimension: the next power of two >= size (and >= smallest), capped at largest."""
     b = max(smallest, 1 << max(0, int(size) - 1).bit_length())
     return b if largest is None else min(b, largest)
+
+
+def left_padded(rows: Sequence[Sequence[int]], width: int, num_rows: int | None = None) -> np.ndarray:
+    """[num_rows, width] int32: each row's last ``width`` ids at the right, 0 (padding) before them."""
+    out = np.zeros((len(rows) if num_rows is None else num_rows, width), np.int32)
+    for r, ids in enumerate(rows):
+        ids = list(ids)[-width:]
+        if ids:
+            out[r, width - len(ids):] = ids
+    return out
 
 
 class ItemIds:
@@ -164,11 +173,7 @@ class Recommender:
         out = []
         for start in range(0, len(histories), self.max_batch):
             rows = histories[start:start + self.max_batch]
-            x = np.zeros((bucket(len(rows), largest=self.max_batch), t), np.int32)
-            for r, items in enumerate(rows):
-                items = items[-t:]
-                if items:
-                    x[r, t - len(items):] = items
+            x = left_padded(rows, t, bucket(len(rows), largest=self.max_batch))
             out.append(np.asarray(self._hidden_fn(self.params, x))[:len(rows)])
         return np.concatenate(out) if out else np.zeros((0, self.model.dim), np.float32)
 
@@ -221,12 +226,8 @@ class Recommender:
         return Session(self, self._encode_session(known), set(known), unknown)
 
     def _encode_session(self, known: Sequence[int]):
-        t = self.receptive_field  # earlier items cannot reach the state
-        x = np.zeros((1, t), np.int32)
-        tail = list(known)[-t:]
-        if tail:
-            x[0, t - len(tail):] = tail
-        state, _ = self._state_fn(self.params, x)
+        # Items before the receptive field cannot reach the state.
+        state, _ = self._state_fn(self.params, left_padded([known], self.receptive_field))
         return state
 
 
@@ -241,9 +242,7 @@ class Session:
         known, unknown = self.rec.ids.internal(items)
         self.unknown_items.extend(unknown)
         if known:
-            t = bucket(len(known), smallest=4)
-            x = np.zeros((1, t), np.int32)
-            x[0, t - len(known):] = known
+            x = left_padded([known], bucket(len(known), smallest=4))
             mask = x > 0
             self.state, _ = self.rec._append_fn(self.rec.params, self.state, x, mask)
             self.seen.update(known)
@@ -288,7 +287,7 @@ class SessionStore:
         self.nbytes -= session.nbytes
         session.append(items)
         self.nbytes += session.nbytes
-        self._evict()
+        self._evict(keep=user)
         return session
 
     def delete(self, user: Hashable) -> bool:
