@@ -51,6 +51,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from cprec.errors import CprecError
+from cprec.model.builder import init_params
 from cprec.model.nextitnet import NextItNet
 from cprec.serve.quantize import (QuantizedTable, dequantize_tree, is_quantized, param_path,
                                   quantize_params)
@@ -161,14 +162,10 @@ def _tensors(params: Any, dtype: str) -> tuple[dict[str, np.ndarray], dict[str, 
 
 
 def _json_id(raw: Any, index: int) -> Any:
-    if raw is None:
-        return None
-    if isinstance(raw, (bool, np.bool_)):
-        raise ValueError(f"item id {raw!r} of internal id {index} is neither an int nor a string")
-    if isinstance(raw, (int, np.integer)):
-        return int(raw)
-    if isinstance(raw, str):
+    if raw is None or isinstance(raw, str):
         return raw
+    if isinstance(raw, (int, np.integer)) and not isinstance(raw, (bool, np.bool_)):
+        return int(raw)
     raise ValueError(f"item id {raw!r} of internal id {index} is neither an int nor a string")
 
 
@@ -185,6 +182,11 @@ def _model_json(model_kwargs: Mapping, max_len: int) -> dict:
         out[field] = int(out[field])
     out["max_len"] = int(max_len)
     return out
+
+
+def _model_kwargs(model_json: Mapping) -> dict:
+    """NextItNet's constructor kwargs from model.json (its lists back to tuples)."""
+    return {f: tuple(int(v) for v in model_json[f]) if f in _TUPLE_FIELDS else model_json[f] for f in MODEL_FIELDS}
 
 
 def _write_compact_json(path: pathlib.Path, data: Any) -> None:
@@ -225,7 +227,7 @@ def save_artifact(out_dir: str | pathlib.Path, *, model_kwargs: dict, max_len: i
         raise ValueError(f"{len(item_ids)} item ids and {counts.shape} counts for a model of {num_items} items")
     ids = [_json_id(raw, k) for k, raw in enumerate(item_ids)]
     tensors, quantized, loaded_params = _tensors(params, dtype)
-    kwargs = {f: tuple(model_json[f]) if f in _TUPLE_FIELDS else model_json[f] for f in MODEL_FIELDS}
+    kwargs = _model_kwargs(model_json)
     param_count = int(sum(np.prod(np.shape(t.q if is_quantized(t) else t)) for t in
                           jax.tree.leaves(loaded_params, is_leaf=is_quantized)))
     full_manifest = {
@@ -300,9 +302,7 @@ def _read_params(path: pathlib.Path) -> tuple[dict[str, np.ndarray], dict[str, s
 
 
 def _expected_shapes(model: NextItNet) -> dict[str, tuple[int, ...]]:
-    import jax.numpy as jnp
-
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.ones((1, 2), jnp.int32))["params"])
+    shapes = jax.eval_shape(lambda: init_params(model, 0))
     return {name: tuple(leaf.shape) for name, leaf in _flatten(shapes).items()}
 
 
@@ -318,8 +318,7 @@ def load_artifact(path: str | pathlib.Path) -> Artifact:
                             f"{FORMAT_VERSION}: export the run again with this cprec")
     model_json = _read_json(directory / MODEL_FILE)
     try:
-        kwargs = {f: tuple(int(v) for v in model_json[f]) if f in _TUPLE_FIELDS else model_json[f]
-                  for f in MODEL_FIELDS}
+        kwargs = _model_kwargs(model_json)
         max_len = int(model_json["max_len"])
     except (KeyError, TypeError, ValueError) as e:
         raise ArtifactError(f"{directory / MODEL_FILE} lacks a valid {e}; the artifact is damaged: export it again") from None

@@ -102,15 +102,7 @@ def dequantize_tree(params: Any) -> Any:
 
 def param_path(path) -> str:
     """A parameter's "/"-joined name, e.g. ``stack/kernels``, from a jax key path."""
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
+    return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def item_table_axes(params: Any) -> dict[str, int]:
