@@ -31,6 +31,7 @@ def slurm(tmp_path_factory):
         cluster.stop()
 
 
+@pytest.mark.slow  # about 80 s (apt, daemons, 4 trials): kept out of CI, whose budget is 10 minutes
 def test_slurm_sweep_runs_every_trial(slurm, tmp_path):
     path = write_config(tmp_path, 'return product({"model.sharing": ["none", "cross_layer"]}, seeds(2))')
     result = run_cli([f"--config={path}", "--sweep", "--launcher=slurm", "--slurm_cpus=1", "--slurm_time_min=10",
