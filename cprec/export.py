@@ -4,7 +4,9 @@
 
 The artifact holds the model's parameters (safetensors: float32, bfloat16, or int8 row-wise item
 tables), its constructor kwargs and L, the data file's item id of every internal id, the item
-counts, and a manifest (source run, checkpoint, test metrics, sizes). A server needs nothing else:
+counts, the recommend function as StableHLO (`jax.export`, one file per batch size of
+--stablehlo-batch-sizes; callable with jax alone, see cprec/serve/stablehlo.py), and a manifest
+(source run, checkpoint, test metrics, sizes). A server needs nothing else:
 no optimizer state, no prepared data, no pickle. Parameters come from best/ (best validation)
 unless --source/--step pick another kept checkpoint.
 
@@ -26,18 +28,8 @@ from cprec.data import store
 from cprec.data.dataset import cache_directory, item_raw_ids, prepare_command
 from cprec.errors import DataError, WorkdirError, exit_on_user_error
 from cprec.eval.pretrained import SOURCES, find_checkpoint, load_run, run_config
-from cprec.serve.artifact import DTYPES, Artifact, check_out_dir, model_kwargs_of, save_artifact
-
-
-def extra_exports(out_dir: pathlib.Path, artifact: Artifact) -> None:
-    """Hook for further files of the artifact; writes none so far.
-
-    Called with the artifact's directory while it is still being written (under its temporary
-    name, after the parameters, model.json and the item files, before manifest.json) and the
-    artifact as `load_artifact` will return it (its manifest without the file sizes yet). Files
-    written here become part of the artifact, atomically, and are counted in its manifest. The place for, e.g., a `jax.export` StableHLO serialisation
-    of the recommend function (`artifact.model().top_k` on `artifact.float_params()`).
-    """
+from cprec.serve.artifact import DTYPES, check_out_dir, model_kwargs_of, save_artifact
+from cprec.serve.stablehlo import BATCH_SIZES, export_recommend
 
 
 def _check_prepared_data(run_dir: pathlib.Path, data_cfg, log) -> None:
@@ -67,8 +59,11 @@ def _results(run_dir: pathlib.Path) -> dict:
 
 def export(run_dir: str | pathlib.Path, out_dir: str | pathlib.Path, *, dtype: str = "float32",
            source: str | None = None, step: int | None = None, force: bool = False,
-           extra=extra_exports, log=print) -> pathlib.Path:
+           stablehlo_batch_sizes: tuple[int, ...] | None = BATCH_SIZES, log=print) -> pathlib.Path:
     """Writes the artifact of the run in `run_dir` into `out_dir`; returns `out_dir`.
+
+    `stablehlo_batch_sizes`: the batch sizes of the `jax.export` recommend functions written into
+    the artifact (cprec/serve/stablehlo.py); None or () writes none.
 
     Every problem the user can fix is a CprecError raised before anything is written (a synthetic
     run's data may have been generated again by then; nothing else).
@@ -92,7 +87,9 @@ def export(run_dir: str | pathlib.Path, out_dir: str | pathlib.Path, *, dtype: s
     }
     return save_artifact(out_dir, model_kwargs=model_kwargs_of(run.model), max_len=int(config.data.max_len),
                          params=run.params, item_ids=item_ids, item_counts=np.asarray(run.data.item_counts),
-                         dtype=dtype, manifest=manifest, force=force, extra=extra)
+                         dtype=dtype, manifest=manifest, force=force,
+                         extra=(lambda d, a: export_recommend(d, a, stablehlo_batch_sizes)) if stablehlo_batch_sizes
+                         else None)
 
 
 def summary(out_dir: pathlib.Path, run_dir: pathlib.Path) -> str:
@@ -116,6 +113,18 @@ def summary(out_dir: pathlib.Path, run_dir: pathlib.Path) -> str:
     return "\n".join(lines)
 
 
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    if text.strip().lower() in ("", "none"):
+        return ()
+    try:
+        sizes = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of positive batch sizes (or 'none')")
+    return sizes
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cprec.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -128,6 +137,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="best (best validation) or checkpoints (latest training); default best, else checkpoints")
     p.add_argument("--step", type=int, default=None, help="a kept step of the source (default its latest)")
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR (once the new one is complete)")
+    p.add_argument("--stablehlo-batch-sizes", type=_batch_sizes, default=BATCH_SIZES, metavar="B,B,...",
+                   help="batch sizes of the jax.export (StableHLO) recommend functions, one file each; "
+                        f"'none' writes none (default {','.join(map(str, BATCH_SIZES))})")
     return p
 
 
@@ -135,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     with exit_on_user_error():
         out = export(args.run_dir, args.out_dir, dtype=args.dtype, source=args.source, step=args.step,
-                     force=args.force)
+                     force=args.force, stablehlo_batch_sizes=args.stablehlo_batch_sizes)
     print(summary(out, pathlib.Path(args.run_dir)), flush=True)
     return 0
 

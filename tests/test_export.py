@@ -66,7 +66,7 @@ def test_every_dtype_recommends_like_the_run(csv_run, tmp_path, capsys):
     totals = {}
     for dtype in ("float32", "bfloat16", "int8"):
         out = tmp_path / dtype
-        assert main([str(csv_run / "run"), str(out), "--dtype", dtype]) == 0
+        assert main([str(csv_run / "run"), str(out), "--dtype", dtype, "--stablehlo-batch-sizes", "1,4"]) == 0
         printed = capsys.readouterr().out
         art = load_artifact(out)
         m = art.manifest
@@ -75,6 +75,7 @@ def test_every_dtype_recommends_like_the_run(csv_run, tmp_path, capsys):
         assert m["metrics"] == json.loads((csv_run / "run" / "results.json").read_text())["test"]
         assert f"wrote {out} ({dtype}" in printed and f"{m['total_bytes']:,} bytes" in printed
         assert "latest training checkpoint" in printed and "x smaller" in printed
+        assert {"recommend_b1.stablehlo", "recommend_b4.stablehlo", "stablehlo.json"} <= set(m["files"])
         assert art.max_len == run.config.data.max_len and art.model_kwargs["softmax"] == "tree"
         np.testing.assert_array_equal(art.item_counts, run.data.item_counts)
         scores, ids = _top20(art.model(), art.float_params(), x)
@@ -86,7 +87,7 @@ def test_every_dtype_recommends_like_the_run(csv_run, tmp_path, capsys):
             overlap = np.mean([len(set(a) & set(b)) / 20 for a, b in zip(ids, ref_ids)])
             assert overlap >= 0.9, overlap
             np.testing.assert_allclose(scores, ref_scores, atol=0.1)
-        totals[dtype] = m["total_bytes"]
+        totals[dtype] = m["files"]["params.safetensors"]  # the StableHLO files do not shrink with the dtype
     assert totals["int8"] < totals["float32"] and totals["bfloat16"] < totals["float32"]
 
 
@@ -105,7 +106,7 @@ def _csv_train_counts(path) -> dict[str, int]:
 
 def test_string_item_tokens_round_trip(csv_run, tmp_path):
     out = tmp_path / "art"
-    main([str(csv_run / "run"), str(out)])
+    main([str(csv_run / "run"), str(out), "--stablehlo-batch-sizes", "none"])
     ids = json.loads((out / "items.json").read_text())
     assert ids[0] is None and all(isinstance(t, str) for t in ids[1:])
     assert set(ids[1:]) <= {_token(i) for i in range(60)} and "café, n°7" in ids
@@ -135,7 +136,7 @@ def test_a_synthetic_run_exports_integer_ids_and_regenerates_its_data(tmp_path, 
     workdir, cache = _fake_synthetic_run(tmp_path)
     shutil.rmtree(cache)
     capsys.readouterr()
-    assert main([str(workdir), str(tmp_path / "art"), "--dtype", "int8"]) == 0
+    assert main([str(workdir), str(tmp_path / "art"), "--dtype", "int8", "--stablehlo-batch-sizes", "none"]) == 0
     assert "generating it again" in capsys.readouterr().out
     art = load_artifact(tmp_path / "art")
     assert art.manifest["source"] == "checkpoints" and art.manifest["step"] == 0 and art.manifest["metrics"] is None
@@ -168,7 +169,7 @@ def test_a_run_whose_prepared_data_is_gone_says_how_to_prepare_it(csv_run, tmp_p
     command = shlex.split(re.search(r"`([^`]*)`", err).group(1))
     assert command[:2] == ["python", "data/prepare.py"]
     assert _prepare_cli().main(command[2:]) == 0
-    assert main([str(workdir), str(tmp_path / "art")]) == 0
+    assert main([str(workdir), str(tmp_path / "art"), "--stablehlo-batch-sizes", "none"]) == 0
     assert "café, n°7" in load_artifact(tmp_path / "art").item_ids
 
 
@@ -189,6 +190,9 @@ def test_user_errors_write_nothing(csv_run, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main([run, str(tmp_path / "x"), "--dtype", "int4"])
     assert exc.value.code == 2 and not (tmp_path / "x").exists()
+    with pytest.raises(SystemExit) as exc:
+        main([run, str(tmp_path / "x"), "--stablehlo-batch-sizes", "8,0"])
+    assert exc.value.code == 2 and not (tmp_path / "x").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bare", "out"]
-    assert main([run, str(out), "--force", "--source", "checkpoints"]) == 0
+    assert main([run, str(out), "--force", "--source", "checkpoints", "--stablehlo-batch-sizes", "none"]) == 0
     assert load_artifact(out).manifest["source"] == "checkpoints"

@@ -301,6 +301,21 @@ def _read_params(path: pathlib.Path) -> tuple[dict[str, np.ndarray], dict[str, s
     return tensors, metadata
 
 
+def params_from_tensors(tensors: Mapping[str, Any], quantized: Mapping[str, int]) -> dict:
+    """The nested parameters from the flat tensors of params.safetensors and its ``quantized``
+    metadata: QuantizedTable leaves for quantised tables, float32 for the rest (bfloat16 upcasts
+    exactly). Works on numpy and on traced jax arrays (the StableHLO export calls it inside).
+    """
+    rest = dict(tensors)
+    flat: dict[str, Any] = {}
+    for name, axis in quantized.items():
+        q, scale, offset = (rest.pop(f"{name}.{part}") for part in _QUANT_PARTS)
+        flat[name] = QuantizedTable(q, scale.astype(np.float32), offset.astype(np.float32), int(axis))
+    for name, array in rest.items():
+        flat[name] = array.astype(np.float32)
+    return _unflatten(flat)
+
+
 def _expected_shapes(model: NextItNet) -> dict[str, tuple[int, ...]]:
     shapes = jax.eval_shape(lambda: init_params(model, 0))
     return {name: tuple(leaf.shape) for name, leaf in _flatten(shapes).items()}
@@ -332,15 +347,11 @@ def load_artifact(path: str | pathlib.Path) -> Artifact:
         quantized = {name: int(axis) for name, axis in json.loads(metadata.get("quantized", "{}")).items()}
     except (ValueError, TypeError, AttributeError):
         raise ArtifactError(f"{directory / PARAMS_FILE} has unreadable metadata; export the artifact again") from None
-    flat: dict[str, Any] = {}
     try:
-        for name, axis in quantized.items():
-            q, scale, offset = (tensors.pop(f"{name}.{part}") for part in _QUANT_PARTS)
-            flat[name] = QuantizedTable(q, scale.astype(np.float32), offset.astype(np.float32), axis)
+        params = params_from_tensors(tensors, quantized)
     except KeyError as e:
         raise ArtifactError(f"{directory / PARAMS_FILE} lacks the tensor {e}; export the artifact again") from None
-    for name, array in tensors.items():
-        flat[name] = np.asarray(array).astype(np.float32)  # bfloat16 upcasts exactly
+    flat = _flatten(params)
     model = NextItNet(**kwargs)
     try:
         expected = _expected_shapes(model)
@@ -351,4 +362,4 @@ def load_artifact(path: str | pathlib.Path) -> Artifact:
         diff = sorted(set(got.items()) ^ set(expected.items()))[:3]
         raise ArtifactError(f"{directory / PARAMS_FILE} does not match model.json (first differences: {diff}); "
                             "export the artifact again")
-    return Artifact(kwargs, max_len, _unflatten(flat), item_ids, np.asarray(counts, np.int64), manifest)
+    return Artifact(kwargs, max_len, params, item_ids, np.asarray(counts, np.int64), manifest)

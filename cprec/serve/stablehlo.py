@@ -1,0 +1,124 @@
+"""The recommend function as StableHLO (``jax.export``): top-n without cprec, with jax alone.
+
+``python -m cprec.export`` writes, beside the parameters, one serialised ``jax.export.Exported``
+per batch size, ``recommend_b{B}.stablehlo``, and ``stablehlo.json`` that says how to call them.
+A process with jax and safetensors (and no cprec) recommends with:
+
+    import json, jax, numpy as np
+    from safetensors.numpy import load_file
+    sig = json.load(open(f"{art}/stablehlo.json"))
+    params = load_file(f"{art}/params.safetensors")              # the artifact's tensors, as stored
+    fn = jax.export.deserialize(open(f"{art}/{sig['files']['8']}", "rb").read())
+    scores, ids, exact = fn.call(params, histories, exclude, max_clusters)
+
+- ``histories`` int32 [B, L]: internal ids (the index of a raw id in items.json), most recent
+  last, left-padded with 0; the last L = ``max_len`` items, as ``Recommender`` reads them
+  (``context="window"``, the default).
+- ``exclude`` int32 [B, E] with E = ``max_exclude`` (64 by default): ids never to recommend (the
+  history's items for ``exclude_seen``; its E most recent distinct ones if it has more), -1 for none.
+- ``max_clusters`` int32 [B]: tail clusters each row may expand; ``num_tail_clusters`` is exact.
+- Returns log-probabilities [B, n] (best first), internal ids [B, n] and ``exact`` [B] bool; an
+  entry whose score is -inf is no item (fewer than n left). Any n' <= n is the first n' columns.
+
+Why one export per batch size: the early stop compacts the rows that need a cluster into static
+buffers whose sizes derive from B (``_row_buckets``), so B cannot be a symbolic dimension; a
+caller pads its batch to the next exported size. The parameters are an argument (the same tensors
+as ``params.safetensors``, int8 codes and bfloat16 included, dequantised inside), so the exports
+hold no copy of them; the early stop's cluster statistics, computed once from the dequantised
+weights, are constants of the module.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax import export as jax_export
+from safetensors import safe_open
+
+from cprec.model.nextitnet import NextItNet
+from cprec.serve.artifact import PARAMS_FILE, Artifact, params_from_tensors
+from cprec.serve.quantize import dequantize_tree
+
+SIGNATURE_FILE = "stablehlo.json"
+BATCH_SIZES = (1, 8, 64, 256)
+TOP_N = 20
+MAX_EXCLUDE = 64
+PLATFORMS = ("cpu", "cuda")
+
+
+def recommend_fn(model: NextItNet, stats: Any, n: int, quantized: dict[str, int]) -> Callable:
+    """(tensors, histories [B, L], exclude [B, E], max_clusters [B]) -> (scores, ids, exact).
+
+    ``tensors``: params.safetensors' flat dict. The computation ``Recommender`` runs for a window
+    context: encode, the hidden state after the last item, the head's exact top-n with exclusions
+    and budgets.
+    """
+    def fn(tensors, histories, exclude, max_clusters):
+        params = dequantize_tree(params_from_tensors(tensors, quantized))
+        h = model.apply({"params": params}, histories, method=NextItNet.encode)[:, -1]
+        scores, ids, _, exact = model.apply({"params": params}, h, n, stats, exclude, max_clusters,
+                                            method=lambda m, *a: m.head.recommend(*a))
+        return scores, ids, exact
+    return fn
+
+
+def _tensor_specs(path: pathlib.Path) -> dict[str, jax.ShapeDtypeStruct]:
+    with safe_open(str(path), framework="np") as f:
+        return {name: jax.ShapeDtypeStruct(t.shape, t.dtype) for name in f.keys() for t in [f.get_tensor(name)]}
+
+
+def num_tail_clusters(model: NextItNet) -> int:
+    return max(0, len(model.cutoffs) - 1) if model.softmax == "tree" else 0
+
+
+def export_recommend(directory: pathlib.Path, artifact: Artifact, batch_sizes: Sequence[int] = BATCH_SIZES,
+                     n: int = TOP_N, max_exclude: int = MAX_EXCLUDE, platforms: Sequence[str] = PLATFORMS) -> dict:
+    """Writes ``recommend_b{B}.stablehlo`` per batch size and ``stablehlo.json`` into `directory`
+    (an artifact being written: params.safetensors must be there); returns the signature."""
+    model = artifact.model()
+    n = min(int(n), len(artifact.item_ids) - 1)
+    max_len = int(artifact.max_len)
+    quantized = {k: int(v) for k, v in artifact.manifest.get("quantized", {}).items()}
+    specs = _tensor_specs(directory / PARAMS_FILE)
+    float_params = artifact.float_params()
+    stats = jax.jit(lambda p: model.apply({"params": p}, method=NextItNet.serving_stats))(float_params)
+    stats = jax.tree.map(np.asarray, stats)
+    fn = jax.jit(recommend_fn(model, stats, n, quantized))
+    files = {}
+    for b in sorted(set(int(b) for b in batch_sizes)):
+        args = (specs, jax.ShapeDtypeStruct((b, max_len), np.int32), jax.ShapeDtypeStruct((b, max_exclude), np.int32),
+                jax.ShapeDtypeStruct((b,), np.int32))
+        exported = jax_export.export(fn, platforms=tuple(platforms))(*args)
+        name = f"recommend_b{b}.stablehlo"
+        (directory / name).write_bytes(exported.serialize())
+        files[str(b)] = name
+    signature = {
+        "function": "recommend(tensors, histories, exclude, max_clusters) -> (scores, ids, exact)",
+        "files": files,
+        "batch_sizes": sorted(int(b) for b in files),
+        "n": n,
+        "max_len": max_len,
+        "max_exclude": int(max_exclude),
+        "num_tail_clusters": num_tail_clusters(model),
+        "platforms": list(platforms),
+        "inputs": {
+            "tensors": f"{PARAMS_FILE} as stored (safetensors.numpy.load_file)",
+            "histories": "int32 [B, max_len], internal ids (index in items.json), left-padded with 0",
+            "exclude": "int32 [B, max_exclude], internal ids never to recommend, -1 for none",
+            "max_clusters": "int32 [B], tail clusters a row may expand (num_tail_clusters: exact)",
+        },
+        "outputs": {"scores": "float32 [B, n] log-probabilities, best first (-inf: no item)",
+                    "ids": "int32 [B, n] internal ids", "exact": "bool [B]"},
+    }
+    (directory / SIGNATURE_FILE).write_text(json.dumps(signature, indent=2) + "\n")
+    return signature
+
+
+def load_signature(directory: str | pathlib.Path) -> dict | None:
+    """The artifact's stablehlo.json, or None when it was exported without StableHLO."""
+    path = pathlib.Path(directory) / SIGNATURE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
