@@ -154,3 +154,30 @@ def test_session_store_is_bounded_lru(served):
         small.append(user, _raw([5]))
     assert len(small) == 2 and small.nbytes <= 2.5 * one
     assert small.delete("z") and not small.delete("z")
+
+
+def test_batched_session_appends_equal_one_at_a_time(served):
+    art, _ = served
+    stream = Recommender(art, context="stream", max_batch=2)  # 3 sessions: two batches, one padded
+    starts = [HISTORIES[0], [], HISTORIES[2]]
+    events = [[_raw([9]), _raw([10, 11])], [_raw([33]), []], [["nope"], _raw([20, 21, 22, 23, 24])]]
+    batched = stream.sessions([_raw(h) for h in starts])
+    alone = [stream.session(_raw(h)) for h in starts]
+    for step in range(2):
+        unknown = stream.append_sessions(batched, [e[step] for e in events])
+        assert unknown == [["nope"] if (r, step) == (2, 0) else [] for r in range(3)]
+        for s, e in zip(alone, events):
+            s.append(e[step])
+    for b, a in zip(batched, alone):
+        for x, y in zip(jax.tree.leaves(b.state), jax.tree.leaves(a.state)):
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
+    got = stream.recommend_sessions(batched, n=10, max_clusters=[None, 0, 1])
+    for g, a, budget in zip(got, alone, [None, 0, 1]):
+        want = a.recommend(10, max_clusters=budget)
+        assert g.items == want.items and g.exact == want.exact and g.unknown_items == want.unknown_items
+    # Each session equals the stream recommendation of its whole history.
+    history = [*_raw(starts[2]), *events[2][0], *events[2][1]]
+    [want] = stream.recommend([history], n=10)
+    assert got[2].items == stream.recommend_sessions([batched[2]], n=10)[0].items == want.items
+    with pytest.raises(RequestError, match="2 lists of items for 3 sessions"):
+        stream.append_sessions(batched, [[], []])

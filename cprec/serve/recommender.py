@@ -102,7 +102,7 @@ class Recommender:
         # holds for the model that is served) and the state of an empty session.
         self.stats = jax.jit(lambda p: model.apply({"params": dequantize_tree(p)}, method=NextItNet.serving_stats))(
             self.params)
-        self._padding = jax.jit(lambda p: padding_row(model, dequantize_tree(p)))(self.params)
+        self._padding = jax.tree.map(np.asarray, jax.jit(lambda p: padding_row(model, dequantize_tree(p)))(self.params))
         self._hidden_fn = jax.jit(self._hidden)
         self._top_fn = jax.jit(self._top, static_argnums=5)
         self._score_fn = jax.jit(self._score)
@@ -222,13 +222,60 @@ class Recommender:
 
     def session(self, history: Sequence = ()) -> "Session":
         """A user's cached state: each ``append`` costs O(layers), not O(L x layers)."""
-        known, unknown = self.ids.internal(history)
-        return Session(self, self._encode_session(known), set(known), unknown)
+        return self.sessions([history])[0]
 
-    def _encode_session(self, known: Sequence[int]):
-        # Items before the receptive field cannot reach the state.
-        state, _ = self._state_fn(self.params, left_padded([known], self.receptive_field))
-        return state
+    def sessions(self, histories: Sequence[Sequence]) -> list["Session"]:
+        """One session per history (raw ids), encoded in bucketed batches."""
+        known, unknown = zip(*(self.ids.internal(h) for h in histories)) if histories else ((), ())
+        out = []
+        for start in range(0, len(known), self.max_batch):
+            rows = known[start:start + self.max_batch]
+            # Items before the receptive field cannot reach the state.
+            x = left_padded(rows, self.receptive_field, bucket(len(rows), largest=self.max_batch))
+            state, _ = self._state_fn(self.params, x)
+            out += [Session(self, row, set(k), u) for row, k, u in
+                    zip(_unstack(state, len(rows)), rows, unknown[start:start + self.max_batch])]
+        return out
+
+    def append_sessions(self, sessions: Sequence["Session"], items: Sequence[Sequence]) -> list[list]:
+        """Appends each session's new events (raw ids, oldest first) in batched calls; returns each
+        one's unknown ids (skipped). Sessions with nothing known to append are left as they were."""
+        if len(sessions) != len(items):
+            raise RequestError(f"{len(items)} lists of items for {len(sessions)} sessions")
+        known, unknown = zip(*(self.ids.internal(x) for x in items)) if items else ((), ())
+        todo = [r for r, k in enumerate(known) if k]
+        for start in range(0, len(todo), self.max_batch):
+            chunk = todo[start:start + self.max_batch]
+            rows = bucket(len(chunk), largest=self.max_batch)
+            states = [sessions[r].state for r in chunk] + [self._padding] * (rows - len(chunk))
+            stacked = jax.tree.map(lambda *a: np.concatenate(a), *states)
+            x = left_padded([known[r] for r in chunk], bucket(max(len(known[r]) for r in chunk), smallest=4), rows)
+            new, _ = self._append_fn(self.params, stacked, x, x > 0)
+            for r, state in zip(chunk, _unstack(new, len(chunk))):
+                sessions[r].state = state
+        for session, k, u in zip(sessions, known, unknown):
+            session.seen.update(k)
+            session.unknown_items.extend(u)
+        return [list(u) for u in unknown]
+
+    def recommend_sessions(self, sessions: Sequence["Session"], n: int = 20, exclude_seen: bool = True,
+                           max_clusters: int | Sequence[int | None] | None = None) -> list[Recommendation]:
+        """Top-n for each session from its cached state, in batched calls (see ``recommend``)."""
+        budgets = list(max_clusters) if isinstance(max_clusters, (list, tuple)) else [max_clusters] * len(sessions)
+        if len(budgets) != len(sessions):
+            raise RequestError(f"max_clusters has {len(budgets)} values for {len(sessions)} sessions")
+        if not sessions:
+            return []
+        hidden = np.concatenate([s.state["h"] for s in sessions])
+        seen = [sorted(s.seen) if exclude_seen else [] for s in sessions]
+        return [Recommendation(items, scores, exact, list(s.unknown_items)) for (items, scores, exact), s in
+                zip(self.top(hidden, n, seen, budgets), sessions)]
+
+
+def _unstack(state: Any, rows: int) -> list[Any]:
+    """The first `rows` rows of a batched state as batch-1 host states (copies: no row keeps the batch alive)."""
+    host = jax.tree.map(np.asarray, state)
+    return [jax.tree.map(lambda a, r=r: a[r:r + 1].copy(), host) for r in range(rows)]
 
 
 class Session:
@@ -239,19 +286,10 @@ class Session:
 
     def append(self, items: Sequence) -> list:
         """Appends events (raw ids, oldest first); returns the unknown ones, which are skipped."""
-        known, unknown = self.rec.ids.internal(items)
-        self.unknown_items.extend(unknown)
-        if known:
-            x = left_padded([known], bucket(len(known), smallest=4))
-            mask = x > 0
-            self.state, _ = self.rec._append_fn(self.rec.params, self.state, x, mask)
-            self.seen.update(known)
-        return unknown
+        return self.rec.append_sessions([self], [items])[0]
 
     def recommend(self, n: int = 20, exclude_seen: bool = True, max_clusters: int | None = None) -> Recommendation:
-        h = np.asarray(self.state["h"])
-        [(items, scores, exact)] = self.rec.top(h, n, [sorted(self.seen) if exclude_seen else []], [max_clusters])
-        return Recommendation(items, scores, exact, list(self.unknown_items))
+        return self.rec.recommend_sessions([self], n, exclude_seen, max_clusters)[0]
 
     @property
     def nbytes(self) -> int:
