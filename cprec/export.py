@@ -46,7 +46,7 @@ def _check_prepared_data(run_dir: pathlib.Path, data_cfg, log) -> None:
     )
 
 
-def _tree_bytes(path: pathlib.Path) -> int:
+def directory_bytes(path: pathlib.Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
@@ -107,7 +107,7 @@ def summary(out_dir: pathlib.Path, run_dir: pathlib.Path) -> str:
         latest = None
     if latest is not None:
         ckpt = run_dir / "checkpoints" / str(latest)
-        size = _tree_bytes(ckpt)
+        size = directory_bytes(ckpt)
         lines.append(f"latest training checkpoint {ckpt} (parameters + Adam moments): {size:,} bytes; "
                      f"the artifact is {size / max(total, 1):.2f}x smaller")
     return "\n".join(lines)

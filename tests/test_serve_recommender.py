@@ -181,3 +181,14 @@ def test_batched_session_appends_equal_one_at_a_time(served):
     assert got[2].items == stream.recommend_sessions([batched[2]], n=10)[0].items == want.items
     with pytest.raises(RequestError, match="2 lists of items for 3 sessions"):
         stream.append_sessions(batched, [[], []])
+    # advance = append + recommend in one call per batch, also for a session without new events.
+    more = [_raw([44]), [], _raw([45, 46])]
+    fused = stream.advance(batched, more, n=10, max_clusters=[None, 0, 1])
+    for a, e in zip(alone, more):
+        a.append(e)
+    for f, b, a, budget in zip(fused, batched, alone, [None, 0, 1]):
+        want = a.recommend(10, max_clusters=budget)
+        assert f.items == want.items and f.exact == want.exact
+        np.testing.assert_allclose(f.scores, want.scores, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(b.state["h"], a.state["h"], rtol=1e-5, atol=1e-5)
+        assert b.seen == a.seen

@@ -18,11 +18,12 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
+from jax.flatten_util import ravel_pytree
 
 from cprec.errors import CprecError
 from cprec.model.nextitnet import NextItNet
 from cprec.serve.artifact import Artifact, load_artifact
-from cprec.serve.incremental import append_many, encode_state, padding_row, receptive_field, state_nbytes
+from cprec.serve.incremental import append_many, encode_state, padding_row, receptive_field
 from cprec.serve.quantize import dequantize_tree
 
 CONTEXTS = ("window", "stream")
@@ -103,10 +104,19 @@ class Recommender:
         self.stats = jax.jit(lambda p: model.apply({"params": dequantize_tree(p)}, method=NextItNet.serving_stats))(
             self.params)
         self._padding = jax.tree.map(np.asarray, jax.jit(lambda p: padding_row(model, dequantize_tree(p)))(self.params))
+        # A session's state travels as one float32 row [1, S] (its pytree raveled; the small int
+        # count is exact in float32): stacking and splitting a batch of sessions is then one array
+        # operation, not one per leaf and session. The jitted calls unravel it inside.
+        packed_row, self._unravel = ravel_pytree(jax.tree.map(lambda a: a[0], self._padding))
+        self._padding_packed = np.asarray(packed_row, np.float32)[None]
+        marker = jax.tree.map(np.zeros_like, jax.tree.map(lambda a: a[0], self._padding))
+        marker["h"] = np.ones_like(marker["h"])
+        self._h_columns = np.flatnonzero(np.asarray(ravel_pytree(marker)[0]))
         self._hidden_fn = jax.jit(self._hidden)
         self._top_fn = jax.jit(self._top, static_argnums=5)
         self._score_fn = jax.jit(self._score)
         self._append_fn = jax.jit(self._append)
+        self._append_top_fn = jax.jit(self._append_top, static_argnums=7)
         self._state_fn = jax.jit(self._state)
 
     @classmethod
@@ -131,11 +141,28 @@ class Recommender:
         return self.model.apply({"params": dequantize_tree(params)}, h, candidates,
                                 method=lambda m, *a: m.head.score(*a))
 
-    def _append(self, params, state, items, mask):
-        return append_many(self.model, dequantize_tree(params), state, items, mask=mask)
+    def _append(self, params, packed, items, mask):
+        state, _ = append_many(self.model, dequantize_tree(params), self._unpack(packed), items, mask=mask)
+        return self._pack(state), state["h"]
+
+    def _pack(self, state):
+        return jax.vmap(lambda row: ravel_pytree(row)[0])(state)
+
+    def _unpack(self, packed):
+        return jax.vmap(self._unravel)(packed)
+
+    def unpack_state(self, packed: np.ndarray) -> dict:
+        """A packed session state [B, S] as the incremental state pytree (numpy; see incremental.py)."""
+        return jax.tree.map(np.asarray, jax.jit(self._unpack)(packed))
+
+    def _append_top(self, params, stats, packed, items, mask, exclude, budget, n):
+        """Appends the events and recommends from the new state in one call (one dispatch per batch)."""
+        packed, h = self._append(params, packed, items, mask)
+        return packed, self._top(params, stats, h, exclude, budget, n)
 
     def _state(self, params, histories):
-        return encode_state(self.model, dequantize_tree(params), histories, self._padding)
+        state, _ = encode_state(self.model, dequantize_tree(params), histories, self._padding)
+        return self._pack(state)
 
     # -- public API ------------------------------------------------------------------------------
 
@@ -159,9 +186,7 @@ class Recommender:
         """
         n = self.check_n(n)
         known, unknown = zip(*(self.ids.internal(h) for h in histories)) if histories else ((), ())
-        budgets = list(max_clusters) if isinstance(max_clusters, (list, tuple)) else [max_clusters] * len(known)
-        if len(budgets) != len(known):
-            raise RequestError(f"max_clusters has {len(budgets)} values for {len(known)} histories")
+        budgets = self._budgets(max_clusters, len(known))
         hidden = self.hidden(known)
         seen = [sorted(set(k)) if exclude_seen else [] for k in known]
         return [Recommendation(items, scores, exact, list(u)) for (items, scores, exact), u in
@@ -181,28 +206,40 @@ class Recommender:
             budgets: Sequence[int | None]) -> list[tuple[list, list[float], bool]]:
         """Top-n (raw ids, scores, exact) from hidden states, with per-row exclusions and budgets."""
         n = self.check_n(n)
-        n_pad = bucket(n, smallest=8, largest=self.num_items - 1)  # few compiled n, sliced per request
+        n_pad = self._n_bucket(n)
         results = []
         for start in range(0, len(hidden), self.max_batch):
             h = hidden[start:start + self.max_batch]
             rows = bucket(len(h), largest=self.max_batch)
-            excl = exclude[start:start + self.max_batch]
-            e = np.full((rows, bucket(max((len(x) for x in excl), default=0), smallest=8)), -1, np.int32)
-            for r, ids in enumerate(excl):
-                e[r, :len(ids)] = ids
-            b = np.full((rows,), self.num_tail_clusters, np.int32)
-            for r, budget in enumerate(budgets[start:start + self.max_batch]):
-                if budget is not None:
-                    if int(budget) < 0:
-                        raise RequestError(f"max_clusters={budget} is invalid: give 0 or more tail clusters (or null)")
-                    b[r] = min(int(budget), self.num_tail_clusters)
+            e, b = self._top_inputs(exclude[start:start + self.max_batch], budgets[start:start + self.max_batch], rows)
             hp = np.zeros((rows, h.shape[1]), np.float32)
             hp[:len(h)] = h
-            scores, ids, _, exact = (np.asarray(x) for x in self._top_fn(self.params, self.stats, hp, e, b, n_pad))
-            for r in range(len(h)):
-                keep = np.isfinite(scores[r, :n])
-                results.append(([self.ids.raw[i] for i in ids[r, :n][keep]], scores[r, :n][keep].tolist(),
-                                bool(exact[r])))
+            results += self._decode(self._top_fn(self.params, self.stats, hp, e, b, n_pad), len(h), n)
+        return results
+
+    def _n_bucket(self, n: int) -> int:
+        return bucket(n, smallest=8, largest=self.num_items - 1)  # few compiled n, sliced per request
+
+    def _top_inputs(self, exclude: Sequence[Sequence[int]], budgets: Sequence[int | None],
+                    rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """(exclude [rows, E] padded with -1, budget [rows]) for the jitted top-n."""
+        e = np.full((rows, bucket(max((len(x) for x in exclude), default=0), smallest=8)), -1, np.int32)
+        for r, ids in enumerate(exclude):
+            e[r, :len(ids)] = ids
+        b = np.full((rows,), self.num_tail_clusters, np.int32)
+        for r, budget in enumerate(budgets):
+            if budget is not None:
+                if int(budget) < 0:
+                    raise RequestError(f"max_clusters={budget} is invalid: give 0 or more tail clusters (or null)")
+                b[r] = min(int(budget), self.num_tail_clusters)
+        return e, b
+
+    def _decode(self, out, count: int, n: int) -> list[tuple[list, list[float], bool]]:
+        scores, ids, _, exact = (np.asarray(x) for x in out)
+        results = []
+        for r in range(count):
+            keep = np.isfinite(scores[r, :n])
+            results.append(([self.ids.raw[i] for i in ids[r, :n][keep]], scores[r, :n][keep].tolist(), bool(exact[r])))
         return results
 
     def score(self, history: Sequence, candidates: Sequence) -> Scores:
@@ -232,57 +269,103 @@ class Recommender:
             rows = known[start:start + self.max_batch]
             # Items before the receptive field cannot reach the state.
             x = left_padded(rows, self.receptive_field, bucket(len(rows), largest=self.max_batch))
-            state, _ = self._state_fn(self.params, x)
+            state = self._state_fn(self.params, x)
             out += [Session(self, row, set(k), u) for row, k, u in
-                    zip(_unstack(state, len(rows)), rows, unknown[start:start + self.max_batch])]
+                    zip(_rows(state, len(rows)), rows, unknown[start:start + self.max_batch])]
         return out
 
     def append_sessions(self, sessions: Sequence["Session"], items: Sequence[Sequence]) -> list[list]:
         """Appends each session's new events (raw ids, oldest first) in batched calls; returns each
         one's unknown ids (skipped). Sessions with nothing known to append are left as they were."""
-        if len(sessions) != len(items):
-            raise RequestError(f"{len(items)} lists of items for {len(sessions)} sessions")
-        known, unknown = zip(*(self.ids.internal(x) for x in items)) if items else ((), ())
+        known, unknown = self._known_events(sessions, items)
         todo = [r for r, k in enumerate(known) if k]
         for start in range(0, len(todo), self.max_batch):
             chunk = todo[start:start + self.max_batch]
-            rows = bucket(len(chunk), largest=self.max_batch)
-            states = [sessions[r].state for r in chunk] + [self._padding] * (rows - len(chunk))
-            stacked = jax.tree.map(lambda *a: np.concatenate(a), *states)
-            x = left_padded([known[r] for r in chunk], bucket(max(len(known[r]) for r in chunk), smallest=4), rows)
+            stacked, x = self._stacked([sessions[r] for r in chunk], [known[r] for r in chunk])
             new, _ = self._append_fn(self.params, stacked, x, x > 0)
-            for r, state in zip(chunk, _unstack(new, len(chunk))):
-                sessions[r].state = state
-        for session, k, u in zip(sessions, known, unknown):
-            session.seen.update(k)
-            session.unknown_items.extend(u)
+            self._store(sessions, chunk, new)
+        self._note(sessions, known, unknown)
         return [list(u) for u in unknown]
+
+    def advance(self, sessions: Sequence["Session"], items: Sequence[Sequence], n: int = 20, exclude_seen: bool = True,
+                max_clusters: int | Sequence[int | None] | None = None) -> list[Recommendation]:
+        """Appends each session's new events and recommends its top-n from the new state: one jitted
+        call per batch of sessions (what a session-event request needs; see ``recommend``)."""
+        n = self.check_n(n)
+        budgets = self._budgets(max_clusters, len(sessions))
+        known, unknown = self._known_events(sessions, items)
+        self._note(sessions, known, unknown)
+        results = []
+        for start in range(0, len(sessions), self.max_batch):
+            chunk = list(range(start, min(start + self.max_batch, len(sessions))))
+            stacked, x = self._stacked([sessions[r] for r in chunk], [known[r] for r in chunk])
+            seen = [sorted(sessions[r].seen) if exclude_seen else [] for r in chunk]
+            e, b = self._top_inputs(seen, budgets[start:start + self.max_batch], x.shape[0])
+            new, out = self._append_top_fn(self.params, self.stats, stacked, x, x > 0, e, b, self._n_bucket(n))
+            self._store(sessions, chunk, new)
+            results += self._decode(out, len(chunk), n)
+        return [Recommendation(items_, scores, exact, list(s.unknown_items))
+                for (items_, scores, exact), s in zip(results, sessions)]
 
     def recommend_sessions(self, sessions: Sequence["Session"], n: int = 20, exclude_seen: bool = True,
                            max_clusters: int | Sequence[int | None] | None = None) -> list[Recommendation]:
         """Top-n for each session from its cached state, in batched calls (see ``recommend``)."""
-        budgets = list(max_clusters) if isinstance(max_clusters, (list, tuple)) else [max_clusters] * len(sessions)
-        if len(budgets) != len(sessions):
-            raise RequestError(f"max_clusters has {len(budgets)} values for {len(sessions)} sessions")
+        budgets = self._budgets(max_clusters, len(sessions))
         if not sessions:
             return []
-        hidden = np.concatenate([s.state["h"] for s in sessions])
+        hidden = np.concatenate([s.packed for s in sessions])[:, self._h_columns]
         seen = [sorted(s.seen) if exclude_seen else [] for s in sessions]
         return [Recommendation(items, scores, exact, list(s.unknown_items)) for (items, scores, exact), s in
                 zip(self.top(hidden, n, seen, budgets), sessions)]
 
+    @staticmethod
+    def _budgets(max_clusters: int | Sequence[int | None] | None, rows: int) -> list[int | None]:
+        budgets = list(max_clusters) if isinstance(max_clusters, (list, tuple)) else [max_clusters] * rows
+        if len(budgets) != rows:
+            raise RequestError(f"max_clusters has {len(budgets)} values for {rows} histories")
+        return budgets
 
-def _unstack(state: Any, rows: int) -> list[Any]:
-    """The first `rows` rows of a batched state as batch-1 host states (copies: no row keeps the batch alive)."""
-    host = jax.tree.map(np.asarray, state)
-    return [jax.tree.map(lambda a, r=r: a[r:r + 1].copy(), host) for r in range(rows)]
+    def _known_events(self, sessions: Sequence["Session"], items: Sequence[Sequence]) -> tuple[tuple, tuple]:
+        if len(sessions) != len(items):
+            raise RequestError(f"{len(items)} lists of items for {len(sessions)} sessions")
+        return tuple(zip(*(self.ids.internal(x) for x in items))) if items else ((), ())
+
+    def _stacked(self, sessions: Sequence["Session"], known: Sequence[Sequence[int]]) -> tuple[Any, np.ndarray]:
+        """The sessions' states as one bucketed batch (padding rows: the empty state) and their events
+        [rows, T] left-padded with 0 (masked: a row without events keeps its state)."""
+        rows = bucket(len(sessions), largest=self.max_batch)
+        states = [s.packed for s in sessions] + [self._padding_packed] * (rows - len(sessions))
+        stacked = states[0] if rows == 1 else np.concatenate(states)
+        return stacked, left_padded(known, bucket(max((len(k) for k in known), default=1)), rows)
+
+    @staticmethod
+    def _store(sessions: Sequence["Session"], chunk: Sequence[int], new: Any) -> None:
+        for r, row in zip(chunk, _rows(new, len(chunk))):
+            sessions[r].packed = row
+
+    @staticmethod
+    def _note(sessions: Sequence["Session"], known: Sequence, unknown: Sequence) -> None:
+        for session, k, u in zip(sessions, known, unknown):
+            session.seen.update(k)
+            session.unknown_items.extend(u)
+
+
+def _rows(packed: Any, count: int) -> list[np.ndarray]:
+    """The first `count` rows of a packed batch, each its own [1, S] copy (no row keeps the batch alive)."""
+    host = np.asarray(packed)
+    return [host] if count == 1 and host.shape[0] == 1 else [host[r:r + 1].copy() for r in range(count)]
 
 
 class Session:
     """One user's incremental state (batch 1) and the items seen so far."""
 
-    def __init__(self, rec: Recommender, state: Any, seen: set[int], unknown: list) -> None:
-        self.rec, self.state, self.seen, self.unknown_items = rec, state, seen, list(unknown)
+    def __init__(self, rec: Recommender, packed: np.ndarray, seen: set[int], unknown: list) -> None:
+        self.rec, self.packed, self.seen, self.unknown_items = rec, packed, seen, list(unknown)
+
+    @property
+    def state(self) -> dict:
+        """The incremental state (queues, count, h; batch 1), unpacked from ``packed``."""
+        return self.rec.unpack_state(self.packed)
 
     def append(self, items: Sequence) -> list:
         """Appends events (raw ids, oldest first); returns the unknown ones, which are skipped."""
@@ -293,7 +376,7 @@ class Session:
 
     @property
     def nbytes(self) -> int:
-        return state_nbytes(self.state) + 28 * len(self.seen)  # the seen set: about one int object per item
+        return int(self.packed.nbytes) + 28 * len(self.seen)  # the seen set: about one int object per item
 
 
 class SessionStore:
