@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cprec.eval import eval_run
-from cprec.bench import trained_topk
+from cprec.bench import serving, trained_topk
 from cprec.errors import WorkdirError
 from cprec.eval.evaluate import evaluate_split, make_rank_fn
 from cprec.eval.pretrained import load_run
@@ -69,6 +69,34 @@ def test_trained_topk_bench_matches_the_full_ranking(tree_run, tmp_path, capsys)
     assert all(0 <= r["mean_expanded_clusters"] <= r["tail_clusters"] == 2 for r in res["rows"])
     assert json.loads(out.read_text())["rows"][0]["batch"] == 1
     assert "identical True" in capsys.readouterr().out
+
+
+def test_serving_bench_scores_the_exports_with_the_runs_own_evaluation(tree_run, tmp_path, capsys):
+    workdir, _, test = tree_run
+    res = serving.main([str(workdir), "--exports", str(tmp_path / "exports"), "--sections", "sizes,quality",
+                        "--out", str(tmp_path / "serving.json")])
+    sizes, quality = res["sizes"], res["quality"]
+    assert set(sizes["artifacts"]) == {"float32", "bfloat16", "int8"}
+    # At 60 items the uncompressed model is not larger; the checkpoints hold Adam's two moments too.
+    assert sizes["baseline_checkpoint_bytes"] > 3 * 4 * sizes["baseline_params"] * 0.9
+    assert sizes["run_checkpoint_bytes"] > 2 * sizes["artifacts"]["float32"]["params_bytes"]
+    for key, value in quality["window"]["float32"].items():  # the exported float32 model is the run's model
+        np.testing.assert_allclose(value, test[key], rtol=1e-5, err_msg=key)
+    assert set(quality["stream"]) == {"float32", "int8"} and quality["receptive_field"] == 19
+    assert json.loads((tmp_path / "serving.json").read_text())["num_items"] == 61
+    assert "[quality]     int8 stream" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_serving_bench_latency_section(tree_run, tmp_path):
+    res = serving.main([str(tree_run[0]), "--exports", str(tmp_path / "exports"), "--batch", "4", "--repeats", "1",
+                        "--sections", "latency", "--out", str(tmp_path / "serving.json")])
+    for dtype in ("float32", "int8"):
+        lat = res["latency"][dtype]
+        assert {"batch1", "batch4", "score", "max_clusters"} <= set(lat)
+        assert lat["score"]["score_100_max_abs_error"] < 1e-4
+        assert [r["max_clusters"] for r in lat["max_clusters"]] == [0, 1, None]
+        assert lat["max_clusters"][-1]["recall@20"] == 1.0 and lat["max_clusters"][-1]["exact_rows"] == 1.0
 
 
 def test_trained_topk_bench_refuses_a_full_softmax_run(tmp_path, tiny, capsys):
