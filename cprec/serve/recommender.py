@@ -13,6 +13,7 @@ calls. Imports the model package only (never training or evaluation).
 from __future__ import annotations
 
 import collections
+import threading
 from collections.abc import Hashable, Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -223,7 +224,8 @@ class Recommender:
     def _top_inputs(self, exclude: Sequence[Sequence[int]], budgets: Sequence[int | None],
                     rows: int) -> tuple[np.ndarray, np.ndarray]:
         """(exclude [rows, E] padded with -1, budget [rows]) for the jitted top-n."""
-        e = np.full((rows, bucket(max((len(x) for x in exclude), default=0), smallest=8)), -1, np.int32)
+        # One exclusion width up to 64 ids (a server compiles it once); wider lists round up to a power of 2.
+        e = np.full((rows, bucket(max((len(x) for x in exclude), default=0), smallest=64)), -1, np.int32)
         for r, ids in enumerate(exclude):
             e[r, :len(ids)] = ids
         b = np.full((rows,), self.num_tail_clusters, np.int32)
@@ -380,13 +382,17 @@ class Session:
 
 
 class SessionStore:
-    """Sessions by user id, least recently used first out, bounded by entries and bytes."""
+    """Sessions by user id, least recently used first out, bounded by entries and bytes.
+
+    Thread-safe: every method holds one lock (a server's batch thread and its event loop share it).
+    """
 
     def __init__(self, rec: Recommender, max_entries: int = 100_000, max_bytes: int = 1 << 30) -> None:
         self.rec, self.max_entries, self.max_bytes = rec, max_entries, max_bytes
         self._sessions: collections.OrderedDict[Hashable, Session] = collections.OrderedDict()
         self.nbytes = 0
         self.evicted = 0
+        self._lock = threading.RLock()
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -396,26 +402,58 @@ class SessionStore:
 
     def get(self, user: Hashable) -> Session:
         """The user's session (a new empty one if none), now the most recently used."""
-        session = self._sessions.pop(user, None)
-        if session is None:
-            session = self.rec.session()
-        else:
-            self.nbytes -= session.nbytes
-        return self._put(user, session)
+        with self._lock:
+            session = self._sessions.pop(user, None)
+            if session is None:
+                session = self.rec.session()
+            else:
+                self.nbytes -= session.nbytes
+            return self._put(user, session)
 
     def append(self, user: Hashable, items: Sequence) -> Session:
-        session = self.get(user)
-        self.nbytes -= session.nbytes
-        session.append(items)
-        self.nbytes += session.nbytes
-        self._evict(keep=user)
-        return session
+        with self._lock:
+            session = self.get(user)
+            self.nbytes -= session.nbytes
+            session.append(items)
+            self.nbytes += session.nbytes
+            self._evict(keep=user)
+            return session
+
+    def advance(self, users: Sequence[Hashable], items: Sequence[Sequence], n: int = 20, exclude_seen: bool = True,
+                max_clusters: int | Sequence[int | None] | None = None) -> list[Recommendation]:
+        """Appends each user's events and recommends from the new state, batched (``Recommender.advance``).
+
+        A user who appears k times is served in k successive rounds, in order, so no event is lost.
+        """
+        budgets = self.rec._budgets(max_clusters, len(users))
+        if len(items) != len(users):
+            raise RequestError(f"{len(items)} lists of items for {len(users)} users")
+        self.rec.check_n(n)
+        results: list[Recommendation | None] = [None] * len(users)
+        pending = list(range(len(users)))
+        with self._lock:
+            while pending:
+                taken, later = [], []
+                for r in pending:
+                    (later if users[r] in {users[t] for t in taken} else taken).append(r)
+                sessions = [self.get(users[r]) for r in taken]
+                # A small store may already have evicted some of them again: count only the kept ones.
+                kept = [self._sessions.get(users[r]) is s for r, s in zip(taken, sessions)]
+                self.nbytes -= sum(s.nbytes for s, k in zip(sessions, kept) if k)
+                out = self.rec.advance(sessions, [items[r] for r in taken], n, exclude_seen, [budgets[r] for r in taken])
+                self.nbytes += sum(s.nbytes for s, k in zip(sessions, kept) if k)
+                for r, rec in zip(taken, out):
+                    results[r] = rec
+                self._evict(keep=users[taken[-1]])
+                pending = later
+        return results
 
     def delete(self, user: Hashable) -> bool:
-        session = self._sessions.pop(user, None)
-        if session is not None:
-            self.nbytes -= session.nbytes
-        return session is not None
+        with self._lock:
+            session = self._sessions.pop(user, None)
+            if session is not None:
+                self.nbytes -= session.nbytes
+            return session is not None
 
     def _put(self, user: Hashable, session: Session) -> Session:
         self._sessions[user] = session
@@ -431,4 +469,3 @@ class SessionStore:
             self._sessions.pop(user)
             self.nbytes -= oldest.nbytes
             self.evicted += 1
-

@@ -1,0 +1,80 @@
+"""`python -m cprec.serve OUT_DIR`: the HTTP recommendation server (see cprec/serve/server.py)."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import sys
+import time
+
+import uvicorn
+
+from cprec.errors import CprecError, exit_on_user_error
+from cprec.serve.recommender import Recommender
+from cprec.serve.server import Server, ServerConfig
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn's server, but SIGTERM / SIGINT end with exit status 0 once the requests in flight are
+    answered (uvicorn re-raises a caught signal after its graceful shutdown: the process would die of it)."""
+
+    on_started = staticmethod(lambda: None)
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)  # after the lifespan's warm-up: now listening
+        if self.started:
+            self.on_started()
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        previous = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+def _parser() -> argparse.ArgumentParser:
+    d = ServerConfig()
+    p = argparse.ArgumentParser(prog="python -m cprec.serve", description=__doc__)
+    p.add_argument("artifact", help="an export directory (python -m cprec.export RUN OUT_DIR)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--max-batch-size", type=int, default=d.max_batch_size,
+                   help="requests per computed batch (1 turns batching off)")
+    p.add_argument("--batch-timeout-ms", type=float, default=d.batch_timeout_ms,
+                   help="how long the first request of a batch waits for others")
+    p.add_argument("--sessions", type=int, default=d.sessions, help="cached sessions (least recently used out)")
+    p.add_argument("--session-bytes", type=int, default=d.session_bytes, help="bytes of cached sessions at most")
+    p.add_argument("--context", choices=("window", "stream"), default="window",
+                   help="what a stateless /v1/recommend reads of a history (sessions always stream)")
+    p.add_argument("--no-warmup", action="store_true", help="answer at once and compile shapes on first use")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    start = time.perf_counter()
+    with exit_on_user_error():
+        if args.max_batch_size < 1 or args.batch_timeout_ms < 0 or args.sessions < 1:
+            raise CprecError("--max-batch-size and --sessions must be >= 1 and --batch-timeout-ms >= 0")
+        rec = Recommender.load(args.artifact, context=args.context, max_batch=args.max_batch_size)
+        config = ServerConfig(max_batch_size=args.max_batch_size, batch_timeout_ms=args.batch_timeout_ms,
+                              sessions=args.sessions, session_bytes=args.session_bytes, warmup=not args.no_warmup)
+        server = Server(rec, config)
+        m = rec.artifact.manifest
+        print(f"cprec.serve: {args.artifact} ({rec.num_items - 1:,} items, {m.get('param_count', 0):,} parameters, "
+              f"{m.get('dtype')}, {m.get('total_bytes', 0):,} bytes); batches of up to {args.max_batch_size} "
+              f"within {args.batch_timeout_ms:g} ms; compiling...", flush=True)
+    uv = GracefulServer(uvicorn.Config(server.app, host=args.host, port=args.port, log_level="warning",
+                                       timeout_graceful_shutdown=30))
+    uv.on_started = lambda: print(f"cprec.serve: ready on http://{args.host}:{args.port} in "
+                                  f"{time.perf_counter() - start:.1f} s", flush=True)
+    uv.run()
+    print("cprec.serve: stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
