@@ -107,7 +107,7 @@ def _csv_train_counts(path) -> dict[str, int]:
 def test_string_item_tokens_round_trip(csv_run, tmp_path):
     out = tmp_path / "art"
     main([str(csv_run / "run"), str(out), "--stablehlo-batch-sizes", "none"])
-    ids = json.loads((out / "items.json").read_text())
+    ids = load_artifact(out).item_ids
     assert ids[0] is None and all(isinstance(t, str) for t in ids[1:])
     assert set(ids[1:]) <= {_token(i) for i in range(60)} and "café, n°7" in ids
     assert len(set(ids[1:])) == len(ids) - 1

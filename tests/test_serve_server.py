@@ -79,6 +79,14 @@ def _post(url, path, body, **kw):
     return httpx.post(url + path, json=body, timeout=60, **kw)
 
 
+def _concurrently(url, requests):
+    """POSTs every (path, body) at once from one asyncio client; the responses in order."""
+    async def go():
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            return await asyncio.gather(*(client.post(path, json=body) for path, body in requests))
+    return asyncio.run(go())
+
+
 def test_recommend_single_and_batch_match_the_recommender(served):
     running, rec = served
     histories = [_raw([3, 5, 7]), _raw([40, 41, 2, 13]) + ["new-item"], _raw([20])]
@@ -121,11 +129,9 @@ def test_session_events_follow_a_session(served):
 def test_concurrent_events_of_one_user_are_all_kept(served):
     running, rec = served
 
-    async def go():
-        async with httpx.AsyncClient(base_url=running.url, timeout=60) as client:
-            return await asyncio.gather(*(client.post("/v1/sessions/busy/events", json={"items": _raw([i]), "n": 3})
-                                          for i in range(1, 9)))
-    assert all(r.status_code == 200 for r in asyncio.run(go()))
+    responses = _concurrently(running.url, [("/v1/sessions/busy/events", {"items": _raw([i]), "n": 3})
+                                            for i in range(1, 9)])
+    assert all(r.status_code == 200 for r in responses)
     session = running.server.store.get("busy")
     assert session.seen == set(range(1, 9))
 
@@ -167,11 +173,8 @@ def test_unknown_endpoint_and_method(served):
 def test_requests_are_batched_and_metrics_count_them(served):
     running, _ = served
 
-    async def go():
-        async with httpx.AsyncClient(base_url=running.url, timeout=60) as client:
-            return await asyncio.gather(*(client.post("/v1/recommend", json={"history": _raw([1 + i % 70])})
-                                          for i in range(48)))
-    assert all(r.status_code == 200 for r in asyncio.run(go()))
+    responses = _concurrently(running.url, [("/v1/recommend", {"history": _raw([1 + i % 70])}) for i in range(48)])
+    assert all(r.status_code == 200 for r in responses)
     text = httpx.get(running.url + "/metrics").text
     sizes = running.server.batch_sizes
     assert sizes.count("recommend") < 48  # 48 concurrent requests took fewer than 48 batches
@@ -185,12 +188,8 @@ def test_a_failing_request_fails_alone(served):
     running, rec = served
     running.server.fail_items = {"movie-66"}
 
-    async def go():
-        async with httpx.AsyncClient(base_url=running.url, timeout=60) as client:
-            return await asyncio.gather(*(client.post("/v1/recommend", json={"history": _raw([60 + i])})
-                                          for i in range(10)))
     try:
-        responses = asyncio.run(go())
+        responses = _concurrently(running.url, [("/v1/recommend", {"history": _raw([60 + i])}) for i in range(10)])
     finally:
         running.server.fail_items = set()
     statuses = [r.status_code for r in responses]

@@ -1,6 +1,7 @@
 """Timing helpers shared by the benchmarks."""
 from __future__ import annotations
 
+import os
 import pathlib
 import platform
 
@@ -43,3 +44,18 @@ def device_info() -> dict[str, str]:
 
 def save_results(name: str, payload: dict) -> pathlib.Path:
     return write_json(RESULTS_DIR / f"{name}-{jax.devices()[0].platform}.json", {"device": device_info(), **payload})
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (None where the OS has none): a shared machine's noise, recorded."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def finish(res: dict, out: str | pathlib.Path, load_start: float | None) -> dict:
+    """Adds the device and the load averages to a benchmark's results, saves them to `out`, says where."""
+    res |= {"device": device_info(), "load_average_start": load_start, "load_average_end": load_average()}
+    print(f"saved {write_json(out, res)}")
+    return res

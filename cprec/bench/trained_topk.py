@@ -17,10 +17,9 @@ import jax
 import numpy as np
 from jax import lax
 
-from cprec.bench.common import RESULTS_DIR, device_info
-from cprec.bench.tree_softmax import compare_topk, load_average, real_items, timed
+from cprec.bench.common import RESULTS_DIR, finish, load_average
+from cprec.bench.tree_softmax import compare_topk, real_items, timed
 from cprec.errors import CprecError, exit_on_user_error
-from cprec.jsonfile import write_json
 from cprec.model.nextitnet import NextItNet
 from cprec.eval.pretrained import load_run
 
@@ -91,11 +90,8 @@ def main(argv: list[str] | None = None) -> dict:
     load_start = load_average()
     with exit_on_user_error():
         res = bench_run(args.workdir, args.n, args.batches, args.repeats)
-    res |= {"device": device_info(), "repeats": args.repeats,
-            "load_average_start": load_start, "load_average_end": load_average()}
-    out = pathlib.Path(args.out or RESULTS_DIR / f"trained_topk-{pathlib.Path(args.workdir).name}.json")
-    print(f"saved {write_json(out, res)}")
-    return res
+    res["repeats"] = args.repeats
+    return finish(res, args.out or RESULTS_DIR / f"trained_topk-{pathlib.Path(args.workdir).name}.json", load_start)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from cprec.bench.common import RESULTS_DIR
+from cprec.bench.common import RESULTS_DIR, load_average
 from cprec.model.clusters import cluster_token_capacities, resolve_cutoffs, resolve_ranks
 from cprec.jsonfile import write_json
 from cprec.model.tree_softmax import BlockwiseSoftmax
@@ -122,13 +122,6 @@ def memory_of(compiled: Any) -> dict:
     alias = getattr(ma, "alias_size_in_bytes", 0)
     return {"temp_bytes": int(temp), "argument_bytes": int(arg), "output_bytes": int(out),
             "peak_bytes": int(temp + arg + out - alias)}
-
-
-def load_average() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return None
 
 
 # ----------------------------------------------------------------------------------------------

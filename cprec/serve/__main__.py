@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import signal
 import sys
 import time
@@ -50,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--context", choices=("window", "stream"), default="window",
                    help="what a stateless /v1/recommend reads of a history (sessions always stream)")
     p.add_argument("--no-warmup", action="store_true", help="answer at once and compile shapes on first use")
+    p.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help="keep compiled programs in DIR (jax's persistent cache): a restart of the same model "
+                        "skips most of the warm-up's compilation")
     return p
 
 
@@ -59,10 +63,19 @@ def main(argv: list[str] | None = None) -> int:
     with exit_on_user_error():
         if args.max_batch_size < 1 or args.batch_timeout_ms < 0 or args.sessions < 1:
             raise CprecError("--max-batch-size and --sessions must be >= 1 and --batch-timeout-ms >= 0")
+        if args.compile_cache:
+            import jax
+
+            jax.config.update("jax_compilation_cache_dir", args.compile_cache)
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         rec = Recommender.load(args.artifact, context=args.context, max_batch=args.max_batch_size)
         config = ServerConfig(max_batch_size=args.max_batch_size, batch_timeout_ms=args.batch_timeout_ms,
                               sessions=args.sessions, session_bytes=args.session_bytes, warmup=not args.no_warmup)
         server = Server(rec, config)
+        # The item id maps are millions of long-lived objects: keep them out of the cyclic garbage
+        # collector's full passes, which would otherwise stall requests for tens of milliseconds.
+        gc.collect()
+        gc.freeze()
         m = rec.artifact.manifest
         print(f"cprec.serve: {args.artifact} ({rec.num_items - 1:,} items, {m.get('param_count', 0):,} parameters, "
               f"{m.get('dtype')}, {m.get('total_bytes', 0):,} bytes); batches of up to {args.max_batch_size} "

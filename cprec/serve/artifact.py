@@ -5,20 +5,24 @@
     scores, ids, _ = model.apply({"params": params}, histories, 20, method=NextItNet.top_k)
     raw = [art.item_ids[i] for i in ids[0]]           # the data file's item ids
 
-Layout (``FORMAT_VERSION`` 1), written by ``save_artifact`` (``python -m cprec.export``):
+Layout (``FORMAT_VERSION`` 2), written by ``save_artifact`` (``python -m cprec.export``):
 
 - ``params.safetensors``: every parameter under its "/"-joined name (``stack/kernels``,
   ``head/tail_1_out``, ...). float32: all float32. bfloat16: all stored as BF16 (safetensors'
   own dtype, which ``safetensors.numpy.save_file`` / ``load_file`` and torch read).
   int8: each quantised item table (``cprec.serve.quantize``) as three tensors ``<name>.q`` (uint8),
   ``<name>.scale`` and ``<name>.offset`` (float32, shaped to broadcast against ``q``: 1 on every axis
-  but the item axis); the rest float32. The header metadata holds ``format`` (``cprec-params``),
+  but the item axis); item tables too thin to quantise row-wise (rank-1 and rank-2 tail clusters)
+  as bfloat16; the rest (conv kernels, biases, LayerNorms, projections) float32. The header metadata holds ``format`` (``cprec-params``),
   ``dtype`` and ``quantized`` (JSON ``{name: item axis}``).
 - ``model.json``: the ``NextItNet`` constructor kwargs (``MODEL_FIELDS``) and ``max_len`` (L, the
   history length the model was trained on).
-- ``items.json``: a list, the data file's item id for every internal id; index 0 (padding) is
-  null; integer ids stay JSON numbers, token ids JSON strings.
-- ``item_counts.json``: a list, the training count of every internal id (the clusters follow it).
+- ``items.json.gz``: a gzip-compressed JSON list, the data file's item id for every internal id;
+  index 0 (padding) is null; integer ids stay JSON numbers, token ids JSON strings.
+- ``item_counts.json.gz``: a gzip-compressed JSON list, the training count of every internal id
+  (the clusters follow it). gzip because at a million items the two lists take 8.9 MB as plain
+  JSON, as much as the int8 model itself, and 2.7 MB compressed. Format 1 artifacts (plain
+  ``items.json`` / ``item_counts.json``) are still read.
 - ``manifest.json``: ``format_version``, ``cprec_version``, ``created``, ``dtype``, what the caller
   passes (the export: ``source_run``, ``source``, ``step``, ``metrics``), ``param_count``,
   ``quantized``, ``files`` (bytes of each file, itself included) and ``total_bytes``.
@@ -34,6 +38,7 @@ and checked, then renamed into place (a replaced one is removed only after that)
 from __future__ import annotations
 
 import datetime
+import gzip
 import importlib.metadata
 import json
 import os
@@ -53,15 +58,16 @@ from safetensors.numpy import save_file
 from cprec.errors import CprecError
 from cprec.model.builder import init_params
 from cprec.model.nextitnet import NextItNet
-from cprec.serve.quantize import (QuantizedTable, dequantize_tree, is_quantized, param_path,
+from cprec.serve.quantize import (QuantizedTable, dequantize_tree, is_quantized, item_table_axes, param_path,
                                   quantize_params)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)  # format 1: the id lists as plain JSON
 DTYPES = ("float32", "bfloat16", "int8")
 MODEL_FIELDS = ("num_items", "dim", "dilations", "sharing", "kernel_size", "embedding", "softmax", "cutoffs", "ranks")
 _TUPLE_FIELDS = ("dilations", "cutoffs", "ranks")
 PARAMS_FILE, MODEL_FILE, ITEMS_FILE, COUNTS_FILE, MANIFEST_FILE = (
-    "params.safetensors", "model.json", "items.json", "item_counts.json", "manifest.json")
+    "params.safetensors", "model.json", "items.json.gz", "item_counts.json.gz", "manifest.json")
 _QUANT_PARTS = ("q", "scale", "offset")
 _FALLBACK_VERSION = "0.1.0"
 
@@ -137,7 +143,9 @@ def _unflatten(flat: Mapping[str, Any]) -> dict:
 
 def _tensors(params: Any, dtype: str) -> tuple[dict[str, np.ndarray], dict[str, int], Any]:
     """(safetensors dict, {quantised name: axis}, the params as load_artifact will return them)."""
+    thin_tables: set[str] = set()
     if dtype == "int8":
+        thin_tables = set(item_table_axes(params))
         params = quantize_params(params)
     tensors, quantized, loaded = {}, {}, {}
     for name, leaf in _flatten(params).items():
@@ -153,7 +161,7 @@ def _tensors(params: Any, dtype: str) -> tuple[dict[str, np.ndarray], dict[str, 
         if not np.issubdtype(array.dtype, np.floating):
             raise ValueError(f"parameter {name} has dtype {array.dtype}; an artifact stores float parameters")
         array = array.astype(np.float32)
-        if dtype == "bfloat16":
+        if dtype == "bfloat16" or name in thin_tables:  # int8: an item table left unquantised
             stored = array.astype(ml_dtypes.bfloat16)
             tensors[name], loaded[name] = np.ascontiguousarray(stored), stored.astype(np.float32)
         else:
@@ -190,7 +198,12 @@ def _model_kwargs(model_json: Mapping) -> dict:
 
 
 def _write_compact_json(path: pathlib.Path, data: Any) -> None:
-    path.write_text(json.dumps(data, separators=(",", ":")) + "\n")
+    text = json.dumps(data, separators=(",", ":")) + "\n"
+    if path.suffix == ".gz":
+        # mtime=0: the same ids give the same bytes
+        path.write_bytes(gzip.compress(text.encode(), compresslevel=6, mtime=0))
+    else:
+        path.write_text(text)
 
 
 def _write_manifest(directory: pathlib.Path, manifest: dict) -> dict:
@@ -281,10 +294,12 @@ def save_artifact(out_dir: str | pathlib.Path, *, model_kwargs: dict, max_len: i
 
 def _read_json(path: pathlib.Path) -> Any:
     try:
+        if path.suffix == ".gz":
+            return json.loads(gzip.decompress(path.read_bytes()))
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise ArtifactError(f"{path} is missing; the artifact is incomplete: export it again") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ArtifactError(f"{path} is unreadable ({type(e).__name__}); the artifact is damaged: export it again") from None
 
 
@@ -328,19 +343,20 @@ def load_artifact(path: str | pathlib.Path) -> Artifact:
         raise ArtifactError(f"artifact directory {directory} does not exist; give an OUT_DIR of `python -m cprec.export`")
     manifest = _read_json(directory / MANIFEST_FILE)
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
-    if version != FORMAT_VERSION:
+    if version not in READABLE_FORMATS:
         raise ArtifactError(f"{directory / MANIFEST_FILE} has format_version {version!r}; this cprec reads format_version "
-                            f"{FORMAT_VERSION}: export the run again with this cprec")
+                            f"{', '.join(map(str, READABLE_FORMATS))}: export the run again with this cprec")
     model_json = _read_json(directory / MODEL_FILE)
     try:
         kwargs = _model_kwargs(model_json)
         max_len = int(model_json["max_len"])
     except (KeyError, TypeError, ValueError) as e:
         raise ArtifactError(f"{directory / MODEL_FILE} lacks a valid {e}; the artifact is damaged: export it again") from None
-    item_ids = _read_json(directory / ITEMS_FILE)
-    counts = _read_json(directory / COUNTS_FILE)
+    plain = version == 1  # format 1 kept the id lists as plain JSON
+    item_ids = _read_json(directory / (ITEMS_FILE.removesuffix(".gz") if plain else ITEMS_FILE))
+    counts = _read_json(directory / (COUNTS_FILE.removesuffix(".gz") if plain else COUNTS_FILE))
     if not (isinstance(item_ids, list) and isinstance(counts, list) and len(item_ids) == len(counts) == kwargs["num_items"]):
-        raise ArtifactError(f"{directory}: items.json and item_counts.json do not list the model's {kwargs['num_items']} "
+        raise ArtifactError(f"{directory}: {ITEMS_FILE} and {COUNTS_FILE} do not list the model's {kwargs['num_items']} "
                             "items; the artifact is damaged: export it again")
     tensors, metadata = _read_params(directory / PARAMS_FILE)
     try:

@@ -15,7 +15,7 @@ are the head items and the cluster tokens, and ``head/tail_{j}_out``, axis 1). E
 kernels, biases, LayerNorms, the low-rank projections ``tail_{j}_proj``) stays float32.
 ``quantize_params`` quantises the item tables whose slices hold at least ``MIN_SLICE`` elements:
 below that (CpRec's rank-1 and rank-2 tail clusters) the 8 bytes of scale and offset per slice
-would make the table larger than its float32 original.
+would make the table larger than its float32 original (an int8 artifact stores those as bfloat16).
 
 Everything here is importable by a server: it needs jax and numpy only.
 """

@@ -69,15 +69,20 @@ class ItemIds:
         self.raw = list(raw_ids)
         self._index = {raw: i for i, raw in enumerate(self.raw) if i > 0}
 
+    def lookup(self, raw_ids: Sequence) -> list[int | None]:
+        """The internal id of each raw id, None where unknown."""
+        index = self._index
+        out = [index.get(r) for r in raw_ids]
+        for k, (r, i) in enumerate(zip(raw_ids, out)):
+            if i is None and isinstance(r, str) and r.lstrip("-").isdigit():
+                out[k] = index.get(int(r))  # JSON clients may send integer ids as strings
+        return out
+
     def internal(self, raw_ids: Iterable) -> tuple[list[int], list]:
         """(known internal ids in order, unknown raw ids)."""
-        known, unknown = [], []
-        for r in raw_ids:
-            i = self._index.get(r)
-            if i is None and isinstance(r, str) and r.lstrip("-").isdigit():
-                i = self._index.get(int(r))  # JSON clients may send integer ids as strings
-            (known.append(i) if i is not None else unknown.append(r))
-        return known, unknown
+        raw_ids = list(raw_ids)
+        found = self.lookup(raw_ids)
+        return [i for i in found if i is not None], [r for r, i in zip(raw_ids, found) if i is None]
 
 
 class Recommender:
@@ -249,13 +254,10 @@ class Recommender:
         encoded once and only the head and the candidates' clusters normalised."""
         known, unknown = self.ids.internal(history)
         h = self.hidden([known])
+        internal = self.ids.lookup(candidates)
+        unknown = [*unknown, *(c for c, i in zip(candidates, internal) if i is None)]
         cand = np.zeros((1, bucket(len(candidates), smallest=8)), np.int32)  # id 0 (padding) scores -inf
-        internal = []
-        for j, c in enumerate(candidates):
-            found, missing = self.ids.internal([c])
-            internal.append(found[0] if found else None)
-            unknown = [*unknown, *missing]
-            cand[0, j] = found[0] if found else 0
+        cand[0, :len(internal)] = [0 if i is None else i for i in internal]
         out = np.asarray(self._score_fn(self.params, h, cand))[0]
         return Scores([float(out[j]) if i is not None else None for j, i in enumerate(internal)], list(unknown))
 
