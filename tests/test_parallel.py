@@ -37,7 +37,8 @@ def _losses(workdir):
     return [line["train/loss"] for line in lines if "train/loss" in line]
 
 
-@pytest.mark.parametrize("micro_batch_size", [0, 2])  # whole batch; 2 micro-batches of 2 rows per device
+# Whole batch; 2 micro-batches of 2 rows per device (slow: 30 s, the micro-batched step has its own tests).
+@pytest.mark.parametrize("micro_batch_size", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_four_devices_match_one(tmp_path, micro_batch_size):
     _train(tmp_path, "one", 1)
     _train(tmp_path, "four", 4, micro_batch_size=micro_batch_size)
@@ -85,6 +86,7 @@ def _run_hosts(args: list[str], ports_from: int) -> list[str]:
     return [out for out, _ in outs]
 
 
+@pytest.mark.slow  # 35 s; test_two_hosts_match_one runs two hosts in CI
 def test_a_host_late_to_its_first_collective_is_waited_for():
     """Gloo gives up on a host 30 s late to the first collective; DataParallel connects the hosts up front."""
     outs = _run_hosts([LATE_HOST_SCRIPT, "35"], ports_from=50000)

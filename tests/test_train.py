@@ -198,6 +198,7 @@ def test_cli_workdir_that_is_a_file_is_one_line(tmp_path):
     assert path.read_text() == "keep me"
 
 
+@pytest.mark.slow  # 45 s; test_a_resumed_run_does_what_an_uninterrupted_one_does covers resuming in CI
 def test_killed_run_resumes_to_the_same_metrics(tmp_path):
     """SIGKILL a run mid-way, rerun the same command, and compare with an uninterrupted run."""
     cache = tmp_path / "cache"
