@@ -192,3 +192,19 @@ def test_batched_session_appends_equal_one_at_a_time():
         np.testing.assert_allclose(f.scores, want.scores, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(b.state["h"], a.state["h"], rtol=1e-5, atol=1e-5)
         assert b.seen == a.seen
+
+
+def test_per_row_exclusions_and_an_empty_session_start(served):
+    art, rec = served
+    mixed = rec.recommend([_raw(h) for h in HISTORIES[:2]], n=10, exclude_seen=[True, False])
+    assert mixed[0].items == rec.recommend([_raw(HISTORIES[0])], n=10)[0].items
+    assert mixed[1].items == rec.recommend([_raw(HISTORIES[1])], n=10, exclude_seen=False)[0].items
+    with pytest.raises(RequestError, match="exclude_seen has 1 values for 2 histories"):
+        rec.recommend([_raw(h) for h in HISTORIES[:2]], exclude_seen=[True])
+    # An empty session starts from the padding state (no encode); appending then matches the stream
+    # recommendation of the whole history, computed by encoding it.
+    stream = Recommender(art, context="stream")
+    session = stream.session()
+    session.append(_raw(HISTORIES[1]))
+    [want] = stream.recommend([_raw(HISTORIES[1])], n=10)
+    assert session.recommend(10).items == want.items

@@ -140,11 +140,10 @@ def stream_metrics(rec: Recommender, histories: list[np.ndarray], targets: np.nd
     return rank_metrics(np.concatenate(ranks), ks)
 
 
-def quality(run: Run, exports: pathlib.Path) -> dict:
+def quality(run: Run, exports: pathlib.Path, histories: list[np.ndarray], stream_targets: np.ndarray) -> dict:
     ks = tuple(run.config.eval.ks)
     inputs, targets = eval_splits(run.data, run.config.eval.num_users)["test"]
     rank_fn = make_rank_fn(run.model)
-    histories, stream_targets = test_histories(run)
     out = {"window": {}, "stream": {}, "num_users": int(len(targets)),
            "receptive_field": None, "max_len": int(run.config.data.max_len)}
     for dtype in DTYPES:
@@ -169,9 +168,8 @@ def _ms(fn, repeats: int) -> float:
     return 1e3 * median_seconds(fn, repeats=repeats, warmup=2)
 
 
-def latency(run: Run, exports: pathlib.Path, batch: int, repeats: int) -> dict:
+def latency(exports: pathlib.Path, histories: list[np.ndarray], batch: int, repeats: int) -> dict:
     rows = {}
-    histories, _ = test_histories(run)
     for dtype in ("float32", "int8"):
         art = load_artifact(exports / dtype)
         raw = art.item_ids
@@ -256,10 +254,12 @@ def main(argv: list[str] | None = None) -> dict:
                "param_count": int(sum(np.size(x) for x in jax.tree.leaves(run.params)))}
         if "sizes" in sections or not all((exports / d).is_dir() for d in DTYPES):
             res["sizes"] = sizes(run, workdir, exports)
+        if "quality" in sections or "latency" in sections:
+            histories, targets = test_histories(run)  # read and checked once for both sections
         if "quality" in sections:
-            res["quality"] = quality(run, exports)
+            res["quality"] = quality(run, exports, histories, targets)
         if "latency" in sections:
-            res["latency"] = latency(run, exports, args.batch, args.repeats)
+            res["latency"] = latency(exports, histories, args.batch, args.repeats)
     res["repeats"] = args.repeats
     return finish(res, args.out or RESULTS_DIR / f"serving-{workdir.name}-{jax.devices()[0].platform}.json", load_start)
 

@@ -115,9 +115,7 @@ class Recommender:
         # operation, not one per leaf and session. The jitted calls unravel it inside.
         packed_row, self._unravel = ravel_pytree(jax.tree.map(lambda a: a[0], self._padding))
         self._padding_packed = np.asarray(packed_row, np.float32)[None]
-        marker = jax.tree.map(np.zeros_like, jax.tree.map(lambda a: a[0], self._padding))
-        marker["h"] = np.ones_like(marker["h"])
-        self._h_columns = np.flatnonzero(np.asarray(ravel_pytree(marker)[0]))
+        self._h_columns = np.asarray(self._unravel(np.arange(packed_row.size, dtype=np.float32))["h"]).astype(np.int64)
         self._hidden_fn = jax.jit(self._hidden)
         self._top_fn = jax.jit(self._top, static_argnums=5)
         self._score_fn = jax.jit(self._score)
@@ -159,7 +157,7 @@ class Recommender:
 
     def unpack_state(self, packed: np.ndarray) -> dict:
         """A packed session state [B, S] as the incremental state pytree (numpy; see incremental.py)."""
-        return jax.tree.map(np.asarray, jax.jit(self._unpack)(packed))
+        return jax.tree.map(np.asarray, self._unpack(packed))
 
     def _append_top(self, params, stats, packed, items, mask, exclude, budget, n):
         """Appends the events and recommends from the new state in one call (one dispatch per batch)."""
@@ -181,20 +179,22 @@ class Recommender:
             raise RequestError(f"n={n!r} is invalid: ask for 1 to {self.num_items - 1} items (the catalogue)")
         return int(n)
 
-    def recommend(self, histories: Sequence[Sequence], n: int = 20, exclude_seen: bool = True,
+    def recommend(self, histories: Sequence[Sequence], n: int = 20, exclude_seen: bool | Sequence[bool] = True,
                   max_clusters: int | Sequence[int | None] | None = None) -> list[Recommendation]:
         """Top-n next items for each history of raw ids (most recent last), best first.
 
-        Unknown ids are skipped and reported per row. ``exclude_seen``: never recommend an item of
-        the history (exact: excluded items score -inf, the early stop's bounds still hold).
+        Unknown ids are skipped and reported per row. ``exclude_seen`` (one value or one per row):
+        never recommend an item of the history (exact: excluded items score -inf, the early stop's
+        bounds still hold).
         ``max_clusters``: at most this many tail clusters per row (one value or one per row; None =
         exact); the result says whether each row is exact.
         """
         n = self.check_n(n)
         known, unknown = zip(*(self.ids.internal(h) for h in histories)) if histories else ((), ())
-        budgets = self._budgets(max_clusters, len(known))
+        budgets = _per_row(max_clusters, len(known), "max_clusters")
+        excluding = _per_row(exclude_seen, len(known), "exclude_seen")
         hidden = self.hidden(known)
-        seen = [sorted(set(k)) if exclude_seen else [] for k in known]
+        seen = [sorted(set(k)) if x else [] for k, x in zip(known, excluding)]
         return [Recommendation(items, scores, exact, list(u)) for (items, scores, exact), u in
                 zip(self.top(hidden, n, seen, budgets), unknown)]
 
@@ -268,15 +268,17 @@ class Recommender:
     def sessions(self, histories: Sequence[Sequence]) -> list["Session"]:
         """One session per history (raw ids), encoded in bucketed batches."""
         known, unknown = zip(*(self.ids.internal(h) for h in histories)) if histories else ((), ())
-        out = []
-        for start in range(0, len(known), self.max_batch):
-            rows = known[start:start + self.max_batch]
+        # An empty history's state is the padding state computed at load: nothing to encode (a
+        # server creates every new user's session this way).
+        packed: list[np.ndarray | None] = [None if k else self._padding_packed.copy() for k in known]
+        todo = [r for r, k in enumerate(known) if k]
+        for start in range(0, len(todo), self.max_batch):
+            chunk = todo[start:start + self.max_batch]
             # Items before the receptive field cannot reach the state.
-            x = left_padded(rows, self.receptive_field, bucket(len(rows), largest=self.max_batch))
-            state = self._state_fn(self.params, x)
-            out += [Session(self, row, set(k), u) for row, k, u in
-                    zip(_rows(state, len(rows)), rows, unknown[start:start + self.max_batch])]
-        return out
+            x = left_padded([known[r] for r in chunk], self.receptive_field, bucket(len(chunk), largest=self.max_batch))
+            for r, row in zip(chunk, _rows(self._state_fn(self.params, x), len(chunk))):
+                packed[r] = row
+        return [Session(self, row, set(k), list(u)) for row, k, u in zip(packed, known, unknown)]
 
     def append_sessions(self, sessions: Sequence["Session"], items: Sequence[Sequence]) -> list[list]:
         """Appends each session's new events (raw ids, oldest first) in batched calls; returns each
@@ -291,19 +293,21 @@ class Recommender:
         self._note(sessions, known, unknown)
         return [list(u) for u in unknown]
 
-    def advance(self, sessions: Sequence["Session"], items: Sequence[Sequence], n: int = 20, exclude_seen: bool = True,
+    def advance(self, sessions: Sequence["Session"], items: Sequence[Sequence], n: int = 20,
+                exclude_seen: bool | Sequence[bool] = True,
                 max_clusters: int | Sequence[int | None] | None = None) -> list[Recommendation]:
         """Appends each session's new events and recommends its top-n from the new state: one jitted
         call per batch of sessions (what a session-event request needs; see ``recommend``)."""
         n = self.check_n(n)
-        budgets = self._budgets(max_clusters, len(sessions))
+        budgets = _per_row(max_clusters, len(sessions), "max_clusters")
+        excluding = _per_row(exclude_seen, len(sessions), "exclude_seen")
         known, unknown = self._known_events(sessions, items)
         self._note(sessions, known, unknown)
         results = []
         for start in range(0, len(sessions), self.max_batch):
             chunk = list(range(start, min(start + self.max_batch, len(sessions))))
             stacked, x = self._stacked([sessions[r] for r in chunk], [known[r] for r in chunk])
-            seen = [sorted(sessions[r].seen) if exclude_seen else [] for r in chunk]
+            seen = [sorted(sessions[r].seen) if excluding[r] else [] for r in chunk]
             e, b = self._top_inputs(seen, budgets[start:start + self.max_batch], x.shape[0])
             new, out = self._append_top_fn(self.params, self.stats, stacked, x, x > 0, e, b, self._n_bucket(n))
             self._store(sessions, chunk, new)
@@ -311,23 +315,17 @@ class Recommender:
         return [Recommendation(items_, scores, exact, list(s.unknown_items))
                 for (items_, scores, exact), s in zip(results, sessions)]
 
-    def recommend_sessions(self, sessions: Sequence["Session"], n: int = 20, exclude_seen: bool = True,
+    def recommend_sessions(self, sessions: Sequence["Session"], n: int = 20, exclude_seen: bool | Sequence[bool] = True,
                            max_clusters: int | Sequence[int | None] | None = None) -> list[Recommendation]:
         """Top-n for each session from its cached state, in batched calls (see ``recommend``)."""
-        budgets = self._budgets(max_clusters, len(sessions))
+        budgets = _per_row(max_clusters, len(sessions), "max_clusters")
+        excluding = _per_row(exclude_seen, len(sessions), "exclude_seen")
         if not sessions:
             return []
         hidden = np.concatenate([s.packed for s in sessions])[:, self._h_columns]
-        seen = [sorted(s.seen) if exclude_seen else [] for s in sessions]
+        seen = [sorted(s.seen) if x else [] for s, x in zip(sessions, excluding)]
         return [Recommendation(items, scores, exact, list(s.unknown_items)) for (items, scores, exact), s in
                 zip(self.top(hidden, n, seen, budgets), sessions)]
-
-    @staticmethod
-    def _budgets(max_clusters: int | Sequence[int | None] | None, rows: int) -> list[int | None]:
-        budgets = list(max_clusters) if isinstance(max_clusters, (list, tuple)) else [max_clusters] * rows
-        if len(budgets) != rows:
-            raise RequestError(f"max_clusters has {len(budgets)} values for {rows} histories")
-        return budgets
 
     def _known_events(self, sessions: Sequence["Session"], items: Sequence[Sequence]) -> tuple[tuple, tuple]:
         if len(sessions) != len(items):
@@ -352,6 +350,14 @@ class Recommender:
         for session, k, u in zip(sessions, known, unknown):
             session.seen.update(k)
             session.unknown_items.extend(u)
+
+
+def _per_row(value: Any, rows: int, name: str) -> list:
+    """A request option given once for all rows or as a list or tuple with one value per row."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * rows
+    if len(values) != rows:
+        raise RequestError(f"{name} has {len(values)} values for {rows} histories")
+    return values
 
 
 def _rows(packed: Any, count: int) -> list[np.ndarray]:
@@ -421,13 +427,15 @@ class SessionStore:
             self._evict(keep=user)
             return session
 
-    def advance(self, users: Sequence[Hashable], items: Sequence[Sequence], n: int = 20, exclude_seen: bool = True,
+    def advance(self, users: Sequence[Hashable], items: Sequence[Sequence], n: int = 20,
+                exclude_seen: bool | Sequence[bool] = True,
                 max_clusters: int | Sequence[int | None] | None = None) -> list[Recommendation]:
         """Appends each user's events and recommends from the new state, batched (``Recommender.advance``).
 
         A user who appears k times is served in k successive rounds, in order, so no event is lost.
         """
-        budgets = self.rec._budgets(max_clusters, len(users))
+        budgets = _per_row(max_clusters, len(users), "max_clusters")
+        excluding = _per_row(exclude_seen, len(users), "exclude_seen")
         if len(items) != len(users):
             raise RequestError(f"{len(items)} lists of items for {len(users)} users")
         self.rec.check_n(n)
@@ -435,14 +443,19 @@ class SessionStore:
         pending = list(range(len(users)))
         with self._lock:
             while pending:
-                taken, later = [], []
+                taken, later, in_round = [], [], set()
                 for r in pending:
-                    (later if users[r] in {users[t] for t in taken} else taken).append(r)
+                    if users[r] in in_round:
+                        later.append(r)
+                    else:
+                        in_round.add(users[r])
+                        taken.append(r)
                 sessions = [self.get(users[r]) for r in taken]
                 # A small store may already have evicted some of them again: count only the kept ones.
                 kept = [self._sessions.get(users[r]) is s for r, s in zip(taken, sessions)]
                 self.nbytes -= sum(s.nbytes for s, k in zip(sessions, kept) if k)
-                out = self.rec.advance(sessions, [items[r] for r in taken], n, exclude_seen, [budgets[r] for r in taken])
+                out = self.rec.advance(sessions, [items[r] for r in taken], n, [excluding[r] for r in taken],
+                                       [budgets[r] for r in taken])
                 self.nbytes += sum(s.nbytes for s, k in zip(sessions, kept) if k)
                 for r, rec in zip(taken, out):
                     results[r] = rec

@@ -118,8 +118,9 @@ async def _json_object(request: Request, limit: int) -> dict:
     return body
 
 
-def _recommendation(r) -> dict:
-    return {"items": r.items, "scores": r.scores, "exact": r.exact, "unknown_items": r.unknown_items}
+def _recommendation(r, n: int) -> dict:
+    """A Recommendation as JSON, its first n items (the batch ran at its largest n)."""
+    return {"items": r.items[:n], "scores": r.scores[:n], "exact": r.exact, "unknown_items": r.unknown_items}
 
 
 # -- the application -------------------------------------------------------------------------------
@@ -196,15 +197,12 @@ class Server:
             raise RuntimeError("injected failure")
 
     def _recommend_batch(self, requests: list[tuple]) -> list:
+        """One ``Recommender.recommend`` for the batch at its largest n, each answer cut to its own n."""
         for history, *_ in requests:
             self._check_injected_failure(history)
-        known, unknown = zip(*(self.rec.ids.internal(h) for h, *_ in requests))
-        n_max = max(n for _, n, _, _ in requests)
-        hidden = self.rec.hidden(known)
-        seen = [sorted(set(k)) if excl else [] for k, (_, _, excl, _) in zip(known, requests)]
-        tops = self.rec.top(hidden, n_max, seen, [b for *_, b in requests])
-        return [{"items": items[:n], "scores": scores[:n], "exact": exact, "unknown_items": list(u)}
-                for (items, scores, exact), u, (_, n, _, _) in zip(tops, unknown, requests)]
+        histories, ns, excluding, budgets = zip(*requests)
+        recs = self.rec.recommend(list(histories), max(ns), list(excluding), list(budgets))
+        return [_recommendation(r, n) for r, n in zip(recs, ns)]
 
     def _score_batch(self, requests: list[tuple]) -> list:
         out = []
@@ -215,21 +213,12 @@ class Server:
         return out
 
     def _session_batch(self, requests: list[tuple]) -> list:
+        """One ``SessionStore.advance`` for the batch at its largest n, each answer cut to its own n."""
         for _, items, *_ in requests:
             self._check_injected_failure(items)
-        n_max = max(r[2] for r in requests)
-        groups: dict[bool, list[int]] = {}
-        for i, r in enumerate(requests):
-            groups.setdefault(r[3], []).append(i)
-        out: list[Any] = [None] * len(requests)
-        for exclude, rows in groups.items():
-            recs = self.store.advance([requests[i][0] for i in rows], [requests[i][1] for i in rows], n_max,
-                                      exclude, [requests[i][4] for i in rows])
-            for i, r in zip(rows, recs):
-                d = _recommendation(r)
-                d["items"], d["scores"] = d["items"][:requests[i][2]], d["scores"][:requests[i][2]]
-                out[i] = d
-        return out
+        users, items, ns, excluding, budgets = zip(*requests)
+        recs = self.store.advance(list(users), list(items), max(ns), list(excluding), list(budgets))
+        return [_recommendation(r, n) for r, n in zip(recs, ns)]
 
     # -- handlers --
 
