@@ -14,6 +14,7 @@ import ml_collections
 
 from cprec.data.dataset import default_data_config
 from cprec.errors import ConfigError
+from cprec.model.nextitnet import check_tying
 from cprec.model.sharing import SHARING_SCHEMES
 
 EMBEDDINGS = ("full", "blockwise")
@@ -40,6 +41,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.rank_decay = 4  # d_j = max(1, dim // rank_decay**j), CpRec's default
     c.model.capacity_margin = 1.5  # static tail token capacity = expected share * margin
     c.model.dropout = 0.0  # on the input embedding (NextItNet uses none)
+    # Output layer shares the input embedding's item tables (full/full: logits = h' E^T; CpRec
+    # blockwise/tree: each cluster's table, Baevski & Auli's adaptive tying). Off by default so the
+    # results of untied runs stay reproducible.
+    c.model.tie_embeddings = False
+    c.model.tie_projections = False  # tied CpRec: the tail clusters' projections too
+    c.model.output_projection = False  # h' = W h + b (d x d, with bias) before the output layer
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 256  # windows of L+1 items per step
@@ -57,7 +64,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "adam"  # 'adam' | 'adamw' | 'sgd'
     c.optim.lr = 1e-3
+    # L2 (adam, sgd: added to the gradient) or decoupled (adamw) weight decay: weight_decay for the
+    # conv kernels and projections, table_weight_decay for the item tables; never layer-norm
+    # scales or biases (cprec.model.param_groups).
     c.optim.weight_decay = 0.0
+    c.optim.table_weight_decay = 0.0
     c.optim.clip_norm = 1.0  # global-norm clipping; <= 0 disables
     c.optim.warmup_steps = 0
     c.optim.schedule = "constant"  # 'constant' | 'cosine'
@@ -71,6 +82,20 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.topk_n = 20  # top-n recommendation latency measured after training
     c.eval.topk_batches = (1, 256)
     return c
+
+
+def with_defaults(stored: dict) -> dict:
+    """A stored config (a run's config.json) with the keys added to ``base_config`` since, at their
+    defaults; every new key's default reproduces the behaviour from before it existed."""
+    def fill(into: dict, defaults: dict) -> dict:
+        out = dict(into)
+        for key, value in defaults.items():
+            if key not in out:
+                out[key] = value
+            elif isinstance(value, dict) and isinstance(out[key], dict):
+                out[key] = fill(out[key], value)
+        return out
+    return fill(stored, base_config().to_dict())
 
 
 def _fail(key: str, value, requirement: str) -> None:
@@ -102,6 +127,7 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         _fail("model.rank_decay", m.rank_decay, "must be >= 1")
     if not 0.0 <= m.dropout < 1.0:
         _fail("model.dropout", m.dropout, "must be in [0, 1)")
+    check_tying(m.embedding, m.softmax, m.tie_embeddings, m.tie_projections)
     if m.capacity_margin < 1.0:
         _fail("model.capacity_margin", m.capacity_margin, "must be >= 1.0")
     if c.data.max_len < 2:
@@ -123,8 +149,9 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     _choice("optim.schedule", o.schedule, ("constant", "cosine"))
     if o.lr <= 0:
         _fail("optim.lr", o.lr, "must be > 0")
-    if o.weight_decay < 0:
-        _fail("optim.weight_decay", o.weight_decay, "must be >= 0")
+    for key in ("weight_decay", "table_weight_decay"):
+        if o[key] < 0:
+            _fail(f"optim.{key}", o[key], "must be >= 0")
     if o.warmup_steps < 0:
         _fail("optim.warmup_steps", o.warmup_steps, "must be >= 0")
     if e.topk_n < 1 or any(int(b) < 1 for b in e.topk_batches):

@@ -17,6 +17,7 @@ import jax
 import ml_collections
 
 from cprec.runtime.checkpointing import Checkpointer
+from cprec.config import with_defaults
 from cprec.data import SequenceDataset, load_dataset
 from cprec.errors import WorkdirError
 from cprec.model.builder import build_model, init_params
@@ -42,7 +43,7 @@ def run_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
     except (OSError, json.JSONDecodeError) as e:
         raise WorkdirError(f"{path} is unreadable ({type(e).__name__}); give the workdir of an intact run") from None
     stored.pop("report", None)
-    return ml_collections.ConfigDict(stored)
+    return ml_collections.ConfigDict(with_defaults(stored))
 
 
 SOURCES = ("best", "checkpoints")  # best-validation parameters; the latest training checkpoints

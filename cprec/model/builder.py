@@ -57,6 +57,9 @@ def build_model(config: ml_collections.ConfigDict, item_counts: np.ndarray,
         ranks=ranks,
         capacities=capacities if m.softmax == "tree" else None,
         dropout=m.dropout,
+        tie_embeddings=bool(m.tie_embeddings),
+        tie_projections=bool(m.tie_projections),
+        output_projection=bool(m.output_projection),
     )
 
 
@@ -73,7 +76,8 @@ def param_report(model: NextItNet, baseline: NextItNet) -> dict[str, float]:
     """Parameters of each part, the total, bytes, and the ratio to the uncompressed baseline."""
     shapes = jax.eval_shape(lambda: init_params(model, 0))
     base_total = count_params(jax.eval_shape(lambda: init_params(baseline, 0)))
-    report = {f"params/{part}": count_params(shapes[key]) for part, key in
+    # A tied table lives under "embed" only, so it is counted once (in the embedding).
+    report = {f"params/{part}": count_params(shapes.get(key, {})) for part, key in
               (("embedding", "embed"), ("residual_stack", "stack"), ("output", "head"))}
     total = count_params(shapes)
     report["params/total"] = total
@@ -84,7 +88,13 @@ def param_report(model: NextItNet, baseline: NextItNet) -> dict[str, float]:
 
 
 def uncompressed_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The same experiment as plain NextItNet: full embedding, full softmax, no sharing."""
+    """The same experiment as plain NextItNet: full embedding, full softmax, no sharing.
+
+    The tying of the item tables and the output projection stay as configured, so a tied CpRec is
+    compared with a tied NextItNet (the stronger, smaller baseline); ``tie_projections`` has no
+    meaning without clusters and is dropped.
+    """
     base = ml_collections.ConfigDict(config.to_dict())
     base.model.embedding, base.model.softmax, base.model.sharing = "full", "full", "none"
+    base.model.tie_projections = False
     return base

@@ -1,7 +1,9 @@
 """The uncompressed output layer: one [dim, V] weight and a full softmax.
 
 It has the interface of ``cprec.model.output.OutputLayer``, as `BlockwiseSoftmax` does, so the
-model can swap one for the other.
+model can swap one for the other. Tied (``tied_to`` an ``nn.Embed``), the weight is the input
+embedding transposed, ``logits = h' E^T``, as in SASRec, BERT4Rec and the common PyTorch
+NextItNet; ``projection`` adds ``h' = W h + b`` (a d x d dense layer, ``proj``) before it.
 """
 from __future__ import annotations
 
@@ -9,22 +11,34 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cprec.model.output import InputProjection
 from cprec.model.xent import row_xent
 
 
-class FullSoftmax(nn.Module):
-    """Full softmax over all V item ids (id 0 = padding is a column but never a target)."""
+class FullSoftmax(InputProjection, nn.Module):
+    """Full softmax over all V item ids (id 0 = padding is a column but never a target).
+
+    Parameters: ``kernel`` [dim, V] (none when ``tied_to`` the input embedding) and, with
+    ``projection``, ``proj/kernel`` [dim, dim] and ``proj/bias`` [dim].
+    """
 
     dim: int
     num_items: int
+    tied_to: nn.Embed | None = None  # share the input embedding's [V, dim] table
+    projection: bool = False  # a dense d x d layer with bias on h first
 
     def setup(self) -> None:
-        self.kernel = self.param(
-            "kernel", nn.initializers.normal(stddev=self.dim**-0.5), (self.dim, self.num_items)
-        )
+        self.setup_projection()
+        if self.tied_to is None:
+            self.kernel = self.param(
+                "kernel", nn.initializers.normal(stddev=self.dim**-0.5), (self.dim, self.num_items)
+            )
+
+    def _weight(self) -> jax.Array:
+        return self.kernel if self.tied_to is None else self.tied_to.embedding.T
 
     def logits(self, h: jax.Array) -> jax.Array:
-        return h @ self.kernel
+        return self.project(h) @ self._weight()
 
     def log_prob(self, h: jax.Array) -> jax.Array:
         """[N, dim] -> [N, V] log-probabilities."""
@@ -33,7 +47,7 @@ class FullSoftmax(nn.Module):
     def loss(self, h: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Mean negative log-likelihood over the tokens where mask is true, and their count (int32)."""
         # Fused kernel with a hand-written backward: no [N, V] cotangent (matters at large V).
-        nll = row_xent(h, self.kernel, targets)
+        nll = row_xent(self.project(h), self._weight(), targets)
         count = jnp.sum(mask.astype(jnp.int32))
         return jnp.sum(jnp.where(mask, nll, 0.0)) / jnp.maximum(count, 1).astype(nll.dtype), count
 

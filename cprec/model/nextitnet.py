@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cprec.errors import ConfigError
 from cprec.model.conv import causal_conv
 from cprec.model.embedding import BlockwiseEmbedding
 from cprec.model.full_softmax import FullSoftmax
@@ -66,8 +67,14 @@ class NextItNet(nn.Module):
     ranks: tuple[int, ...] = ()  # per-cluster ranks, ranks[0] == dim
     capacities: tuple[int, ...] | None = None  # static tail-cluster token capacities (tree softmax)
     dropout: float = 0.0  # on the input embedding, training only
+    # The output layer shares the input embedding's item tables (full: logits = h' E^T; CpRec: each
+    # cluster's table); needs embedding/softmax full/full or blockwise/tree.
+    tie_embeddings: bool = False
+    tie_projections: bool = False  # tied CpRec: the tail projections too
+    output_projection: bool = False  # h' = W h + b (d x d) before the output layer
 
     def setup(self) -> None:
+        check_tying(self.embedding, self.softmax, self.tie_embeddings, self.tie_projections)
         if self.embedding == "blockwise":
             self.embed = BlockwiseEmbedding(self.num_items, self.dim, self.cutoffs, self.ranks)
         else:
@@ -76,10 +83,13 @@ class NextItNet(nn.Module):
             )
         self.drop = nn.Dropout(self.dropout)
         self.stack = ResidualStack(self.dim, self.dilations, self.sharing, self.kernel_size)
+        tied = self.embed if self.tie_embeddings else None
         if self.softmax == "tree":
-            self.head = BlockwiseSoftmax(self.dim, self.num_items, self.cutoffs, self.ranks, self.capacities)
+            self.head = BlockwiseSoftmax(self.dim, self.num_items, self.cutoffs, self.ranks, self.capacities,
+                                         tied_to=tied, tie_projections=self.tie_projections,
+                                         projection=self.output_projection)
         else:
-            self.head = FullSoftmax(self.dim, self.num_items)
+            self.head = FullSoftmax(self.dim, self.num_items, tied_to=tied, projection=self.output_projection)
 
     def encode(self, inputs: jax.Array, train: bool = False) -> jax.Array:
         """[B, T] item ids -> [B, T, dim] hidden states (causal)."""
@@ -113,6 +123,17 @@ class NextItNet(nn.Module):
     def __call__(self, inputs: jax.Array) -> jax.Array:
         # Touches every parameter; used by `init` on a tiny input.
         return self.last_log_prob(inputs)
+
+
+def check_tying(embedding: str, softmax: str, tie_embeddings: bool, tie_projections: bool) -> None:
+    """Raises ConfigError for a tying the two layers cannot share tables for."""
+    if tie_embeddings and (embedding, softmax) not in (("full", "full"), ("blockwise", "tree")):
+        raise ConfigError(
+            f"config.model.tie_embeddings=True needs embedding/softmax full/full or blockwise/tree (tables of the "
+            f"same shapes), got {embedding}/{softmax}; set model.tie_embeddings=False")
+    if tie_projections and not (tie_embeddings and embedding == "blockwise"):
+        raise ConfigError("config.model.tie_projections=True needs model.tie_embeddings=True with the block-wise "
+                          "embedding and the tree softmax (CpRec)")
 
 
 def target_mask(inputs, targets):

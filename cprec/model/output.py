@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
+import flax.linen as nn
 import jax
 
 
@@ -41,3 +42,18 @@ class OutputLayer(Protocol):
     def score(self, h: jax.Array, candidates: jax.Array) -> jax.Array:
         """Exact log-probs ``[N, M]`` of candidate ids ``[N, M]`` (ids outside [1, V) score -inf)."""
         ...
+
+
+class InputProjection:
+    """Mixin for output layers: an optional ``h' = W h + b`` (``proj``, d x d) before the scores.
+
+    The layer calls ``setup_projection()`` in its ``setup`` and ``project(h)`` at the top of every
+    method, so the hidden state a caller passes (``NextItNet.encode``'s) is the same either way.
+    """
+
+    def setup_projection(self) -> None:
+        if self.projection:
+            self.proj = nn.Dense(self.dim)
+
+    def project(self, h: jax.Array) -> jax.Array:
+        return self.proj(h) if self.projection else h

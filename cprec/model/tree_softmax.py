@@ -10,6 +10,9 @@ Parameter layout (no biases), for loading weights:
   ``k1 + j - 1`` is the token of tail cluster j.
 - ``tail_{j}_proj``: ``[dim, d_j]`` and ``tail_{j}_out``: ``[d_j, k_j]`` for j = 1..n-1; the
   logits of cluster j's items are ``h @ tail_{j}_proj @ tail_{j}_out``.
+- Tied to a ``BlockwiseEmbedding`` (see ``BlockwiseSoftmax``): ``tokens`` ``[dim, n - 1]`` instead
+  of ``head``, no ``tail_{j}_out`` (and no ``tail_{j}_proj`` with ``tie_projections``); with
+  ``projection``, ``proj/kernel`` ``[dim, dim]`` and ``proj/bias`` ``[dim]`` map h first.
 
 Semantics: ``log p(x) = log_softmax(h @ head)[x]`` for ``x < k1``, and
 ``log_softmax(h @ head)[k1 + j - 1] + log_softmax(h @ P_j @ W_j)[x - offset_j]`` for x in cluster j.
@@ -32,8 +35,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cprec.model.clusters import check_clusters
 from cprec.errors import ConfigError
+from cprec.model.clusters import check_clusters
+from cprec.model.output import InputProjection
 from cprec.model.xent import (block_logits, block_width, column_blocks, log_softmax, lse, online_lse, row_xent,
                         softmax_xent, use_blocks)
 
@@ -385,11 +389,18 @@ def tree_score(head: jax.Array, projs: Sequence[jax.Array], outs: Sequence[jax.A
 
 # ----------------------------------------------------------------------------------------------
 
-class BlockwiseSoftmax(nn.Module):
+class BlockwiseSoftmax(InputProjection, nn.Module):
     """Two-level tree softmax over V items; see the module docstring for layout and semantics.
 
     ``capacities``: static token capacity of each tail cluster in ``loss`` (e.g. from
     ``cprec.clusters.cluster_token_capacities``); None gives every tail cluster all rows.
+
+    Tied (``tied_to`` a ``BlockwiseEmbedding`` with the same clusters; Baevski and Auli's adaptive
+    input/softmax tying, fairseq's ``tie_adaptive_weights``): the head's item columns are the
+    embedding's head table transposed and ``tail_{j}_out`` is its ``tail_{j}_emb`` transposed; only
+    the cluster tokens' columns stay this layer's own (``tokens`` [dim, n - 1]). With
+    ``tie_projections`` (``tie_adaptive_proj``) ``tail_{j}_proj`` is the embedding's transposed too.
+    ``projection`` adds ``h' = W h + b`` (``proj``, d x d) before everything.
     """
 
     dim: int
@@ -399,6 +410,9 @@ class BlockwiseSoftmax(nn.Module):
     capacities: tuple[int, ...] | None = None
     kernel_init: Initializer = nn.initializers.lecun_normal()
     param_dtype: Any = jnp.float32
+    tied_to: Any = None  # a BlockwiseEmbedding over the same cutoffs and ranks
+    tie_projections: bool = False
+    projection: bool = False
 
     def setup(self) -> None:
         check_clusters(self.num_items, self.dim, self.cutoffs, self.ranks, require_tail=True)
@@ -407,34 +421,55 @@ class BlockwiseSoftmax(nn.Module):
                 len(self.capacities) != n - 1 or any(int(c) < 1 for c in self.capacities)):
             raise ConfigError(
                 f"model.capacities needs one token capacity >= 1 per tail cluster ({n - 1}), got {self.capacities}")
+        tied = self.tied_to
+        if tied is not None and (tuple(tied.cutoffs), tuple(tied.ranks)) != (tuple(self.cutoffs), tuple(self.ranks)):
+            raise ConfigError(f"a tied tree softmax needs the embedding's clusters: cutoffs {tied.cutoffs} and ranks "
+                              f"{tied.ranks}, got {self.cutoffs} and {self.ranks}")
+        if self.tie_projections and tied is None:
+            raise ConfigError("model.tie_projections needs model.tie_embeddings=True (the projections are tied "
+                              "along with the item tables)")
+        self.setup_projection()
         bounds = _bounds(self.cutoffs)
-        self.head = self.param("head", self.kernel_init, (self.dim, bounds[1] + n - 1), self.param_dtype)
+        if tied is None:
+            self.head = self.param("head", self.kernel_init, (self.dim, bounds[1] + n - 1), self.param_dtype)
+        else:
+            self.tokens = self.param("tokens", self.kernel_init, (self.dim, n - 1), self.param_dtype)
         projs, outs = [], []
         for j in range(1, n):
             d, k = self.ranks[j], bounds[j + 1] - bounds[j]
-            projs.append(self.param(f"tail_{j}_proj", self.kernel_init, (self.dim, d), self.param_dtype))
-            outs.append(self.param(f"tail_{j}_out", self.kernel_init, (d, k), self.param_dtype))
-        self.tail_proj, self.tail_out = projs, outs
+            if not self.tie_projections:
+                projs.append(self.param(f"tail_{j}_proj", self.kernel_init, (self.dim, d), self.param_dtype))
+            if tied is None:
+                outs.append(self.param(f"tail_{j}_out", self.kernel_init, (d, k), self.param_dtype))
+        self.own_proj, self.own_out = projs, outs
+
+    def tables(self) -> tuple[jax.Array, list[jax.Array], list[jax.Array]]:
+        """``(head [dim, k1 + n - 1], tail projections [dim, d_j], tail outputs [d_j, k_j])``, tied or not."""
+        tied = self.tied_to
+        head = self.head if tied is None else jnp.concatenate([tied.head.T, self.tokens], axis=1)
+        projs = [p.T for p in tied.tail_proj] if self.tie_projections else list(self.own_proj)
+        outs = list(self.own_out) if tied is None else [e.T for e in tied.tail_emb]
+        return head, projs, outs
 
     def _flat(self, h: jax.Array) -> jax.Array:
         h = jnp.asarray(h)
-        return h.reshape(-1, self.dim).astype(jnp.promote_types(h.dtype, self.param_dtype))
+        return self.project(h.reshape(-1, self.dim).astype(jnp.promote_types(h.dtype, self.param_dtype)))
 
     def log_prob(self, h: jax.Array) -> jax.Array:
         """``h`` [N, dim] (or [..., dim], flattened) -> log p over all V ids, ``[N, V]``."""
-        return tree_log_prob(self.head, self.tail_proj, self.tail_out, self.cutoffs, self._flat(h))
+        return tree_log_prob(*self.tables(), self.cutoffs, self._flat(h))
 
     def loss(self, h: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Mean NLL of ``targets`` over rows where ``mask`` is true, and that row count (int32).
 
         Leading dims of ``h`` / ``targets`` / ``mask`` are flattened. Never builds ``[N, V]``.
         """
-        return tree_loss(self.head, self.tail_proj, self.tail_out, self.cutoffs, self.capacities,
+        return tree_loss(*self.tables(), self.cutoffs, self.capacities,
                          self._flat(h), jnp.reshape(targets, (-1,)), jnp.reshape(mask, (-1,)))
 
     def cluster_stats(self) -> ClusterStats:
         """Statistics of the tail weights that ``top_k`` bounds clusters with; compute once per model."""
-        return tree_cluster_stats(self.tail_out)
+        return tree_cluster_stats(self.tables()[2])
 
     def top_k(self, h: jax.Array, n: int, stats: ClusterStats | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Exact top-n: ``(log-probs [N, n] descending, ids [N, n], expanded [N, n_tail] bool)``.
@@ -443,17 +478,16 @@ class BlockwiseSoftmax(nn.Module):
         ``lax.top_k(log_prob(h), n)`` up to ties and float rounding. ``stats`` (from
         ``cluster_stats()``) saves one pass over the tail weights per call when serving.
         """
-        return tree_top_k(self.head, self.tail_proj, self.tail_out, self.cutoffs, self._flat(h), n, stats)
+        return tree_top_k(*self.tables(), self.cutoffs, self._flat(h), n, stats)
 
     def recommend(self, h: jax.Array, n: int, stats: ClusterStats | None = None, exclude: jax.Array | None = None,
                   max_clusters: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
         """``top_k`` with per-row excluded ids [N, E] (-1 = none) and cluster budgets [N]; adds ``exact`` [N]."""
-        return tree_recommend(self.head, self.tail_proj, self.tail_out, self.cutoffs, self._flat(h), n, stats,
-                              exclude, max_clusters)
+        return tree_recommend(*self.tables(), self.cutoffs, self._flat(h), n, stats, exclude, max_clusters)
 
     def score(self, h: jax.Array, candidates: jax.Array) -> jax.Array:
         """Exact log-probs [N, M] of candidate ids [N, M], without a full ``log_prob`` (see ``tree_score``)."""
-        return tree_score(self.head, self.tail_proj, self.tail_out, self.cutoffs, self._flat(h), candidates)
+        return tree_score(*self.tables(), self.cutoffs, self._flat(h), candidates)
 
     def __call__(self, h: jax.Array) -> jax.Array:
         return self.log_prob(h)

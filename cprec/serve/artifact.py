@@ -64,7 +64,10 @@ from cprec.serve.quantize import (QuantizedTable, dequantize_tree, is_quantized,
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)  # format 1: the id lists as plain JSON
 DTYPES = ("float32", "bfloat16", "int8")
-MODEL_FIELDS = ("num_items", "dim", "dilations", "sharing", "kernel_size", "embedding", "softmax", "cutoffs", "ranks")
+MODEL_FIELDS = ("num_items", "dim", "dilations", "sharing", "kernel_size", "embedding", "softmax", "cutoffs", "ranks",
+                "tie_embeddings", "tie_projections", "output_projection")
+# Fields added after format 2 was first written, and the value an artifact without them means.
+_LATER_FIELDS = {"tie_embeddings": False, "tie_projections": False, "output_projection": False}
 _TUPLE_FIELDS = ("dilations", "cutoffs", "ranks")
 PARAMS_FILE, MODEL_FILE, ITEMS_FILE, COUNTS_FILE, MANIFEST_FILE = (
     "params.safetensors", "model.json", "items.json.gz", "item_counts.json.gz", "manifest.json")
@@ -188,12 +191,15 @@ def _model_json(model_kwargs: Mapping, max_len: int) -> dict:
         out[field] = [int(v) for v in value] if field in _TUPLE_FIELDS else value
     for field in ("num_items", "dim", "kernel_size"):
         out[field] = int(out[field])
+    for field in _LATER_FIELDS:
+        out[field] = bool(out[field])
     out["max_len"] = int(max_len)
     return out
 
 
 def _model_kwargs(model_json: Mapping) -> dict:
     """NextItNet's constructor kwargs from model.json (its lists back to tuples)."""
+    model_json = {**_LATER_FIELDS, **model_json}
     return {f: tuple(int(v) for v in model_json[f]) if f in _TUPLE_FIELDS else model_json[f] for f in MODEL_FIELDS}
 
 

@@ -11,7 +11,8 @@ fp32; fp32 keeps the bound exact), so a slice of n elements costs ``n + 8`` byte
 Item tables (``item_table_axes``) are the tables with one slice per item: the input embedding
 (``embed/embedding`` or block-wise ``embed/head`` and ``embed/tail_{j}_emb``, axis 0) and the
 output layer (``head/kernel`` of a full softmax, or the tree softmax's ``head/head``, whose columns
-are the head items and the cluster tokens, and ``head/tail_{j}_out``, axis 1). Everything else (conv
+are the head items and the cluster tokens, and ``head/tail_{j}_out``, axis 1; the list is
+``cprec.model.param_groups.ITEM_TABLES``; a tied model has only the ``embed/`` ones). Everything else (conv
 kernels, biases, LayerNorms, the low-rank projections ``tail_{j}_proj``) stays float32.
 ``quantize_params`` quantises the item tables whose slices hold at least ``MIN_SLICE`` elements:
 below that (CpRec's rank-1 and rank-2 tail clusters) the 8 bytes of scale and offset per slice
@@ -21,25 +22,16 @@ Everything here is importable by a server: it needs jax and numpy only.
 """
 from __future__ import annotations
 
-import re
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cprec.model.param_groups import item_table_axis, param_path
+
 LEVELS = 255  # uint8 codes 0..255
 MIN_SLICE = 3  # n + 8 < 4n bytes only from n = 3 elements per slice
-
-# (path regex, item axis) of the item tables; paths are "/"-joined parameter names.
-ITEM_TABLES = (
-    (re.compile(r"embed/embedding"), 0),  # nn.Embed [V, d]
-    (re.compile(r"embed/head"), 0),  # block-wise head [k1, d]
-    (re.compile(r"embed/tail_\d+_emb"), 0),  # block-wise tail cluster [k_j, d_j]
-    (re.compile(r"head/kernel"), 1),  # full softmax [d, V]
-    (re.compile(r"head/head"), 1),  # tree softmax head [d, k1 + n - 1]: head items and cluster tokens
-    (re.compile(r"head/tail_\d+_out"), 1),  # tree softmax tail cluster [d_j, k_j]
-)
 
 
 class QuantizedTable(NamedTuple):
@@ -100,19 +92,14 @@ def dequantize_tree(params: Any) -> Any:
     return jax.tree.map(lambda x: dequantize(x) if is_quantized(x) else x, params, is_leaf=is_quantized)
 
 
-def param_path(path) -> str:
-    """A parameter's "/"-joined name, e.g. ``stack/kernels``, from a jax key path."""
-    return jax.tree_util.keystr(path, simple=True, separator="/")
-
-
 def item_table_axes(params: Any) -> dict[str, int]:
     """``{name: item axis}`` of the item tables of a NextItNet parameter tree (see the module docstring)."""
     axes = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]:
         name = param_path(path)
-        for pattern, axis in ITEM_TABLES:
-            if pattern.fullmatch(name) and len(np.shape(leaf.q if is_quantized(leaf) else leaf)) == 2:
-                axes[name] = axis
+        axis = item_table_axis(name)
+        if axis is not None and len(np.shape(leaf.q if is_quantized(leaf) else leaf)) == 2:
+            axes[name] = axis
     return axes
 
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cprec.config import validate_config
+from cprec.config import validate_config, with_defaults
 from cprec.data import SequenceDataset, load_dataset
 from cprec.errors import CprecError, WorkdirError
 from cprec.eval.evaluate import eval_splits, evaluate_split, make_rank_fn, topk_latency_ms
@@ -48,7 +48,7 @@ def _check_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDi
             stored = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             raise WorkdirError(f"{path} is unreadable; use a new --workdir or delete that file") from None
-        diff = _first_difference(stored, current)
+        diff = _first_difference(with_defaults(stored), current)
         if diff is not None:
             raise WorkdirError(
                 f"workdir {workdir} holds another experiment (config differs at {diff}); "

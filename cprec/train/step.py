@@ -13,6 +13,7 @@ from jax import lax
 from cprec.model.builder import model_clusters
 from cprec.model.clusters import cluster_token_capacities
 from cprec.model.nextitnet import NextItNet
+from cprec.model.param_groups import decay_group, param_path
 from cprec.train.micro_batch import micro_batch_rows
 
 
@@ -24,15 +25,28 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax
         lr = optax.linear_schedule(0.0, o.lr, o.warmup_steps)
     else:
         lr = o.lr
-    if o.name == "adam":
-        opt = optax.adam(lr) if o.weight_decay == 0 else optax.chain(optax.add_decayed_weights(o.weight_decay), optax.adam(lr))
-    elif o.name == "adamw":
-        opt = optax.adamw(lr, weight_decay=o.weight_decay)
+    decay = weight_decay(o.weight_decay, o.table_weight_decay)
+    if o.name == "adam":  # L2: the decay joins the gradient before Adam's scaling (PyTorch's Adam(weight_decay))
+        opt = optax.chain(*decay, optax.adam(lr)) if decay else optax.adam(lr)  # the same state as before decay existed
+    elif o.name == "adamw":  # decoupled (Loshchilov & Hutter): applied after the scaling, times the lr
+        opt = optax.chain(optax.scale_by_adam(), *decay, optax.scale_by_learning_rate(lr))
     else:
-        opt = optax.chain(optax.add_decayed_weights(o.weight_decay), optax.sgd(lr))
+        opt = optax.chain(*decay, optax.sgd(lr))
     if o.clip_norm > 0:
         opt = optax.chain(optax.clip_by_global_norm(o.clip_norm), opt)
     return opt
+
+
+def decay_mask(params: Any, group: str) -> Any:
+    """True for the parameters of ``group`` ('dense' or 'table', see ``cprec.model.param_groups``)."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: decay_group(param_path(path)) == group, params)
+
+
+def weight_decay(dense_rate: float, table_rate: float) -> list[optax.GradientTransformation]:
+    """``add_decayed_weights`` for the dense weights and the item tables at their own rates; none
+    for layer-norm scales and biases. Empty when both rates are 0 (the optimizer state stays Adam's)."""
+    return [optax.add_decayed_weights(rate, mask=lambda p, g=group: decay_mask(p, g))
+            for group, rate in (("dense", dense_rate), ("table", table_rate)) if rate > 0]
 
 
 def make_train_step(model: NextItNet, tx: optax.GradientTransformation, seed: int, micro_batches: int = 1):
