@@ -8,19 +8,29 @@
   python run.py --config experiments/cprec.py:synthetic1m --workdir runs/cprec-1m
 
 Arg: comma-separated; a bare word picks the dataset (synthetic, ml100k, ml1m, ml20m, synthetic30k, synthetic1m);
-emb=full|blockwise, softmax=full|tree, share=none|cross_layer|cross_block|adjacent_layer|adjacent_block.
-Defaults: synthetic, blockwise, tree, cross_block.
+emb=full|blockwise, softmax=full|tree, share=none|cross_layer|cross_block|adjacent_layer|adjacent_block;
+tie=true|false (the tree softmax shares the block-wise embedding's item tables, where the two layers
+allow it); tuned=false drops a dataset's tuned settings (TUNED, found on validation by sweep=tuning).
+Defaults: synthetic, blockwise, tree, cross_block, tie=false, tuned=true; ml100k's tuned preset ties.
 
 Sweeps (`--sweep`; add `--launcher local|slurm` to run them, see cprec/sweep.py):
 
   python run.py --config experiments/cprec.py:ml100k --sweep                  # ablation, 60 trials
   python run.py --config experiments/cprec.py:ml100k,sweep=clusters --sweep   # clusters and ranks, 24 trials
+  python run.py --config experiments/cprec.py:ml100k,sweep=tuning --sweep     # tying x dropout, 10 trials
 
 - `sweep=ablation` (the default): model.embedding {full, blockwise} x model.softmax {full, tree}
   x model.sharing {none, cross_layer, cross_block, adjacent_layer, adjacent_block} x seeds 0-2;
   full/full/none is the uncompressed NextItNet. Trials go to runs/cprec-<arg>/.
 - `sweep=clusters`: the arg's embedding, softmax and sharing (default blockwise, tree, cross_block)
   with model.cutoffs from CUTOFF_SWEEP[dataset] x model.rank_decay {2, 4, 8} x seeds 0-1.
+- `sweep=tuning`: TYING (untied; tied item tables; + tied projections; each with and without the
+  output projection h' = W h + b) x model.dropout {0.2, 0.4}, seed 0.
+- `sweep=seeds`: the config itself, seeds 0-2.
+
+The ablation ties nothing: its full/tree and blockwise/full rows cannot, and a tie in some rows
+only would confound the comparison; `python run.py --config experiments/cprec.py:ml100k,tuned=false --sweep`
+reproduces the README's ablation table.
 """
 import ml_collections
 
@@ -28,7 +38,7 @@ from cprec.config import base_config, parse_arg
 from cprec.errors import ConfigError
 from cprec.model.sharing import SHARING_SCHEMES
 from cprec.sweep import product, seeds
-from experiments.datasets import apply_dataset
+from experiments.datasets import apply_dataset, apply_overrides
 
 # Cluster cutoffs per dataset (fractions of V, or absolute counts at 1M items): the head keeps the
 # items that carry most of the traffic; more, smaller tail clusters pay off at large V.
@@ -53,23 +63,48 @@ CUTOFF_SWEEP = {
 }
 
 
+# Settings chosen on validation NDCG@10 (never on test) by sweep=tuning; README "A strong baseline".
+TUNED = {
+    "ml100k": {"model.tie_embeddings": True, "model.tie_projections": False, "model.output_projection": True,
+               "model.dropout": 0.2, "optim.lr": 3e-3,
+               "train.num_epochs": 20, "train.eval_every": 25, "train.checkpoint_every": 25},
+}
+
+TYING = [{"model.tie_embeddings": False, "model.tie_projections": False, "model.output_projection": False}] + [
+    {"model.tie_embeddings": True, "model.tie_projections": tp, "model.output_projection": op}
+    for tp in (False, True) for op in (False, True)]
+UNTIED = {"model.tie_embeddings": False, "model.tie_projections": False}
+
+_ARGS = dict(data="synthetic", emb="blockwise", softmax="tree", share="cross_block", tie=False, tuned=True)
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    a = parse_arg(arg, data="synthetic", emb="blockwise", softmax="tree", share="cross_block")
+    a = parse_arg(arg, **_ARGS)
     config = base_config()
     apply_dataset(config, a.data)
     m = config.model
     m.embedding, m.softmax, m.sharing = a.emb, a.softmax, a.share
     m.cutoffs = CUTOFFS[a.data]
     m.rank_decay = 4
+    if a.tuned:
+        apply_overrides(config, TUNED.get(a.data, {}))
+    if a.tie:
+        m.tie_embeddings = True
+    if (m.embedding, m.softmax) != ("blockwise", "tree"):  # only these two layers have tables to share
+        apply_overrides(config, UNTIED)
     return config
 
 
 def sweep(arg: str | None = None) -> list[dict]:
-    """The CpRec ablation (default) or, with `sweep=clusters` in the arg, the cutoff x rank_decay sweep."""
-    a = parse_arg(arg, data="synthetic", emb="blockwise", softmax="tree", share="cross_block", sweep="ablation")
+    """The CpRec ablation (default); `sweep=clusters`, `sweep=tuning` or `sweep=seeds` in the arg pick the others."""
+    a = parse_arg(arg, **_ARGS, sweep="ablation")
     if a.sweep == "ablation":
         layers = {"model.embedding": ["full", "blockwise"], "model.softmax": ["full", "tree"]}
-        return product(layers, {"model.sharing": list(SHARING_SCHEMES)}, seeds(3))
+        return product(layers, {"model.sharing": list(SHARING_SCHEMES)}, [{"model.tie_embeddings": False}], seeds(3))
     if a.sweep == "clusters":
         return product({"model.cutoffs": CUTOFF_SWEEP[a.data], "model.rank_decay": [2, 4, 8]}, seeds(2))
-    raise ConfigError(f"sweep={a.sweep!r} is unknown in experiments/cprec.py; valid: ablation, clusters")
+    if a.sweep == "tuning":
+        return product(TYING, {"model.dropout": [0.2, 0.4]})
+    if a.sweep == "seeds":
+        return seeds(3)
+    raise ConfigError(f"sweep={a.sweep!r} is unknown in experiments/cprec.py; valid: ablation, clusters, tuning, seeds")

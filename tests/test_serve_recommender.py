@@ -14,8 +14,10 @@ V, D, L = 60, 8, 10
 
 def _artifact(softmax="tree", quantized=False) -> Artifact:
     kw = dict(num_items=V, dim=D, dilations=(1, 2, 1, 4), sharing="cross_block")
-    if softmax == "tree":
+    if softmax.startswith("tree"):
         kw.update(embedding="blockwise", softmax="tree", cutoffs=(12, 30, V), ranks=(D, 4, 2))
+    if softmax == "tree-tied":  # CpRec with every table and projection tied, and the output projection
+        kw.update(tie_embeddings=True, tie_projections=True, output_projection=True)
     model = NextItNet(**kw)
     params = model.init(jax.random.PRNGKey(0), jnp.ones((1, 2), jnp.int32))["params"]
     rng = np.random.default_rng(0)
@@ -45,7 +47,7 @@ def _reference_top(model, params, histories, n, exclude_seen, window=L):
     return np.argsort(-lp, axis=1, kind="stable")[:, :n], np.sort(lp, axis=1)[:, ::-1][:, :n], lp
 
 
-@pytest.fixture(scope="module", params=["tree", "full"])
+@pytest.fixture(scope="module", params=["tree", "full", "tree-tied"])
 def served(request):
     art = _artifact(request.param)
     return art, Recommender(art)

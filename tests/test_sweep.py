@@ -74,9 +74,11 @@ def test_product_zip_and_seeds_compose():
 def test_experiment_sweeps_expand_to_valid_trials():
     ablation = expand(f"{ROOT}/experiments/cprec.py:ml100k")
     assert len(ablation) == 2 * 2 * 5 * 3
-    assert str(ablation[0].workdir) == "runs/cprec-ml100k/00_embedding=full,softmax=full,sharing=none,seed=0"
+    assert str(ablation[0].workdir) == ("runs/cprec-ml100k/00_embedding=full,softmax=full,sharing=none,"
+                                        "tie_embeddings=false,seed=0")
+    # ml100k's tuned preset ties the tables; the ablation unties every row (full/tree cannot tie)
     assert ablation[-1].overrides == {"model.embedding": "blockwise", "model.softmax": "tree",
-                                      "model.sharing": "adjacent_block", "seed": 2}
+                                      "model.sharing": "adjacent_block", "model.tie_embeddings": False, "seed": 2}
     assert len({t.workdir for t in ablation}) == len(ablation)
 
     clusters = expand(f"{ROOT}/experiments/cprec.py:ml100k,sweep=clusters", sweep_dir="elsewhere/c")
@@ -86,9 +88,13 @@ def test_experiment_sweeps_expand_to_valid_trials():
     assert {t.overrides["model.rank_decay"] for t in clusters} == {2, 4, 8}
     assert sweep.sweep_name("experiments/cprec.py:ml100k,sweep=clusters") == "cprec-ml100k-clusters"
 
-    nextitnet = expand(f"{ROOT}/experiments/nextitnet.py")
+    nextitnet = expand(f"{ROOT}/experiments/nextitnet.py:ml100k,sweep=width")
     assert [t.name for t in nextitnet[:2]] == ["0_lr=0.0003,dim=32", "1_lr=0.0003,dim=64"]
-    assert nextitnet[0].workdir.parent == pathlib.Path("runs/nextitnet")
+    assert nextitnet[0].workdir.parent == pathlib.Path("runs/nextitnet-ml100k-width")
+    for variant, count in (("tuning", 18), ("decay", 6), ("seeds", 3)):
+        assert len(expand(f"{ROOT}/experiments/nextitnet.py:ml100k,sweep={variant}")) == count
+    for variant, count in (("tuning", 10), ("seeds", 3)):
+        assert len(expand(f"{ROOT}/experiments/cprec.py:ml100k,sweep={variant}")) == count
 
 
 def test_slugs_are_short_safe_and_distinct():

@@ -1,7 +1,7 @@
 """The optimizer, the train state and the jitted train step."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -49,16 +49,15 @@ def weight_decay(dense_rate: float, table_rate: float) -> list[optax.GradientTra
             for group, rate in (("dense", dense_rate), ("table", table_rate)) if rate > 0]
 
 
-def make_train_step(model: NextItNet, tx: optax.GradientTransformation, seed: int, micro_batches: int = 1):
-    """One jitted step on a [B, L+1] window batch; the state is donated.
+def make_batch_grads(model: NextItNet, micro_batches: int = 1, frozen: Callable[[str], bool] | None = None):
+    """``(params, batch, rng) -> (summed NLL, target count, summed gradient)`` of a [B, L+1] window batch.
 
     With ``micro_batches`` = n > 1 the gradient is accumulated over n micro-batches of B/n rows in
-    a ``lax.scan`` (see cprec/micro_batch.py for why): the same mean loss and gradient over all
-    the batch's targets, summed in another order. Micro-batch i holds rows i, i+n, i+2n, ..., so
-    every micro-batch takes the same share of each device's rows under data parallelism.
+    a ``lax.scan`` (see cprec/micro_batch.py for why): the same sums over all the batch's targets,
+    added in another order. Micro-batch i holds rows i, i+n, i+2n, ..., so every micro-batch takes
+    the same share of each device's rows under data parallelism. ``frozen(name)``: parameters held
+    constant (no gradient; zeros in the result); a benchmark's knob, training freezes nothing.
     """
-    base_rng = jax.random.PRNGKey(seed)
-
     def loss_sum(params, batch, rng):
         mean, count = model.apply(
             {"params": params}, batch[:, :-1], batch[:, 1:], True, rngs={"dropout": rng}, method=NextItNet.loss
@@ -67,23 +66,47 @@ def make_train_step(model: NextItNet, tx: optax.GradientTransformation, seed: in
         return mean * count, count
 
     def grads_of(params, batch, rng):
-        (total, count), grads = jax.value_and_grad(loss_sum, has_aux=True)(params, batch, rng)
-        return total, count, grads
+        if frozen is None:
+            (total, count), grads = jax.value_and_grad(loss_sum, has_aux=True)(params, batch, rng)
+            return total, count, grads
+        leaves, tree = jax.tree_util.tree_flatten_with_path(params)
+        keep = [frozen(param_path(path)) for path, _ in leaves]
+        free = [x for (_, x), k in zip(leaves, keep) if not k]
+
+        def of_free(free):
+            it = iter(free)
+            full = [lax.stop_gradient(x) if k else next(it) for (_, x), k in zip(leaves, keep)]
+            return loss_sum(jax.tree.unflatten(tree, full), batch, rng)
+
+        (total, count), g_free = jax.value_and_grad(of_free, has_aux=True)(free)
+        it = iter(g_free)
+        grads = [jnp.zeros_like(x) if k else next(it) for (_, x), k in zip(leaves, keep)]
+        return total, count, jax.tree.unflatten(tree, grads)
+
+    def batch_grads(params, batch, rng):
+        if micro_batches == 1:
+            return grads_of(params, batch, rng)
+        chunks = batch.reshape(-1, micro_batches, batch.shape[1]).transpose(1, 0, 2)
+
+        def accumulate(acc, chunk_and_index):
+            chunk, i = chunk_and_index
+            return jax.tree.map(jnp.add, acc, grads_of(params, chunk, jax.random.fold_in(rng, i))), None
+
+        zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+        return lax.scan(accumulate, zero, (chunks, jnp.arange(micro_batches)))[0]
+
+    return batch_grads
+
+
+def make_train_step(model: NextItNet, tx: optax.GradientTransformation, seed: int, micro_batches: int = 1):
+    """One jitted step on a [B, L+1] window batch (``make_batch_grads``, then ``tx``); the state is donated."""
+    base_rng = jax.random.PRNGKey(seed)
+    batch_grads = make_batch_grads(model, micro_batches)
 
     def step(state: dict[str, Any], batch: jax.Array):
         rng = jax.random.fold_in(base_rng, state["step"])  # the same step gets the same randomness on resume
         params = state["params"]
-        if micro_batches == 1:
-            total, count, grads = grads_of(params, batch, rng)
-        else:
-            chunks = batch.reshape(-1, micro_batches, batch.shape[1]).transpose(1, 0, 2)
-
-            def accumulate(acc, chunk_and_index):
-                chunk, i = chunk_and_index
-                return jax.tree.map(jnp.add, acc, grads_of(params, chunk, jax.random.fold_in(rng, i))), None
-
-            zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-            (total, count, grads), _ = lax.scan(accumulate, zero, (chunks, jnp.arange(micro_batches)))
+        total, count, grads = batch_grads(params, batch, rng)
         scale = 1.0 / jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g * scale, grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)

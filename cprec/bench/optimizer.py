@@ -1,0 +1,133 @@
+"""What share of a training step the optimizer update and the item tables' dense gradient take.
+
+  python -m cprec.bench.optimizer                                  # 1M items: CpRec's preset and NextItNet
+  python -m cprec.bench.optimizer --config experiments/cprec.py:synthetic30k --baseline-batch 256
+
+Decides whether a row-sparse ("lazy") Adam for the item tables would pay: Adam updates every row
+of every table each step, and the gradient of an embedding lookup is a dense [V, d] table that is
+mostly zeros. Times, per model, after compilation and as training runs them (jitted, the automatic
+micro-batches, the config's optimizer):
+
+- ``step``: the whole train step (forward, backward, optimizer update);
+- ``grads``: the summed gradient of the batch alone (no update);
+- ``grads_frozen_tables``: the same with the item tables held constant (no table gradient);
+- ``update``: the optimizer update and ``apply_updates`` alone, on a gradient of the same shapes.
+
+``update / step`` is the optimizer's share and ``(grads - grads_frozen_tables) / step`` the dense
+table gradients'. Windows are i.i.d. draws from a Zipf(1) popularity over the V frequency-ordered
+ids (the synthetic data's long tail), so no dataset needs to be prepared.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cprec.bench.common import RESULTS_DIR, finish, load_average
+from cprec.config import load_config_file, validate_config
+from cprec.model.builder import build_model, count_params, init_params, uncompressed_config
+from cprec.model.param_groups import decay_group
+from cprec.timing import median_seconds
+from cprec.train.micro_batch import num_micro_batches
+from cprec.train.step import loss_capacities, make_batch_grads, make_optimizer, make_train_step, new_train_state
+
+
+def zipf_counts(num_items: int) -> np.ndarray:
+    """Frequency-ordered training counts with a Zipf(1) tail; id 0 (padding) counts 0."""
+    return np.concatenate([[0], np.maximum(1, (1e7 / np.arange(1, num_items))).astype(np.int64)])
+
+
+def zipf_windows(counts: np.ndarray, rows: int, length: int, seed: int) -> jnp.ndarray:
+    p = counts / counts.sum()
+    return jnp.asarray(np.random.default_rng(seed).choice(len(counts), size=(rows, length), p=p), jnp.int32)
+
+
+def bench_model(config, counts: np.ndarray, repeats: int) -> dict:
+    """The four timings (module docstring) for ``config``'s model on one batch of its batch size."""
+    num_items = len(counts)
+    model = build_model(config, counts, loss_capacities(config, counts, jax.device_count()))
+    params = init_params(model, 0)
+    tx = make_optimizer(config, 1000)
+    micro = num_micro_batches(config, num_items=num_items)
+    batch = zipf_windows(counts, config.train.batch_size, config.data.max_len + 1, 0)
+    rng = jax.random.PRNGKey(0)
+    row = {"params": count_params(params), "batch_size": int(config.train.batch_size), "micro_batches": micro,
+           "table_params": int(sum(x.size for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
+                                   if decay_group(jax.tree_util.keystr(p, simple=True, separator="/")) == "table"))}
+
+    def timed(name, fn):
+        t0 = time.perf_counter()
+        seconds = median_seconds(fn, repeats=repeats)
+        row[f"{name}_s"] = seconds
+        print(f"  {name:22s} {1e3 * seconds:10.1f} ms   ({time.perf_counter() - t0:.0f} s with compilation)", flush=True)
+
+    def norm_of(frozen):
+        grads = make_batch_grads(model, micro, frozen)
+        return jax.jit(lambda p, b: jnp.sqrt(sum(jnp.vdot(g, g) for g in jax.tree.leaves(grads(p, b, rng)[2]))))
+
+    step = make_train_step(model, tx, 0, micro)
+    holder = {"state": new_train_state(params, tx)}
+
+    def one_step():
+        holder["state"], metrics = step(holder["state"], batch)
+        return metrics["loss"]
+
+    timed("step", one_step)
+    params = holder["state"]["params"]
+    grads_all, grads_frozen = norm_of(None), norm_of(lambda name: decay_group(name) == "table")
+    timed("grads", lambda: grads_all(params, batch))
+    timed("grads_frozen_tables", lambda: grads_frozen(params, batch))
+    fake_grads = jax.tree.map(lambda x: jnp.full_like(x, 1e-3), params)
+
+    def update(state, grads):
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        return {**state, "params": jax.tree.map(jnp.add, state["params"], updates), "opt_state": opt_state}
+
+    upd = jax.jit(update, donate_argnums=0)
+
+    def one_update():
+        holder["state"] = upd(holder["state"], fake_grads)
+        return holder["state"]["step"]
+
+    timed("update", one_update)
+    row["update_share"] = row["update_s"] / row["step_s"]
+    row["table_grad_share"] = max(0.0, row["grads_s"] - row["grads_frozen_tables_s"]) / row["step_s"]
+    print(f"  optimizer update {100 * row['update_share']:.1f}% of the step; dense item-table gradients "
+          f"{100 * row['table_grad_share']:.1f}%", flush=True)
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="experiments/cprec.py:synthetic1m",
+                   help="the compressed model's experiment config (default: CpRec's 1M-item preset)")
+    p.add_argument("--items", type=int, default=0, help="V (default: the config's data.num_items)")
+    p.add_argument("--baseline-batch", type=int, default=32,
+                   help="batch of the uncompressed NextItNet (default 32: at 1M items its full softmax takes "
+                        "tens of seconds a step at the preset's 256 on a CPU); 0 skips it")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default=str(RESULTS_DIR / f"optimizer-{jax.default_backend()}.json"))
+    args = p.parse_args()
+    load_start = load_average()
+    config = load_config_file(args.config)
+    validate_config(config)
+    counts = zipf_counts(args.items or int(config.data.num_items) + 1)
+    models = {"cprec": config}
+    if args.baseline_batch > 0:
+        base = uncompressed_config(config)
+        base.train.batch_size = args.baseline_batch
+        models["nextitnet"] = base
+    rows = {}
+    for name, c in models.items():
+        m = c.model
+        print(f"{name}: V={len(counts):,} d={m.dim} {m.embedding}/{m.softmax}/{m.sharing} "
+              f"optim={c.optim.name} batch {c.train.batch_size}x{c.data.max_len}", flush=True)
+        rows[name] = bench_model(c, counts, args.repeats)
+    finish({"config": args.config, "num_items": len(counts), "repeats": args.repeats, "rows": rows}, args.out, load_start)
+
+
+if __name__ == "__main__":
+    main()
