@@ -45,7 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
     # blockwise/tree: each cluster's table, Baevski & Auli's adaptive tying). Off by default so the
     # results of untied runs stay reproducible.
     c.model.tie_embeddings = False
-    c.model.tie_projections = False  # tied CpRec: the tail clusters' projections too
+    c.model.tie_projections = False  # tied CpRec: the tail clusters' projections too (no effect untied)
     c.model.output_projection = False  # h' = W h + b (d x d, with bias) before the output layer
 
     c.train = ml_collections.ConfigDict()
@@ -127,7 +127,7 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         _fail("model.rank_decay", m.rank_decay, "must be >= 1")
     if not 0.0 <= m.dropout < 1.0:
         _fail("model.dropout", m.dropout, "must be in [0, 1)")
-    check_tying(m.embedding, m.softmax, m.tie_embeddings, m.tie_projections)
+    check_tying(m.embedding, m.softmax, m.tie_embeddings)
     if m.capacity_margin < 1.0:
         _fail("model.capacity_margin", m.capacity_margin, "must be >= 1.0")
     if c.data.max_len < 2:

@@ -3,7 +3,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cprec.bench.optimizer import bench_model, zipf_counts, zipf_windows
+from cprec.bench.optimizer import bench_model, zipf_windows
+from cprec.bench.tree_softmax import zipf_counts
 from cprec.model.builder import build_model, init_params
 from cprec.model.param_groups import decay_group, param_path
 from cprec.train.step import make_batch_grads
@@ -13,7 +14,7 @@ TREE = dict(embedding="blockwise", softmax="tree", cutoffs=(20, 40), ranks=(8, 4
 
 
 def test_frozen_tables_get_no_gradient_and_the_rest_the_same(tmp_path):
-    counts = zipf_counts(61)
+    counts = zipf_counts(61, 1.0)
     model = build_model(tiny_config(tmp_path, **TREE), counts)
     params = init_params(model, 0)
     batch = zipf_windows(counts, 8, 11, 0)
@@ -31,7 +32,7 @@ def test_frozen_tables_get_no_gradient_and_the_rest_the_same(tmp_path):
 
 def test_bench_rows_have_every_timing_and_shares(tmp_path):
     config = tiny_config(tmp_path, **TREE)
-    row = bench_model(config, zipf_counts(61), repeats=1)
+    row = bench_model(config, zipf_counts(61, 1.0), repeats=1)
     for key in ("step_s", "grads_s", "grads_frozen_tables_s", "update_s"):
         assert row[key] > 0, key
     assert 0 < row["update_share"] and 0 <= row["table_grad_share"]

@@ -124,12 +124,19 @@ def test_tied_log_prob_sums_to_one_and_top_k_is_exact(tmp_path, kw):
 
 
 @pytest.mark.parametrize("model_kw", [dict(tie_embeddings=True, embedding="blockwise", cutoffs=(20,)),
-                                      dict(tie_embeddings=True, softmax="tree", cutoffs=(20,)),
-                                      dict(tie_projections=True, **TREE),
-                                      dict(tie_projections=True, tie_embeddings=True)])
+                                      dict(tie_embeddings=True, softmax="tree", cutoffs=(20,))])
 def test_impossible_tying_is_a_config_error(tmp_path, model_kw):
-    with pytest.raises(ConfigError, match="tie_"):
+    with pytest.raises(ConfigError, match="tie_embeddings"):
         validate_config(tiny_config(tmp_path, **model_kw))
+
+
+@pytest.mark.parametrize("model_kw", [dict(tie_projections=True, **TREE), dict(tie_projections=True, tie_embeddings=True)])
+def test_tie_projections_has_no_effect_without_tied_cprec(tmp_path, model_kw):
+    validate_config(tiny_config(tmp_path, **model_kw))
+    model = _model(tmp_path, **model_kw)
+    assert model.tie_projections is False
+    plain = {k: v for k, v in model_kw.items() if k != "tie_projections"}
+    assert count_params(init_params(model, 0)) == count_params(init_params(_model(tmp_path, **plain), 0))
 
 
 def test_decay_groups_name_tables_dense_weights_and_the_undecayed():

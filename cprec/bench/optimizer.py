@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cprec.bench.common import RESULTS_DIR, finish, load_average
+from cprec.bench.tree_softmax import zipf_counts
 from cprec.config import load_config_file, validate_config
 from cprec.model.builder import build_model, count_params, init_params, uncompressed_config
 from cprec.model.param_groups import decay_group
@@ -35,12 +36,8 @@ from cprec.train.micro_batch import num_micro_batches
 from cprec.train.step import loss_capacities, make_batch_grads, make_optimizer, make_train_step, new_train_state
 
 
-def zipf_counts(num_items: int) -> np.ndarray:
-    """Frequency-ordered training counts with a Zipf(1) tail; id 0 (padding) counts 0."""
-    return np.concatenate([[0], np.maximum(1, (1e7 / np.arange(1, num_items))).astype(np.int64)])
-
-
 def zipf_windows(counts: np.ndarray, rows: int, length: int, seed: int) -> jnp.ndarray:
+    """[rows, length] ids drawn i.i.d. with probabilities proportional to ``counts``."""
     p = counts / counts.sum()
     return jnp.asarray(np.random.default_rng(seed).choice(len(counts), size=(rows, length), p=p), jnp.int32)
 
@@ -114,7 +111,7 @@ def main() -> None:
     load_start = load_average()
     config = load_config_file(args.config)
     validate_config(config)
-    counts = zipf_counts(args.items or int(config.data.num_items) + 1)
+    counts = zipf_counts(args.items or int(config.data.num_items) + 1, 1.0)
     models = {"cprec": config}
     if args.baseline_batch > 0:
         base = uncompressed_config(config)

@@ -58,7 +58,8 @@ def build_model(config: ml_collections.ConfigDict, item_counts: np.ndarray,
         capacities=capacities if m.softmax == "tree" else None,
         dropout=m.dropout,
         tie_embeddings=bool(m.tie_embeddings),
-        tie_projections=bool(m.tie_projections),
+        # A sub-option of tied CpRec; off elsewhere, so a model (and an artifact) says what it does.
+        tie_projections=bool(m.tie_projections and m.tie_embeddings and m.softmax == "tree"),
         output_projection=bool(m.output_projection),
     )
 

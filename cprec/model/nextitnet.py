@@ -70,11 +70,11 @@ class NextItNet(nn.Module):
     # The output layer shares the input embedding's item tables (full: logits = h' E^T; CpRec: each
     # cluster's table); needs embedding/softmax full/full or blockwise/tree.
     tie_embeddings: bool = False
-    tie_projections: bool = False  # tied CpRec: the tail projections too
+    tie_projections: bool = False  # tied CpRec: the tail projections too (no effect without tied CpRec)
     output_projection: bool = False  # h' = W h + b (d x d) before the output layer
 
     def setup(self) -> None:
-        check_tying(self.embedding, self.softmax, self.tie_embeddings, self.tie_projections)
+        check_tying(self.embedding, self.softmax, self.tie_embeddings)
         if self.embedding == "blockwise":
             self.embed = BlockwiseEmbedding(self.num_items, self.dim, self.cutoffs, self.ranks)
         else:
@@ -86,7 +86,7 @@ class NextItNet(nn.Module):
         tied = self.embed if self.tie_embeddings else None
         if self.softmax == "tree":
             self.head = BlockwiseSoftmax(self.dim, self.num_items, self.cutoffs, self.ranks, self.capacities,
-                                         tied_to=tied, tie_projections=self.tie_projections,
+                                         tied_to=tied, tie_projections=self.tie_projections and tied is not None,
                                          projection=self.output_projection)
         else:
             self.head = FullSoftmax(self.dim, self.num_items, tied_to=tied, projection=self.output_projection)
@@ -125,15 +125,16 @@ class NextItNet(nn.Module):
         return self.last_log_prob(inputs)
 
 
-def check_tying(embedding: str, softmax: str, tie_embeddings: bool, tie_projections: bool) -> None:
-    """Raises ConfigError for a tying the two layers cannot share tables for."""
+def check_tying(embedding: str, softmax: str, tie_embeddings: bool) -> None:
+    """Raises ConfigError for a tying the two layers cannot share tables for.
+
+    ``tie_projections`` is a sub-option of tied CpRec and has no effect elsewhere (untied, or a
+    full model, which has no projections), so that an ablation can untie a tied preset with one key.
+    """
     if tie_embeddings and (embedding, softmax) not in (("full", "full"), ("blockwise", "tree")):
         raise ConfigError(
             f"config.model.tie_embeddings=True needs embedding/softmax full/full or blockwise/tree (tables of the "
             f"same shapes), got {embedding}/{softmax}; set model.tie_embeddings=False")
-    if tie_projections and not (tie_embeddings and embedding == "blockwise"):
-        raise ConfigError("config.model.tie_projections=True needs model.tie_embeddings=True with the block-wise "
-                          "embedding and the tree softmax (CpRec)")
 
 
 def target_mask(inputs, targets):
