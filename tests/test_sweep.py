@@ -296,3 +296,17 @@ def test_slurm_options_merge_flags_over_config_section():
     assert (options.partition, options.gpus, options.cpus, options.time_min) == ("b", 2, None, 10)
     with pytest.raises(CprecError, match="config.slurm.gpu is unknown"):
         launch.SlurmOptions.merge({"gpu": 1})
+
+
+def test_tuned_presets_tie_and_tuned_false_is_the_untied_preset():
+    from cprec.config import load_config_file
+    tuned = load_config_file(f"{ROOT}/experiments/nextitnet.py:ml100k")
+    plain = load_config_file(f"{ROOT}/experiments/nextitnet.py:ml100k,tuned=false")
+    assert tuned.model.tie_embeddings and tuned.model.output_projection and tuned.train.num_epochs == 18
+    assert not plain.model.tie_embeddings and plain.train.num_epochs == 40 and plain.optim.name == "adam"
+    cprec = load_config_file(f"{ROOT}/experiments/cprec.py:ml100k")
+    assert cprec.model.tie_embeddings and cprec.model.tie_projections
+    # a tuned preset's tying is dropped where the layers cannot tie
+    mixed = load_config_file(f"{ROOT}/experiments/cprec.py:ml100k,emb=full")
+    assert not mixed.model.tie_embeddings
+    assert load_config_file(f"{ROOT}/experiments/cprec.py:synthetic30k,tie=true").model.tie_embeddings
