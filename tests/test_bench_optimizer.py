@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from cprec.bench.optimizer import bench_model, is_input_table, zipf_windows
 from cprec.bench.tree_softmax import zipf_counts
@@ -30,6 +31,7 @@ def test_frozen_tables_get_no_gradient_and_the_rest_the_same(tmp_path):
             np.testing.assert_allclose(g_f, g, rtol=1e-5, atol=1e-7, err_msg=param_path(path))
 
 
+@pytest.mark.slow  # compiles and times four programs; the gradients it times are checked above
 def test_bench_rows_have_every_timing_and_shares(tmp_path):
     config = tiny_config(tmp_path, **TREE)
     row = bench_model(config, zipf_counts(61, 1.0), repeats=1)
