@@ -38,8 +38,8 @@ import ml_collections
 from cprec.config import base_config, parse_arg
 from cprec.errors import ConfigError
 from cprec.model.sharing import SHARING_SCHEMES
-from cprec.sweep import product, seeds
-from experiments.datasets import apply_dataset, apply_overrides
+from cprec.sweep import apply_overrides, product, seeds
+from experiments.datasets import apply_dataset
 from experiments.nextitnet import DECOUPLED_DECAY
 
 # Cluster cutoffs per dataset (fractions of V, or absolute counts at 1M items): the head keeps the

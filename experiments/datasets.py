@@ -58,12 +58,3 @@ def apply_dataset(config: ml_collections.ConfigDict, name: str) -> None:
     if s.eval_num_users is not None:
         config.eval.num_users = s.eval_num_users
 
-
-def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> None:
-    """Sets dotted keys (``{"optim.lr": 3e-3}``) of `config`, as a sweep trial's overrides do."""
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value

@@ -29,8 +29,8 @@ import ml_collections
 
 from cprec.config import base_config, parse_arg
 from cprec.errors import ConfigError
-from cprec.sweep import product, seeds
-from experiments.datasets import apply_dataset, apply_overrides
+from cprec.sweep import apply_overrides, product, seeds
+from experiments.datasets import apply_dataset
 
 # Settings chosen on validation NDCG@10 (never on test) by sweep=tuning, then sweep=decay; see the
 # README's "A strong baseline" for the trials. Logits = (W h + b) E^T, as in RecBole's NextItNet.

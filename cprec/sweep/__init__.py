@@ -2,6 +2,6 @@
 
 Submodules: ``expand`` (config file -> trials), ``launch`` (local / SLURM), ``summarize`` (tables).
 """
-from cprec.sweep.expand import product, seeds, zip_
+from cprec.sweep.expand import apply_overrides, product, seeds, zip_
 
-__all__ = ["product", "seeds", "zip_"]
+__all__ = ["apply_overrides", "product", "seeds", "zip_"]

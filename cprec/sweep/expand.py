@@ -202,7 +202,7 @@ def expand(
     run_spec = f"{path}:{config_arg}" if config_arg else path
     root = pathlib.Path(sweep_dir) if sweep_dir else pathlib.Path(runs_root) / sweep_name(config_spec)
     check_override_keys(base, list(shared))
-    _apply(base, shared, "command line")
+    apply_overrides(base, shared, "command line")
     width = len(str(len(rows) - 1))
     seen: dict[str, int] = {}
     trials = []
@@ -212,7 +212,7 @@ def expand(
         if clash:
             raise ConfigError(f"--config.{clash[0]} is set by the sweep itself (trial {i}); drop it from the command line")
         config = base.copy_and_resolve_references()
-        _apply(config, row, f"sweep trial {i}")
+        apply_overrides(config, row, f"sweep trial {i}")
         try:
             validate_config(config)
         except ConfigError as exc:
@@ -226,8 +226,9 @@ def expand(
     return trials
 
 
-def _apply(config: ml_collections.ConfigDict, overrides: Mapping[str, Any], where: str) -> None:
-    """Sets dotted keys, so a value of the wrong type fails here rather than inside a job."""
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any], where: str = "config") -> None:
+    """Sets dotted keys (``{"optim.lr": 3e-3}``), so a value of the wrong type fails here (naming
+    ``where``) rather than inside a job. Also what config files use for their tuned presets."""
     for key, value in overrides.items():
         *parents, leaf = key.split(".")
         node = config
