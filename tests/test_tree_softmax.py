@@ -74,9 +74,10 @@ def test_log_prob_is_a_distribution_with_tree_semantics(params):
     np.testing.assert_allclose(lp_3d, lp, rtol=1e-6)  # leading dims are flattened
 
 
-@pytest.mark.parametrize("capacities", [None, (8, 8, 8)])  # (8, 8, 32) in test_blocked_paths
-def test_loss_and_grads_match_reference(params, capacities):
-    n = 64
+# (8, 8, 32) in test_blocked_paths. Without capacities, 300 rows route the clusters' tokens into
+# different ones of the 64 / 128 / 256 / 300-row buffers.
+@pytest.mark.parametrize("capacities, n", [(None, 64), (None, 300), ((8, 8, 8), 64)])
+def test_loss_and_grads_match_reference(params, capacities, n):
     module = _module(capacities)
     h = _h(n)
     targets, mask = _tail_heavy_batch(n)
@@ -84,6 +85,8 @@ def test_loss_and_grads_match_reference(params, capacities):
                          minlength=4)[1:]
     if capacities == (8, 8, 8):
         assert (routed > 8).all(), "this case must overflow every tail cluster"
+    if n == 300:
+        assert len(set(np.searchsorted([64, 128, 256], routed))) >= 2, "the clusters must use different buffers"
 
     def loss(p, h):
         return module.apply(p, h, targets, mask, method=module.loss)
@@ -234,11 +237,24 @@ def test_top_k_flat_model_skips_clusters_whose_token_beats_the_nth_item(params):
     token_test = np.asarray(tok_lp) > kth
     assert token_test.mean() > 0.5, "the setting must be one where the token test alone expands a lot"
     assert np.asarray(expanded).sum() < 0.5 * token_test.sum()
-    # Computing the statistics inside top_k gives the same result.
+    # Without stats, 32 rows derive them inside the call (lazily, per cluster): same result, same pruning.
     (scores2, ids2, expanded2), _, _ = run(flat, None, h)
     np.testing.assert_array_equal(scores2, scores)
     np.testing.assert_array_equal(ids2, ids)
     np.testing.assert_array_equal(expanded2, expanded)
+    # Below 8 rows, no statistics: the token test alone decides, and the result stays exact.
+    (scores3, ids3, expanded3), lp3, tok3 = run(flat, None, h[:4])
+    _assert_topk_matches(scores3, ids3, lp3, n)
+    np.testing.assert_array_equal(np.asarray(expanded3), np.asarray(tok3) > np.asarray(scores3)[:, -1:])
+
+
+def test_weight_stats_equal_plain_reductions():
+    w = np.random.default_rng(9).normal(size=(5, 300)).astype(np.float32)
+    ((w_max, w_min, w_mean, col_norm),) = jax.jit(tree_cluster_stats)([jnp.asarray(w)])
+    np.testing.assert_allclose(w_max, w.max(1))
+    np.testing.assert_allclose(w_min, w.min(1))
+    np.testing.assert_allclose(w_mean, w.mean(1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(col_norm, np.linalg.norm(w, axis=0).max(), rtol=1e-5)
 
 
 class _Parent(nn.Module):

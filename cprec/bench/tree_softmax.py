@@ -16,6 +16,10 @@
     per-context noise (see ``peaky_params``): s = 1.1 models only the data's marginal, where every
     tail cluster outweighs a 20th-best item, so nearly all are expanded; 1.3 and 1.5 are
     increasingly confident models.
+(c) Defaults: the layer as a new user constructs it, ``BlockwiseSoftmax(dim, V, cutoffs, ranks)``
+    (no ``capacities``, ``top_k`` without ``stats``), against the same layer tuned (capacities from
+    the target counts, statistics computed once): training tokens/s and top-20 latency at batch 1
+    and 256, cutoffs ``--defaults-cutoffs``.
 
 Targets are Zipf(a) over frequency-ordered ids 1..V-1. Times are medians of at least ``--repeats``
 runs after warm-up (compile excluded; see ``timed``); speed-ups are ratios measured in the same run.
@@ -68,8 +72,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-full", action="store_true", help="skip the (slow) full-softmax training run")
     p.add_argument("--topk-only", metavar="CUTOFFS", default=None,
                    help="run part (b) only, with these cutoffs (e.g. 2000,8000,30000,80000,180000,400000,700000)")
+    p.add_argument("--defaults-only", action="store_true", help="run part (c) only")
+    p.add_argument("--defaults-cutoffs", default="20000,200000",
+                   help="cutoffs of part (c) (ranks from --rank-decay: 256, 64, 16 at d = 256)")
     p.add_argument("--out", default=None,
-                   help="JSON output (default bench_results/tree_softmax.json, tree_softmax_topk.json with --topk-only)")
+                   help="JSON output (default bench_results/tree_softmax.json; tree_softmax_topk.json with --topk-only, "
+                        "tree_softmax_defaults.json with --defaults-only)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -245,6 +253,16 @@ def compare_topk(a: tuple, b: tuple) -> dict:
             "identical": bool(score_diff < 1e-4 and same_sets == 1.0)}
 
 
+def topk_settings(module: BlockwiseSoftmax) -> dict[str, tuple[dict, Callable[[int], jax.Array]]]:
+    """Parameters and a maker of ``[batch, dim]`` contexts for each setting of the top-k parts."""
+    d = module.dim
+    peaky = {f"zipf{s}+noise" + (" (peaky)" if s == 1.5 else ""): peaky_params(module, s, 1.0, jax.random.PRNGKey(5))
+             for s in (1.1, 1.3, 1.5)}
+    return {"random-init": (module.init(jax.random.PRNGKey(3), jnp.zeros((1, d))),
+                            lambda b: jax.random.normal(jax.random.PRNGKey(4), (b, d))),
+            **{name: (params, lambda b: context_vectors(b, d, jax.random.PRNGKey(6))) for name, params in peaky.items()}}
+
+
 def bench_topk(args: argparse.Namespace, spec: str, counts: np.ndarray) -> list[dict]:
     module = tree_module(args, spec, counts, args.tokens)
     n = args.topk
@@ -252,18 +270,8 @@ def bench_topk(args: argparse.Namespace, spec: str, counts: np.ndarray) -> list[
     stats_fn = jax.jit(lambda p: module.apply(p, method=module.cluster_stats))
     fast = jax.jit(lambda p, st, h: module.apply(p, h, n, st, method=module.top_k))
     full = jax.jit(lambda p, h: lax.top_k(real_items(module.apply(p, h, method=module.log_prob)), n))
-    settings = {
-        "random-init": (module.init(jax.random.PRNGKey(3), jnp.zeros((1, args.dim))),
-                        lambda b: jax.random.normal(jax.random.PRNGKey(4), (b, args.dim))),
-        "zipf1.1+noise": (peaky_params(module, 1.1, 1.0, jax.random.PRNGKey(5)),
-                          lambda b: context_vectors(b, args.dim, jax.random.PRNGKey(6))),
-        "zipf1.3+noise": (peaky_params(module, 1.3, 1.0, jax.random.PRNGKey(5)),
-                          lambda b: context_vectors(b, args.dim, jax.random.PRNGKey(6))),
-        "zipf1.5+noise (peaky)": (peaky_params(module, 1.5, 1.0, jax.random.PRNGKey(5)),
-                                  lambda b: context_vectors(b, args.dim, jax.random.PRNGKey(6))),
-    }
     rows = []
-    for name, (params, make_h) in settings.items():
+    for name, (params, make_h) in topk_settings(module).items():
         for b in args.topk_batches:
             h = make_h(b)
             stats = stats_fn(params)
@@ -283,11 +291,79 @@ def bench_topk(args: argparse.Namespace, spec: str, counts: np.ndarray) -> list[
 
 
 # ----------------------------------------------------------------------------------------------
+# (c) the layer's defaults against the tuned layer
+
+def bench_defaults(args: argparse.Namespace, counts: np.ndarray, rng: np.random.Generator) -> dict:
+    V, d, T, n = args.items, args.dim, args.tokens, args.topk
+    tuned = tree_module(args, args.defaults_cutoffs, counts, T)
+    default = BlockwiseSoftmax(d, V, tuned.cutoffs, tuned.ranks)  # what a new user writes
+    targets = jnp.asarray(rng.choice(V, size=T, p=counts).astype(np.int32))
+    h = jax.random.normal(jax.random.PRNGKey(args.seed), (T, d), jnp.float32)
+    mask = jnp.ones((T,), bool)
+    params = tuned.init(jax.random.PRNGKey(1), h[:1])
+    calls, training = {}, {}
+    for name, module in (("default", default), ("tuned", tuned)):
+        t0 = time.perf_counter()
+        compiled = tree_train_step(module).lower(params, h, targets, mask).compile()
+        training[name] = {"compile_s": time.perf_counter() - t0, "memory": memory_of(compiled)}
+        calls[name] = (compiled, (params, h, targets, mask))
+    times = timed(calls, args.repeats, block=1)
+    for name, row in training.items():
+        row.update(times[name], tokens_per_s=T / times[name]["median_s"])
+    training["default_vs_tuned"] = training["default"]["tokens_per_s"] / training["tuned"]["tokens_per_s"]
+    print(f"  training: default {training['default']['tokens_per_s']:.0f} tok/s, tuned "
+          f"{training['tuned']['tokens_per_s']:.0f} tok/s ({training['default_vs_tuned']:.2f}x)", flush=True)
+
+    stats_fn = jax.jit(lambda p: tuned.apply(p, method=tuned.cluster_stats))
+    with_stats = jax.jit(lambda p, st, h: tuned.apply(p, h, n, st, method=tuned.top_k))
+    plain = jax.jit(lambda p, h: default.apply(p, h, n, method=default.top_k))
+    topk = []
+    for name, (p, make_h) in topk_settings(tuned).items():
+        stats = stats_fn(p)
+        for b in args.topk_batches:
+            hb = make_h(b)
+            t = timed({"default": (plain, (p, hb)), "tuned": (with_stats, (p, stats, hb))}, args.repeats)
+            s_d, i_d, e_d = plain(p, hb)
+            s_t, i_t, e_t = with_stats(p, stats, hb)
+            row = {"params": name, "batch": b, "default": t["default"], "tuned": t["tuned"],
+                   "default_vs_tuned": t["default"]["median_s"] / t["tuned"]["median_s"],
+                   "expanded_default": float(np.asarray(e_d).sum(1).mean()),
+                   "expanded_tuned": float(np.asarray(e_t).sum(1).mean()), **compare_topk((s_d, i_d), (s_t, i_t))}
+            topk.append(row)
+            print(f"  top-{n} {name:22s} batch {b:4d}: default {t['default']['median_s'] * 1e3:8.2f} ms, tuned "
+                  f"{t['tuned']['median_s'] * 1e3:8.2f} ms ({row['default_vs_tuned']:.2f}x), identical "
+                  f"{row['identical']}", flush=True)
+    return {"cutoffs": list(tuned.cutoffs), "ranks": list(tuned.ranks), "capacities": list(tuned.capacities),
+            "training": training, "topk": topk}
+
+
+def print_defaults_table(res: dict) -> None:
+    cfg, dft = res["config"], res["defaults"]
+    tr = dft["training"]
+    mib = 1 / 2 ** 20
+    print(f"\n(c) BlockwiseSoftmax({cfg['dim']}, {cfg['items']:,}, cutoffs {dft['cutoffs']}, ranks {dft['ranks']}) "
+          f"as constructed by default vs tuned (capacities {dft['capacities']}, statistics computed once)")
+    print(f"{'':24s} {'default':>10s} {'tuned':>10s} {'default/tuned time':>19s}")
+    print(f"{'train tok/s':24s} {tr['default']['tokens_per_s']:10.0f} {tr['tuned']['tokens_per_s']:10.0f} "
+          f"{1 / tr['default_vs_tuned']:19.2f}")
+    print(f"{'train peak MiB':24s} {tr['default']['memory']['peak_bytes'] * mib:10.0f} "
+          f"{tr['tuned']['memory']['peak_bytes'] * mib:10.0f}")
+    print(f"{'train compile s':24s} {tr['default']['compile_s']:10.1f} {tr['tuned']['compile_s']:10.1f}")
+    for r in dft["topk"]:
+        label = f"top-{cfg['topk']} ms {r['params'].split(' ')[0]} b{r['batch']}"
+        print(f"{label:24s} {r['default']['median_s'] * 1e3:10.2f} {r['tuned']['median_s'] * 1e3:10.2f} "
+              f"{r['default_vs_tuned']:19.2f}  identical {r['identical']}")
+
+
+# ----------------------------------------------------------------------------------------------
 
 def print_table(res: dict) -> None:
     if res["training"] is not None:
         print_training_table(res)
-    print_topk_table(res)
+    if res["topk"] is not None:
+        print_topk_table(res)
+    if res["defaults"] is not None:
+        print_defaults_table(res)
 
 
 def print_training_table(res: dict) -> None:
@@ -334,21 +410,30 @@ def main(argv: list[str] | None = None) -> dict:
     counts = zipf_counts(args.items, args.zipf)
     load_start = load_average()
     print(f"devices: {jax.devices()}, load average {load_start}", flush=True)
-    if args.topk_only:
-        training, topk_spec = None, args.topk_only
+    training = topk = topk_spec = defaults = None
+    if args.defaults_only:
+        pass
+    elif args.topk_only:
+        topk_spec = args.topk_only
     else:
         print("(a) training step", flush=True)
         training = bench_training(args, counts, rng)
         best = max(training["tree"], key=lambda r: r["tokens_per_s"])
         topk_spec = ",".join(str(c) for c in best["cutoffs"][:-1])
-    print(f"(b) top-{args.topk} with the fastest training cutoffs {topk_spec}", flush=True)
-    topk = bench_topk(args, topk_spec, counts)
+    if topk_spec is not None:
+        print(f"(b) top-{args.topk} with the fastest training cutoffs {topk_spec}", flush=True)
+        topk = bench_topk(args, topk_spec, counts)
+    if not args.topk_only:
+        print(f"(c) defaults vs tuned, cutoffs {args.defaults_cutoffs}", flush=True)
+        defaults = bench_defaults(args, counts, rng)
     res = {"config": vars(args), "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                                              "jax": jax.__version__, "device": str(jax.devices()[0]),
                                              "load_average_start": load_start, "load_average_end": load_average()},
-           "training": training, "topk_cutoffs": topk_spec, "topk": topk}
+           "training": training, "topk_cutoffs": topk_spec, "topk": topk, "defaults": defaults}
     print_table(res)
-    out = args.out or str(RESULTS_DIR / ("tree_softmax_topk.json" if args.topk_only else "tree_softmax.json"))
+    name = ("tree_softmax_defaults.json" if args.defaults_only else
+            "tree_softmax_topk.json" if args.topk_only else "tree_softmax.json")
+    out = args.out or str(RESULTS_DIR / name)
     write_json(out, res)
     print(f"\nsaved {out}")
     return res

@@ -18,11 +18,12 @@ Semantics: ``log p(x) = log_softmax(h @ head)[x]`` for ``x < k1``, and
 ``log_softmax(h @ head)[k1 + j - 1] + log_softmax(h @ P_j @ W_j)[x - offset_j]`` for x in cluster j.
 
 Costs: ``loss`` computes the head for every token and cluster j only for the tokens whose target
-lies in it, in a static buffer of ``capacities[j-1]`` rows (an exact chunked fallback runs when a
-batch routes more); big low-rank clusters are streamed in cache-sized column blocks. ``top_k`` is
-exact and scores a tail cluster only for the rows whose cluster token beats their current n-th
-best item (p(item in j) <= p(token_j), tightened by a bound from the cluster's weight statistics),
-gathering those rows into a buffer of 1, 4, 16, ... rows.
+lies in it: in a static buffer of ``capacities[j-1]`` rows (an exact chunked fallback runs when a
+batch routes more), or, without capacities, in the smallest of 64, 128, 256, ... rows that holds
+them; big low-rank clusters are streamed in cache-sized column blocks. ``top_k`` is exact and
+scores a tail cluster only for the rows whose cluster token beats their current n-th best item
+(p(item in j) <= p(token_j), tightened by a bound from the cluster's weight statistics, given or
+derived on first need), gathering those rows into a buffer of 1, 4, 16, ... rows.
 Measured against a full softmax by ``python -m cprec.bench.tree_softmax``.
 """
 
@@ -126,27 +127,57 @@ def _tail_chunk_nll(h, proj, out, local_t, sel, capacity, start):
     return jnp.sum(jnp.where(valid, nll, 0.0))
 
 
+def _tail_nll_chunks(h: jax.Array, proj: jax.Array, out: jax.Array, local_t: jax.Array,
+                     sel: jax.Array, chunk: int) -> jax.Array:
+    """Sum over rows with ``sel`` of -log_softmax(h @ proj @ out)[row, local_t], ``chunk`` routed rows at a time.
+
+    Chunks past the routed rows are skipped (forward and backward), so the cost follows the
+    routed count whatever it is; each chunk is rematerialised, so the backward keeps no
+    [chunk, k_j] residual per chunk but recomputes the chunk's forward.
+    """
+    count = jnp.sum(sel.astype(jnp.int32))
+
+    @jax.checkpoint
+    def body(acc, c):
+        start = c * chunk
+        part = lax.cond(start < count,
+                        lambda: _tail_chunk_nll(h, proj, out, local_t, sel, chunk, start),
+                        lambda: jnp.zeros((), h.dtype))
+        return acc + part, None
+    n_chunks = -(-h.shape[0] // chunk)
+    return lax.scan(body, jnp.zeros((), h.dtype), jnp.arange(n_chunks, dtype=jnp.int32))[0]
+
+
 def _tail_nll_sum(h: jax.Array, proj: jax.Array, out: jax.Array, local_t: jax.Array,
                   sel: jax.Array, capacity: int) -> jax.Array:
-    """Sum over rows with ``sel`` of -log_softmax(h @ proj @ out)[row, local_t]."""
+    """Sum over rows with ``sel`` of -log_softmax(h @ proj @ out)[row, local_t] in a ``capacity``-row buffer.
+
+    A batch that routes more rows than ``capacity`` takes the exact chunked path instead.
+    """
     n_rows = h.shape[0]
     if capacity >= n_rows:
         return _tail_chunk_nll(h, proj, out, local_t, sel, n_rows, 0)
     count = jnp.sum(sel.astype(jnp.int32))
+    return lax.cond(count > capacity, lambda: _tail_nll_chunks(h, proj, out, local_t, sel, capacity),
+                    lambda: _tail_chunk_nll(h, proj, out, local_t, sel, capacity, 0))
 
-    def overflow(_):
-        @jax.checkpoint
-        def body(acc, c):
-            start = c * capacity
-            part = lax.cond(start < count,
-                            lambda: _tail_chunk_nll(h, proj, out, local_t, sel, capacity, start),
-                            lambda: jnp.zeros((), h.dtype))
-            return acc + part, None
-        n_chunks = -(-n_rows // capacity)
-        return lax.scan(body, jnp.zeros((), h.dtype), jnp.arange(n_chunks, dtype=jnp.int32))[0]
 
-    return lax.cond(count > capacity, overflow,
-                    lambda _: _tail_chunk_nll(h, proj, out, local_t, sel, capacity, 0), None)
+def _tail_nll_bucketed(h: jax.Array, proj: jax.Array, out: jax.Array, local_t: jax.Array,
+                       sel: jax.Array) -> jax.Array:
+    """``_tail_nll_sum`` with no capacity: a buffer of 64, 128, 256, ... rows, the smallest that fits the batch.
+
+    One ``lax.switch`` over static sizes, so the cost follows the routed count whatever the item
+    frequencies are. Each branch is rematerialised: the switch then keeps only its inputs for the
+    backward (not every branch's [size, k_j] residuals), at the price of the chosen branch's
+    forward running again in the backward.
+    """
+    sizes = _row_buckets(h.shape[0], first=64, factor=2)
+    count = jnp.sum(sel.astype(jnp.int32))
+
+    def branch(size: int) -> Callable:
+        return jax.checkpoint(lambda h, proj, out: _tail_chunk_nll(h, proj, out, local_t, sel, size, 0))
+    idx = jnp.sum(count > jnp.asarray(sizes[:-1], jnp.int32)).astype(jnp.int32)
+    return lax.switch(idx, [branch(size) for size in sizes], h, proj, out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,23 +211,28 @@ def tree_loss(head: jax.Array, projs: Sequence[jax.Array], outs: Sequence[jax.Ar
     head_col = jnp.clip(jnp.where(cluster == 0, targets, k1 + cluster - 1), 0, head.shape[1] - 1)
     total = jnp.sum(jnp.where(mask, row_xent(h, head, head_col), 0.0))
     for j, (p, w) in enumerate(zip(projs, outs), start=1):
-        cap = n_rows if capacities is None else max(1, min(int(capacities[j - 1]), n_rows))
         local_t = jnp.clip(targets - bounds[j], 0, w.shape[1] - 1)
-        total = total + _tail_nll_sum(h, p, w, local_t, mask & (cluster == j), cap)
+        sel = mask & (cluster == j)
+        if capacities is None:
+            total = total + _tail_nll_bucketed(h, p, w, local_t, sel)
+        else:
+            cap = max(1, min(int(capacities[j - 1]), n_rows))
+            total = total + _tail_nll_sum(h, p, w, local_t, sel, cap)
     count = jnp.sum(mask.astype(jnp.int32))
     return total / jnp.maximum(count, 1).astype(total.dtype), count
 
 
-def _row_buckets(n_rows: int) -> tuple[int, ...]:
-    """Static buffer sizes for the rows that need a cluster: 1, 4, 16, ..., n_rows.
+def _row_buckets(n_rows: int, first: int = 1, factor: int = 4) -> tuple[int, ...]:
+    """Static buffer sizes for the rows that need a cluster: first, first * factor, ..., n_rows.
 
-    Growing by 4 keeps the compiled branches few (log4 of the batch per cluster) while a buffer
-    wastes at most 3/4 of its rows; by 2 would double the branches for little less padding.
+    In ``top_k``, growing by 4 keeps the compiled branches few (log4 of the batch per cluster)
+    while a buffer wastes at most 3/4 of its rows; by 2 would double the branches for little less
+    padding. ``loss`` grows by 2 from 64: its buffers are the training step's main tail cost.
     """
-    sizes, b = [], 1
+    sizes, b = [], first
     while b < n_rows:
         sizes.append(b)
-        b *= 4
+        b *= factor
     return tuple(sizes) + (n_rows,)
 
 
@@ -213,8 +249,21 @@ def tree_cluster_stats(outs: Sequence[jax.Array]) -> ClusterStats:
     They depend on the parameters only (a server computes them once per model) and give ``top_k``
     a per-row upper bound on the best item log-prob of each cluster (see ``_cluster_bound``).
     """
-    return tuple((jnp.max(w, axis=1), jnp.min(w, axis=1), jnp.mean(w, axis=1),
-                  jnp.sqrt(jnp.max(jnp.sum(w * w, axis=0)))) for w in outs)
+    return tuple(_weight_stats(w) for w in outs)
+
+
+def _weight_stats(w: jax.Array) -> tuple[jax.Array, ...]:
+    # One variadic reduction for max / min / sum along the items (a single read of W), and the
+    # column norms as a sum of the d_j rows: XLA's CPU reduction over the short leading axis of a
+    # [16, 800k] array runs about 5x slower than these contiguous passes.
+    lo = jnp.asarray(-jnp.inf, w.dtype)
+    w_max, w_min, w_sum = lax.reduce((w, w, w), (lo, -lo, jnp.zeros((), w.dtype)),
+                                     lambda a, b: (jnp.maximum(a[0], b[0]), jnp.minimum(a[1], b[1]), a[2] + b[2]),
+                                     (1,))
+    sq = w[0] * w[0]
+    for row in range(1, w.shape[0]):
+        sq = sq + w[row] * w[row]
+    return w_max, w_min, w_sum / w.shape[1], jnp.sqrt(jnp.max(sq))
 
 
 def _cluster_bound(z: jax.Array, stats: tuple[jax.Array, ...], k: int) -> jax.Array:
@@ -227,6 +276,19 @@ def _cluster_bound(z: jax.Array, stats: tuple[jax.Array, ...], k: int) -> jax.Ar
     w_max, w_min, w_mean, col_norm = stats
     best = jnp.minimum(jnp.sum(jnp.maximum(z * w_max, z * w_min), axis=1), jnp.linalg.norm(z, axis=1) * col_norm)
     return jnp.minimum(best - (jnp.log(float(k)) + z @ w_mean), 0.0)
+
+
+def _tightened(tok_lp: jax.Array, bound: jax.Array) -> jax.Array:
+    """Upper bound on the best item log-prob of a cluster: its token's log-prob plus ``bound`` (with slack).
+
+    The token's own log-prob stays a bound without slack: the computed item log-probs never exceed it.
+    """
+    return jnp.minimum(tok_lp, tok_lp + bound + _BOUND_SLACK[0] + _BOUND_SLACK[1] * jnp.abs(tok_lp + bound))
+
+
+# Without precomputed statistics, top_k derives a cluster's statistics (one pass over W_j) only once
+# this many rows need that cluster; fewer rows are cheaper to score than to bound.
+_LAZY_STATS_ROWS = 8
 
 
 def tree_top_k(head: jax.Array, projs: Sequence[jax.Array], outs: Sequence[jax.Array],
@@ -260,13 +322,15 @@ def tree_recommend(head: jax.Array, projs: Sequence[jax.Array], outs: Sequence[j
     k1, n_rows, n_tail = bounds[1], h.shape[0], len(projs)
     if not 1 <= n <= bounds[-1]:
         raise ConfigError(f"top_k: n must be in [1, V={bounds[-1]}], got {n}")
-    stats = tree_cluster_stats(outs) if stats is None else stats
     head_lp = log_softmax(h @ head)
     tok_lp = head_lp[:, k1:]
     zs = [h @ p for p in projs]
-    item_ub = tok_lp + jnp.stack([_cluster_bound(z, st, w.shape[1]) for z, st, w in zip(zs, stats, outs)], axis=1)
-    # The token's own log-prob stays a bound without slack: the computed item log-probs never exceed it.
-    item_ub = jnp.minimum(tok_lp, item_ub + _BOUND_SLACK[0] + _BOUND_SLACK[1] * jnp.abs(item_ub))
+    sizes = [w.shape[1] for w in outs]
+    lazy = stats is None
+    if lazy:  # token bounds now; a cluster's statistics only once enough rows reach it (see _LAZY_STATS_ROWS)
+        item_ub = tok_lp
+    else:
+        item_ub = _tightened(tok_lp, jnp.stack([_cluster_bound(z, st, k) for z, st, k in zip(zs, stats, sizes)], axis=1))
     head_items = head_lp[:, :k1].at[:, 0].set(-jnp.inf)  # padding is never recommended
     n_excl = 0 if exclude is None else exclude.shape[1]
     if n_excl:
@@ -309,6 +373,9 @@ def tree_recommend(head: jax.Array, projs: Sequence[jax.Array], outs: Sequence[j
 
     branches = [make_branch(j, b) for j in range(n_tail) for b in buckets]
     bucket_sizes = jnp.asarray(buckets, jnp.int32)
+    # Lazy statistics of cluster j (one pass over W_j): the bound of every row for that cluster.
+    bound_branches = [lambda tok_j, j=j: _tightened(tok_j, _cluster_bound(zs[j], tree_cluster_stats([outs[j]])[0],
+                                                                             sizes[j])) for j in range(n_tail)]
 
     if max_clusters is None:
         allowed = jnp.ones((n_rows, n_tail), bool)
@@ -318,28 +385,41 @@ def tree_recommend(head: jax.Array, projs: Sequence[jax.Array], outs: Sequence[j
             jnp.arange(n_tail, dtype=jnp.int32)[None, :])
         allowed = rank < jnp.asarray(max_clusters, jnp.int32).reshape(-1, 1)
 
-    def needs(scores, visited):
+    def needs(scores, visited, item_ub):
         return (item_ub > scores[:, n - 1:n]) & ~visited[None, :] & allowed
 
     def cond(state):
-        scores, _, visited, _ = state
-        return jnp.any(needs(scores, visited))
+        scores, _, visited, _, item_ub, _ = state
+        return jnp.any(needs(scores, visited, item_ub))
 
-    def body(state):
-        scores, ids, visited, expanded = state
-        need = needs(scores, visited)
-        # Next: the cluster with the highest bound among the rows that still need one.
-        j = jnp.argmax(jnp.max(jnp.where(need, item_ub, -jnp.inf), axis=0)).astype(jnp.int32)
-        rows = jnp.take(need, j, axis=1)
+    def expand(state, j, rows):
+        scores, ids, visited, expanded, item_ub, bounded = state
         bucket = jnp.sum(jnp.sum(rows.astype(jnp.int32)) > bucket_sizes).astype(jnp.int32)
         new_s, new_i = lax.switch(j * len(buckets) + bucket, branches, rows, jnp.take(tok_lp, j, axis=1))
         scores, ids = _merge_top_n(scores, ids, new_s, new_i, n)
-        visited = visited.at[j].set(True)
-        expanded = expanded.at[:, j].set(rows)
-        return scores, ids, visited, expanded
+        return scores, ids, visited.at[j].set(True), expanded.at[:, j].set(rows), item_ub, bounded
 
-    init = (scores, ids, jnp.zeros((n_tail,), bool), jnp.zeros((n_rows, n_tail), bool))
-    scores, ids, _, expanded = lax.while_loop(cond, body, init)
+    def tighten(state, j, rows):
+        scores, ids, visited, expanded, item_ub, bounded = state
+        ub_j = lax.switch(j, bound_branches, jnp.take(tok_lp, j, axis=1))
+        return scores, ids, visited, expanded, item_ub.at[:, j].set(ub_j), bounded.at[j].set(True)
+
+    def body(state):
+        scores, _, visited, _, item_ub, bounded = state
+        need = needs(scores, visited, item_ub)
+        # Next: the cluster with the highest bound among the rows that still need one.
+        j = jnp.argmax(jnp.max(jnp.where(need, item_ub, -jnp.inf), axis=0)).astype(jnp.int32)
+        rows = jnp.take(need, j, axis=1)
+        if not refining:
+            return expand(state, j, rows)
+        # Few rows: scoring the cluster costs about what its statistics would, so score it.
+        refine = ~bounded[j] & (jnp.sum(rows.astype(jnp.int32)) >= _LAZY_STATS_ROWS)
+        return lax.cond(refine, tighten, expand, state, j, rows)
+
+    refining = lazy and n_rows >= _LAZY_STATS_ROWS  # static: else no cluster could ever be refined
+    init = (scores, ids, jnp.zeros((n_tail,), bool), jnp.zeros((n_rows, n_tail), bool), item_ub,
+            jnp.full((n_tail,), not refining))
+    scores, ids, _, expanded, item_ub, _ = lax.while_loop(cond, body, init)
     # The n-th best only rises, so a cluster once below it stays below: these are the ones skipped for budget.
     exact = ~jnp.any((item_ub > scores[:, n - 1:n]) & ~expanded, axis=1)
     return scores, ids, expanded, exact
@@ -393,7 +473,10 @@ class BlockwiseSoftmax(InputProjection, nn.Module):
     """Two-level tree softmax over V items; see the module docstring for layout and semantics.
 
     ``capacities``: static token capacity of each tail cluster in ``loss`` (e.g. from
-    ``cprec.clusters.cluster_token_capacities``); None gives every tail cluster all rows.
+    ``cprec.clusters.cluster_token_capacities`` and the training item counts). None (the default)
+    assumes nothing about the frequencies: each call routes a cluster's tokens into the smallest
+    of 64, 128, 256, ... rows that holds them (one ``lax.switch``, rematerialised), within a few
+    percent of tuned capacities' speed; capacities save the recompute and compile fewer branches.
 
     Tied (``tied_to`` a ``BlockwiseEmbedding`` with the same clusters; Baevski and Auli's adaptive
     input/softmax tying, fairseq's ``tie_adaptive_weights``): the head's item columns are the
@@ -475,8 +558,10 @@ class BlockwiseSoftmax(InputProjection, nn.Module):
         """Exact top-n: ``(log-probs [N, n] descending, ids [N, n], expanded [N, n_tail] bool)``.
 
         ``expanded[r, j-1]`` says whether tail cluster j was scored for row r. Equals
-        ``lax.top_k(log_prob(h), n)`` up to ties and float rounding. ``stats`` (from
-        ``cluster_stats()``) saves one pass over the tail weights per call when serving.
+        ``lax.top_k(log_prob(h), n)`` up to ties and float rounding. Without ``stats`` a cluster's
+        weight statistics are derived inside the call only once 8 or more rows reach its token
+        test (fewer rows are cheaper to score than to bound); ``stats`` from ``cluster_stats()``,
+        computed once per model, let even a single row skip a cluster it cannot win.
         """
         return tree_top_k(*self.tables(), self.cutoffs, self._flat(h), n, stats)
 
