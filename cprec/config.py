@@ -14,6 +14,7 @@ import ml_collections
 
 from cprec.data.dataset import default_data_config
 from cprec.errors import ConfigError
+from cprec.model.budget import check_budget
 from cprec.model.nextitnet import check_tying
 from cprec.model.sharing import SHARING_SCHEMES
 
@@ -39,6 +40,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.cutoffs = ()
     c.model.ranks = ()  # explicit per-cluster ranks; empty = derive from rank_decay
     c.model.rank_decay = 4  # d_j = max(1, dim // rank_decay**j), CpRec's default
+    # A parameter budget ('20x' = 20 times fewer than the uncompressed model, or a count such as
+    # '5000000'): the solver picks cutoffs and ranks (cprec/model/budget.py); explicit ones still win.
+    c.model.budget = ""
     c.model.capacity_margin = 1.5  # static tail token capacity = expected share * margin
     c.model.dropout = 0.0  # on the input embedding (NextItNet uses none)
     # Output layer shares the input embedding's item tables (full/full: logits = h' E^T; CpRec
@@ -128,6 +132,10 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     if not 0.0 <= m.dropout < 1.0:
         _fail("model.dropout", m.dropout, "must be in [0, 1)")
     check_tying(m.embedding, m.softmax, m.tie_embeddings)
+    if str(m.budget):
+        check_budget(m.budget)
+        if m.embedding == "full" and m.softmax == "full":
+            _fail("model.budget", m.budget, "needs clusters to choose: model.embedding=blockwise and/or model.softmax=tree")
     if m.capacity_margin < 1.0:
         _fail("model.capacity_margin", m.capacity_margin, "must be >= 1.0")
     if c.data.max_len < 2:

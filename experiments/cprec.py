@@ -10,8 +10,12 @@
 Arg: comma-separated; a bare word picks the dataset (synthetic, ml100k, ml1m, ml20m, synthetic30k, synthetic1m);
 emb=full|blockwise, softmax=full|tree, share=none|cross_layer|cross_block|adjacent_layer|adjacent_block;
 tie=true|false (the tree softmax shares the block-wise embedding's item tables, where the two layers
-allow it); tuned=false drops a dataset's tuned settings (TUNED, found on validation by sweep=tuning).
-Defaults: synthetic, blockwise, tree, cross_block, tie=false, tuned=true; ml100k's tuned preset ties.
+allow it); tuned=false drops a dataset's tuned settings (TUNED, found on validation by sweep=tuning);
+budget=20x (or a parameter count such as budget=5000000) replaces the dataset's cutoffs and rank decay
+by the budget solver's choice (model.budget; cprec/model/budget.py).
+Defaults: synthetic, blockwise, tree, cross_block, tie=false, tuned=true, no budget; ml100k's tuned preset ties.
+
+  python run.py --config experiments/cprec.py:synthetic30k,budget=20x --workdir runs/cprec-30k-20x
 
 Sweeps (`--sweep`; add `--launcher local|slurm` to run them, see cprec/sweep.py):
 
@@ -79,7 +83,7 @@ TYING = [{"model.tie_embeddings": False, "model.tie_projections": False, "model.
     for tp in (False, True) for op in (False, True)]
 UNTIED = {"model.tie_embeddings": False, "model.tie_projections": False}
 
-_ARGS = dict(data="synthetic", emb="blockwise", softmax="tree", share="cross_block", tie=False, tuned=True)
+_ARGS = dict(data="synthetic", emb="blockwise", softmax="tree", share="cross_block", tie=False, tuned=True, budget="")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -94,6 +98,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         apply_overrides(config, TUNED.get(a.data, {}))
     if a.tie:
         m.tie_embeddings = True
+    if a.budget:  # the solver picks what the dataset's hand-set cutoffs and rank decay would
+        m.budget, m.cutoffs, m.ranks = a.budget, (), ()
     if (m.embedding, m.softmax) != ("blockwise", "tree"):  # only these two layers have tables to share
         apply_overrides(config, UNTIED)
     return config

@@ -1,12 +1,16 @@
 """Builds the model a config asks for, and counts its parameters by part."""
 from __future__ import annotations
 
+import functools
+import hashlib
+
 import ml_collections
 import numpy as np
 import jax
 import jax.numpy as jnp
 
 from cprec.errors import ConfigError
+from cprec.model import budget as budget_solver
 from cprec.model.clusters import check_frequency_order, resolve_cutoffs, resolve_ranks
 from cprec.model.nextitnet import NextItNet
 
@@ -17,15 +21,22 @@ def residual_dilations(config: ml_collections.ConfigDict) -> tuple[int, ...]:
 
 
 def model_clusters(config: ml_collections.ConfigDict, item_counts: np.ndarray) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The (cutoffs, ranks) of ``config.model`` over these frequency-ordered counts; () for an uncompressed model."""
+    """The (cutoffs, ranks) of ``config.model`` over these frequency-ordered counts; () for an uncompressed model.
+
+    With ``model.budget`` the solver picks them (``budget_choice``); explicit ``model.cutoffs`` and
+    ``model.ranks`` still win.
+    """
     m = config.model
     num_items = len(item_counts)
-    if not (m.embedding == "blockwise" or m.softmax == "tree"):
+    if not clustered(config):
         return (), ()
+    if uses_budget(config):
+        choice = budget_choice(config, item_counts)
+        return choice.cutoffs, choice.ranks
     if len(m.cutoffs) == 0:
         raise ConfigError(
             "config.model.cutoffs is empty; the block-wise embedding and the tree softmax need cluster "
-            "cutoffs, e.g. --config.model.cutoffs='(0.1, 0.4)'"
+            "cutoffs, e.g. --config.model.cutoffs='(0.1, 0.4)', or a budget, e.g. --config.model.budget=20x"
         )
     check_frequency_order(item_counts)
     cutoffs = resolve_cutoffs(tuple(m.cutoffs), num_items)
@@ -36,6 +47,55 @@ def model_clusters(config: ml_collections.ConfigDict, item_counts: np.ndarray) -
     return cutoffs, ranks
 
 
+def clustered(config: ml_collections.ConfigDict) -> bool:
+    """Whether the model has clusters (a block-wise embedding or a tree softmax)."""
+    return config.model.embedding == "blockwise" or config.model.softmax == "tree"
+
+
+def uses_budget(config: ml_collections.ConfigDict) -> bool:
+    """Whether the budget solver picks the clusters (a budget, and not both cutoffs and ranks given)."""
+    m = config.model
+    return clustered(config) and bool(str(m.budget)) and not (len(m.cutoffs) and len(m.ranks))
+
+
+# Solving needs two abstract model inits (~1 s at 1M items); a run builds its model several times.
+_BUDGET_CHOICES: dict[tuple[str, str], budget_solver.BudgetChoice] = {}
+
+
+def budget_choice(config: ml_collections.ConfigDict, item_counts: np.ndarray) -> budget_solver.BudgetChoice:
+    """The solver's cutoffs and ranks for ``model.budget`` (see ``cprec.model.budget``), cached per model config and counts."""
+    counts = np.ascontiguousarray(item_counts)
+    key = (config.model.to_json(), hashlib.sha1(counts.tobytes()).hexdigest() + str(counts.dtype))
+    if key not in _BUDGET_CHOICES:
+        _BUDGET_CHOICES[key] = _solve_budget(config, counts)
+    return _BUDGET_CHOICES[key]
+
+
+def _solve_budget(config: ml_collections.ConfigDict, counts: np.ndarray) -> budget_solver.BudgetChoice:
+    m = config.model
+    check_frequency_order(counts)
+    num_items, d = len(counts), int(m.dim)
+    if len(m.ranks) and not len(m.cutoffs):
+        raise ConfigError("model.ranks needs model.cutoffs when model.budget is set (or leave both empty and let "
+                          "the budget choose them)")
+    if num_items < 3:
+        raise ConfigError(f"model.budget needs at least 3 item ids to cluster, got {num_items}")
+    layers = budget_solver.Layers(num_items, d, m.embedding, m.softmax, bool(m.tie_embeddings),
+                                  bool(m.tie_projections and m.tie_embeddings and m.softmax == "tree"))
+    # Everything outside the clustered layers, from one probe model: its total minus its clustered part.
+    probe_cutoffs, probe_ranks = (num_items // 2, num_items), (d, 1)
+    fixed = _abstract_count(_model(config, num_items, probe_cutoffs, probe_ranks)) - budget_solver.cluster_params(
+        layers, probe_cutoffs, probe_ranks)
+    baseline = _abstract_count(_model(uncompressed_config(config), num_items, (), ()))
+    target = budget_solver.parse_budget(m.budget, baseline)
+    cutoffs = resolve_cutoffs(tuple(m.cutoffs), num_items, require_tail=m.softmax == "tree") if len(m.cutoffs) else None
+    return budget_solver.solve(layers, counts, target, fixed, baseline, cutoffs)
+
+
+def _abstract_count(model: NextItNet) -> int:
+    return count_params(jax.eval_shape(lambda: init_params(model, 0)))
+
+
 def build_model(config: ml_collections.ConfigDict, item_counts: np.ndarray,
                 capacities: tuple[int, ...] | None = None) -> NextItNet:
     """NextItNet for ``config.model`` over the V = len(item_counts) frequency-ordered ids.
@@ -43,10 +103,15 @@ def build_model(config: ml_collections.ConfigDict, item_counts: np.ndarray,
     ``capacities`` (the tree softmax's static tail token buffers) only matter for training's
     ``loss``; a model built for evaluation or serving needs none, and its parameters are the same.
     """
-    m = config.model
     cutoffs, ranks = model_clusters(config, item_counts)
+    return _model(config, len(item_counts), cutoffs, ranks, capacities)
+
+
+def _model(config: ml_collections.ConfigDict, num_items: int, cutoffs: tuple[int, ...], ranks: tuple[int, ...],
+           capacities: tuple[int, ...] | None = None) -> NextItNet:
+    m = config.model
     return NextItNet(
-        num_items=len(item_counts),
+        num_items=num_items,
         dim=m.dim,
         dilations=residual_dilations(config),
         sharing=m.sharing,
@@ -98,4 +163,5 @@ def uncompressed_config(config: ml_collections.ConfigDict) -> ml_collections.Con
     base = ml_collections.ConfigDict(config.to_dict())
     base.model.embedding, base.model.softmax, base.model.sharing = "full", "full", "none"
     base.model.tie_projections = False
+    base.model.budget = ""
     return base

@@ -24,7 +24,7 @@ from cprec.errors import CprecError, WorkdirError
 from cprec.eval.evaluate import eval_splits, evaluate_split, make_rank_fn, topk_latency_ms
 from cprec.eval.metrics import popularity_ranks, rank_metrics
 from cprec.jsonfile import write_json
-from cprec.model.builder import build_model, init_params, param_report, uncompressed_config
+from cprec.model.builder import budget_choice, build_model, init_params, param_report, uncompressed_config, uses_budget
 from cprec.model.nextitnet import NextItNet
 from cprec.runtime.allocator import keep_freed_memory
 from cprec.runtime.checkpointing import Checkpointer, best_state_like
@@ -58,7 +58,7 @@ def _check_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDi
 
 # Keys that may change when a run is resumed: derived numbers, and how often to log and checkpoint
 # (neither changes the results; a long run may want rarer logs or more frequent checkpoints).
-NOT_IDENTITY = ("report", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints")
+NOT_IDENTITY = ("report", "budget", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints")
 
 
 def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
@@ -103,10 +103,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     model = build_model(config, data.item_counts, capacities)
     micro_batches = num_micro_batches(config, parallel.num_devices, num_items=num_items)
     report = param_report(model, build_model(uncompressed_config(config), data.item_counts))
+    stored = {**json.loads(config.to_json_best_effort()), "report": report}
+    if uses_budget(config):  # the solver's choice, kept with the run (load_run rebuilds exactly this model)
+        choice = budget_choice(config, data.item_counts)
+        print(choice.summary())
+        stored["budget"] = choice.as_dict()
+        report["params/budget"] = choice.target
     _print_report(report)
     # Written only once data and model are known good, so a failed start leaves no workdir behind.
     workdir.mkdir(parents=True, exist_ok=True)
-    write_json(workdir / "config.json", {**json.loads(config.to_json_best_effort()), "report": report}, sort_keys=True)
+    write_json(workdir / "config.json", stored, sort_keys=True)
 
     batcher = WindowBatcher(data.train, config.train.batch_size, config.seed)
     if config.train.num_steps > 0:
