@@ -32,6 +32,7 @@ Sweeps (`--sweep`; add `--launcher local|slurm` to run them, see cprec/sweep.py)
   output projection h' = W h + b) x model.dropout {0.2, 0.4}, seed 0.
 - `sweep=decay`: decoupled weight decay (AdamW) 0.05 and 0.2 on everything but LN scales and biases.
 - `sweep=seeds`: the config itself, seeds 0-2.
+- `sweep=budget`: model.budget {5x, 10x, 20x, 40x}, the solver choosing cutoffs and ranks, seed 0.
 
 The ablation ties nothing: its full/tree and blockwise/full rows cannot, and a tie in some rows
 only would confound the comparison; `python run.py --config experiments/cprec.py:ml100k,tuned=false --sweep`
@@ -82,6 +83,7 @@ TYING = [{"model.tie_embeddings": False, "model.tie_projections": False, "model.
     {"model.tie_embeddings": True, "model.tie_projections": tp, "model.output_projection": op}
     for tp in (False, True) for op in (False, True)]
 UNTIED = {"model.tie_embeddings": False, "model.tie_projections": False}
+BUDGETS = ("5x", "10x", "20x", "40x")  # sweep=budget
 
 _ARGS = dict(data="synthetic", emb="blockwise", softmax="tree", share="cross_block", tie=False, tuned=True, budget="")
 
@@ -119,4 +121,7 @@ def sweep(arg: str | None = None) -> list[dict]:
         return DECOUPLED_DECAY
     if a.sweep == "seeds":
         return seeds(3)
-    raise ConfigError(f"sweep={a.sweep!r} is unknown in experiments/cprec.py; valid: ablation, clusters, tuning, decay, seeds")
+    if a.sweep == "budget":  # the solver's choice at each size, instead of the dataset's hand-set clusters
+        return product({"model.budget": list(BUDGETS)}, [{"model.cutoffs": (), "model.ranks": ()}])
+    raise ConfigError(f"sweep={a.sweep!r} is unknown in experiments/cprec.py; valid: ablation, clusters, tuning, "
+                      f"decay, seeds, budget")

@@ -73,15 +73,16 @@ def test_solver_is_deterministic_and_prefers_the_cheaper_of_equals():
     a = solver.solve(layers, counts, 468_146, 60_000, 4_089_728)
     b = solver.solve(layers, counts, 468_146, 60_000, 4_089_728)
     assert a == b and a.params <= 468_146
-    # Against every candidate with (about) the same objective, the choice is the cheapest output layer.
+    # Against every candidate with (about) the best objective, the choice is the cheapest output layer.
+    others = []
     for cuts in solver._candidate_cutoffs(counts):
         try:
-            other = solver.solve(layers, counts, 468_146, 60_000, 4_089_728, cutoffs=cuts)
+            others.append(solver.solve(layers, counts, 468_146, 60_000, 4_089_728, cutoffs=cuts))
         except ConfigError:  # this clustering cannot fit the budget at all
             continue
-        if other.rank_share >= a.rank_share - solver.NEAR_BEST * a.rank_share:
-            assert other.softmax_macs >= a.softmax_macs
-        assert other.rank_share <= a.rank_share + 1e-12
+    top = max(o.rank_share for o in others)
+    assert a.rank_share >= top - solver.NEAR_BEST * top
+    assert all(o.softmax_macs >= a.softmax_macs for o in others if o.rank_share >= top - solver.NEAR_BEST * top)
 
 
 def test_explicit_cutoffs_and_ranks_still_win(tmp_path):

@@ -7,7 +7,8 @@ The search, over frequency-ordered training item counts:
   the one before, as in Grave et al.'s adaptive softmax);
 - ranks: the head keeps ``dim``; tail cluster j gets ``dim * (f_j / f_0) ** alpha`` (f = the mean
   count of a cluster's items, Ginart et al.'s mixed-dimension rule), rounded down to a multiple of
-  8 (or a power of two below 16), with the smallest alpha >= 0 whose model fits the budget;
+  8 (or a power of two below 16), with the smallest alpha >= 0 whose model fits the budget; what
+  the rounding leaves is spent raising tail ranks a step, the most-used cluster first;
 - choice: the candidate that gives the traffic the most rank, ``sum_j share_j log(d_j) / log(dim)``
   (1 = every token at full rank), and among those within 1% of the best the one whose tree softmax
   costs the least per training token (head + expected tail work, the adaptive softmax cost model).
@@ -167,7 +168,27 @@ def _fit(layers: Layers, budget: int, cutoffs: tuple[int, ...], mean_freq: np.nd
     for _ in range(40):
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if fits(_ranks(layers.dim, mean_freq, mid)) else (mid, hi)
-    return _ranks(layers.dim, mean_freq, hi)
+    return _fill(_ranks(layers.dim, mean_freq, hi), fits, layers.dim)
+
+
+def _fill(ranks: tuple[int, ...], fits, dim: int) -> tuple[int, ...]:
+    """Spends what the rounding left of the budget: raises tail ranks a step at a time, the clusters
+    with the most traffic (the first) first, keeping the ranks non-increasing."""
+    ranks = list(ranks)
+    grown = True
+    while grown:
+        grown = False
+        for j in range(1, len(ranks)):
+            up = _next_rank(ranks[j], dim)
+            if up <= ranks[j - 1] and up != ranks[j] and fits(tuple(ranks[:j] + [up] + ranks[j + 1:])):
+                ranks[j], grown = up, True
+                break
+    return tuple(ranks)
+
+
+def _next_rank(r: int, dim: int) -> int:
+    """The next rank of ``round_rank``'s grid above ``r``."""
+    return min(dim, r * 2 if r < 16 else r // 8 * 8 + 8)
 
 
 def _shares(counts: np.ndarray, cutoffs: Sequence[int]) -> np.ndarray:
