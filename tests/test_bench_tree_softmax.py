@@ -6,7 +6,7 @@ from cprec.bench.tree_softmax import main
 
 def test_defaults_part_compares_the_plain_layer_with_the_tuned_one(tmp_path, capsys):
     out = tmp_path / "defaults.json"
-    main(["--items", "3000", "--dim", "32", "--tokens", "256", "--repeats", "1", "--topk-batches", "1", "16",
+    main(["--items", "3000", "--dim", "32", "--tokens", "256", "--repeats", "1", "--topk-batches", "1", "16", "--time-budget", "0",
           "--defaults-only", "--defaults-cutoffs", "300,1200", "--out", str(out)])
     res = json.loads(out.read_text())
     dft = res["defaults"]

@@ -69,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--topk", type=int, default=20)
     p.add_argument("--topk-batches", type=int, nargs="+", default=[1, 256])
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--time-budget", type=float, default=2.0,
+                   help="seconds of extra timing rounds per fast top-k comparison (more rounds, steadier medians)")
     p.add_argument("--skip-full", action="store_true", help="skip the (slow) full-softmax training run")
     p.add_argument("--topk-only", metavar="CUTOFFS", default=None,
                    help="run part (b) only, with these cutoffs (e.g. 2000,8000,30000,80000,180000,400000,700000)")
@@ -275,7 +277,7 @@ def bench_topk(args: argparse.Namespace, spec: str, counts: np.ndarray) -> list[
         for b in args.topk_batches:
             h = make_h(b)
             stats = stats_fn(params)
-            t = timed({"fast": (fast, (params, stats, h)), "full": (full, (params, h))}, args.repeats)
+            t = timed({"fast": (fast, (params, stats, h)), "full": (full, (params, h))}, args.repeats, args.time_budget)
             t_fast, t_full = t["fast"], t["full"]
             s, i, expanded = fast(params, stats, h)
             row = {"params": name, "batch": b, "early_stop": t_fast, "full": t_full,
@@ -322,7 +324,8 @@ def bench_defaults(args: argparse.Namespace, counts: np.ndarray, rng: np.random.
         stats = stats_fn(p)
         for b in args.topk_batches:
             hb = make_h(b)
-            t = timed({"default": (plain, (p, hb)), "tuned": (with_stats, (p, stats, hb))}, args.repeats)
+            t = timed({"default": (plain, (p, hb)), "tuned": (with_stats, (p, stats, hb))}, args.repeats,
+                      args.time_budget)
             s_d, i_d, e_d = plain(p, hb)
             s_t, i_t, e_t = with_stats(p, stats, hb)
             row = {"params": name, "batch": b, "default": t["default"], "tuned": t["tuned"],
