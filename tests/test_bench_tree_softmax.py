@@ -1,9 +1,12 @@
 """The tree-softmax benchmark's defaults part (c), at a size that runs in seconds."""
 import json
 
+import pytest
+
 from cprec.bench.tree_softmax import main
 
 
+@pytest.mark.slow  # about 35 s; the layer's default paths are checked against references in test_tree_softmax.py
 def test_defaults_part_compares_the_plain_layer_with_the_tuned_one(tmp_path, capsys):
     out = tmp_path / "defaults.json"
     main(["--items", "3000", "--dim", "32", "--tokens", "256", "--repeats", "1", "--topk-batches", "1", "16", "--time-budget", "0",

@@ -93,7 +93,7 @@ def test_recommend_single_and_batch_match_the_recommender(served):
     want = rec.recommend(histories, n=7, max_clusters=[None, 1, None])
     r = _post(running.url, "/v1/recommend", {"history": histories[1], "n": 7, "max_clusters": 1})
     assert r.status_code == 200
-    assert r.json() == {"items": want[1].items, "scores": pytest.approx(want[1].scores, abs=1e-5),
+    assert r.json() == {"items": want[1].items, "scores": pytest.approx(want[1].scores, rel=1e-5, abs=1e-5),
                         "exact": want[1].exact, "unknown_items": ["new-item"]}
     r = _post(running.url, "/v1/recommend", {"histories": histories, "n": 7})
     got = r.json()["results"]
@@ -107,7 +107,7 @@ def test_score_matches_the_recommender(served):
     body = {"history": _raw([3, 5, 7]), "candidates": _raw([1, 12, 60]) + ["nope"]}
     r = _post(running.url, "/v1/score", body)
     want = rec.score(body["history"], body["candidates"])
-    assert r.status_code == 200 and r.json()["scores"][:3] == pytest.approx(want.scores[:3], abs=1e-5)
+    assert r.status_code == 200 and r.json()["scores"][:3] == pytest.approx(want.scores[:3], rel=1e-5, abs=1e-5)
     assert r.json()["scores"][3] is None and r.json()["unknown_items"] == ["nope"]
 
 
@@ -212,7 +212,7 @@ def test_the_command_serves_and_stops_cleanly_on_sigterm(artifact, tmp_path):
     port = sock.getsockname()[1]
     sock.close()
     proc = subprocess.Popen([sys.executable, "-m", "cprec.serve", str(artifact), "--port", str(port),
-                             "--max-batch-size", "2", "--batch-timeout-ms", "300"], cwd=ROOT,
+                             "--max-batch-size", "4", "--batch-timeout-ms", "3000"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         lines = []
@@ -227,7 +227,7 @@ def test_the_command_serves_and_stops_cleanly_on_sigterm(artifact, tmp_path):
                    for _ in range(3)]
         for t in threads:
             t.start()
-        time.sleep(0.1)  # the requests are queued, waiting for their batch (300 ms)
+        time.sleep(1.0)  # the requests reach the server and wait for their batch (3 s from the first)
         proc.send_signal(signal.SIGTERM)
         for t in threads:
             t.join(timeout=60)
