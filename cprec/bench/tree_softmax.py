@@ -413,12 +413,9 @@ def main(argv: list[str] | None = None) -> dict:
     counts = zipf_counts(args.items, args.zipf)
     load_start = load_average()
     print(f"devices: {jax.devices()}, load average {load_start}", flush=True)
-    training = topk = topk_spec = defaults = None
-    if args.defaults_only:
-        pass
-    elif args.topk_only:
-        topk_spec = args.topk_only
-    else:
+    training = topk = defaults = None
+    topk_spec = args.topk_only
+    if not (args.defaults_only or args.topk_only):
         print("(a) training step", flush=True)
         training = bench_training(args, counts, rng)
         best = max(training["tree"], key=lambda r: r["tokens_per_s"])

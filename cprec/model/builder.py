@@ -1,7 +1,6 @@
 """Builds the model a config asks for, and counts its parameters by part."""
 from __future__ import annotations
 
-import functools
 import hashlib
 
 import ml_collections

@@ -374,8 +374,9 @@ def tree_recommend(head: jax.Array, projs: Sequence[jax.Array], outs: Sequence[j
     branches = [make_branch(j, b) for j in range(n_tail) for b in buckets]
     bucket_sizes = jnp.asarray(buckets, jnp.int32)
     # Lazy statistics of cluster j (one pass over W_j): the bound of every row for that cluster.
-    bound_branches = [lambda tok_j, j=j: _tightened(tok_j, _cluster_bound(zs[j], tree_cluster_stats([outs[j]])[0],
-                                                                             sizes[j])) for j in range(n_tail)]
+    bound_branches = [lambda tok_j, j=j: _tightened(tok_j, _cluster_bound(zs[j], _weight_stats(outs[j]), sizes[j]))
+                      for j in range(n_tail)]
+    refining = lazy and n_rows >= _LAZY_STATS_ROWS  # static: else no cluster could ever be refined
 
     if max_clusters is None:
         allowed = jnp.ones((n_rows, n_tail), bool)
@@ -416,7 +417,6 @@ def tree_recommend(head: jax.Array, projs: Sequence[jax.Array], outs: Sequence[j
         refine = ~bounded[j] & (jnp.sum(rows.astype(jnp.int32)) >= _LAZY_STATS_ROWS)
         return lax.cond(refine, tighten, expand, state, j, rows)
 
-    refining = lazy and n_rows >= _LAZY_STATS_ROWS  # static: else no cluster could ever be refined
     init = (scores, ids, jnp.zeros((n_tail,), bool), jnp.zeros((n_rows, n_tail), bool), item_ub,
             jnp.full((n_tail,), not refining))
     scores, ids, _, expanded, item_ub, _ = lax.while_loop(cond, body, init)
@@ -475,8 +475,8 @@ class BlockwiseSoftmax(InputProjection, nn.Module):
     ``capacities``: static token capacity of each tail cluster in ``loss`` (e.g. from
     ``cprec.clusters.cluster_token_capacities`` and the training item counts). None (the default)
     assumes nothing about the frequencies: each call routes a cluster's tokens into the smallest
-    of 64, 128, 256, ... rows that holds them (one ``lax.switch``, rematerialised), within a few
-    percent of tuned capacities' speed; capacities save the recompute and compile fewer branches.
+    of 64, 128, 256, ... rows that holds them (one ``lax.switch``, rematerialised): 0.91x the speed
+    of tuned capacities at 1M items; capacities save the recompute and compile fewer branches.
 
     Tied (``tied_to`` a ``BlockwiseEmbedding`` with the same clusters; Baevski and Auli's adaptive
     input/softmax tying, fairseq's ``tie_adaptive_weights``): the head's item columns are the
