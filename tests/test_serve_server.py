@@ -18,6 +18,7 @@ import uvicorn
 
 from cprec.model.nextitnet import NextItNet
 from cprec.serve.artifact import model_kwargs_of, save_artifact
+from cprec.serve.http import uvicorn_config
 from cprec.serve.recommender import Recommender
 from cprec.serve.server import Server, ServerConfig
 from tests.helpers import ROOT
@@ -50,7 +51,7 @@ class Running:
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.uv = uvicorn.Server(uvicorn.Config(server.app, log_level="warning", lifespan="on"))
+        self.uv = uvicorn.Server(uvicorn_config(server.app, log_level="warning", lifespan="on"))
         self.thread = threading.Thread(target=self.uv.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         deadline = time.time() + 300
@@ -204,6 +205,73 @@ def test_a_client_that_disconnects_costs_nothing_else(served):
     with pytest.raises(httpx.TimeoutException):  # the batch waits 20 ms: the client gives up first
         httpx.post(running.url + "/v1/recommend", json={"history": ["movie-2"]}, timeout=0.001)
     assert _post(running.url, "/v1/recommend", {"history": ["movie-2"]}).status_code == 200
+
+
+def test_queue_depth_counts_the_batch_being_collected():
+    async def go():
+        from cprec.serve.batcher import Batcher
+
+        batcher = Batcher(lambda reqs: [r * 2 for r in reqs], max_batch_size=10, timeout_s=0.3, name="t")
+        batcher.start()
+        tasks = [asyncio.create_task(batcher.submit(i)) for i in range(3)]
+        await asyncio.sleep(0.1)  # the collector holds all three, waiting for more or the timeout
+        depth_while_collecting = batcher.depth
+        results = await asyncio.gather(*tasks)
+        depth_after = batcher.depth
+        await batcher.stop()
+        return depth_while_collecting, results, depth_after
+    assert asyncio.run(go()) == (3, [0, 2, 4], 0)
+
+
+def test_the_start_freezes_long_lived_objects_out_of_the_collector(artifact):
+    import gc
+
+    sentinel = [object()]  # alive before the server starts, as the id maps and compiled programs are
+    assert any(o is sentinel for o in gc.get_objects())
+    rec = Recommender.load(artifact, max_batch=4)
+    running = Running(Server(rec, ServerConfig(max_batch_size=4, warmup=False)))
+    try:
+        assert not any(o is sentinel for o in gc.get_objects())  # in the permanent generation: never traversed
+        assert _post(running.url, "/v1/recommend", {"history": ["movie-2"]}).status_code == 200
+    finally:
+        running.stop()
+
+
+def test_writes_of_one_event_loop_step_leave_as_one():
+    from cprec.serve.http import CoalescingTransport
+
+    class Recording:
+        def __init__(self):
+            self.writes, self.closed = [], False
+
+        def write(self, data):
+            self.writes.append(data)
+
+        def is_closing(self):
+            return self.closed
+
+        def close(self):
+            self.closed = True
+
+        def get_extra_info(self, name, default=None):
+            return f"extra:{name}"
+
+    async def go():
+        raw = Recording()
+        t = CoalescingTransport(raw, asyncio.get_running_loop())
+        t.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        t.write(b"{}")
+        before = list(raw.writes)
+        await asyncio.sleep(0)  # the step ends: one flush
+        after_step = list(raw.writes)
+        t.write(b"last")
+        t.close()  # flushes before closing
+        t.write(b"dropped")
+        await asyncio.sleep(0)
+        return before, after_step, raw.writes, raw.closed, t.get_extra_info("peername")
+    before, after_step, writes, closed, extra = asyncio.run(go())
+    assert before == [] and after_step == [b"HTTP/1.1 200 OK\r\n\r\n{}"]
+    assert writes == [b"HTTP/1.1 200 OK\r\n\r\n{}", b"last"] and closed and extra == "extra:peername"
 
 
 def test_the_command_serves_and_stops_cleanly_on_sigterm(artifact, tmp_path):

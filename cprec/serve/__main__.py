@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import signal
 import sys
 import time
@@ -11,6 +10,7 @@ import time
 import uvicorn
 
 from cprec.errors import CprecError, exit_on_user_error
+from cprec.serve.http import uvicorn_config
 from cprec.serve.recommender import Recommender
 from cprec.serve.server import Server, ServerConfig
 
@@ -71,16 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         rec = Recommender.load(args.artifact, context=args.context, max_batch=args.max_batch_size)
         config = ServerConfig(max_batch_size=args.max_batch_size, batch_timeout_ms=args.batch_timeout_ms,
                               sessions=args.sessions, session_bytes=args.session_bytes, warmup=not args.no_warmup)
-        server = Server(rec, config)
-        # The item id maps are millions of long-lived objects: keep them out of the cyclic garbage
-        # collector's full passes, which would otherwise stall requests for tens of milliseconds.
-        gc.collect()
-        gc.freeze()
+        server = Server(rec, config)  # its start-up freezes the long-lived objects out of the gc's way
         m = rec.artifact.manifest
         print(f"cprec.serve: {args.artifact} ({rec.num_items - 1:,} items, {m.get('param_count', 0):,} parameters, "
               f"{m.get('dtype')}, {m.get('total_bytes', 0):,} bytes); batches of up to {args.max_batch_size} "
               f"within {args.batch_timeout_ms:g} ms; compiling...", flush=True)
-    uv = GracefulServer(uvicorn.Config(server.app, host=args.host, port=args.port, log_level="warning",
+    uv = GracefulServer(uvicorn_config(server.app, host=args.host, port=args.port, log_level="warning",
                                        timeout_graceful_shutdown=30))
     uv.on_started = lambda: print(f"cprec.serve: ready on http://{args.host}:{args.port} in "
                                   f"{time.perf_counter() - start:.1f} s", flush=True)

@@ -31,13 +31,14 @@ class Batcher:
         self.run_batch, self.max_batch_size, self.timeout_s, self.name = run_batch, max_batch_size, timeout_s, name
         self.on_batch = on_batch  # called with (name, batch size) for every batch run (metrics)
         self._queue: asyncio.Queue | None = None
+        self._waiting = 0  # submitted and not yet handed to the worker (queued or in the batch being collected)
         self._task: asyncio.Task | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"cprec-{name}")
 
     @property
     def depth(self) -> int:
-        """Requests waiting for a batch."""
-        return self._queue.qsize() if self._queue is not None else 0
+        """Requests waiting for a batch: queued, or in the batch being collected (not yet computing)."""
+        return self._waiting
 
     def start(self) -> None:
         """Starts the collecting task on the running event loop."""
@@ -61,6 +62,7 @@ class Batcher:
         if self._queue is None:
             raise RuntimeError(f"batcher {self.name} is not started")
         future = asyncio.get_running_loop().create_future()
+        self._waiting += 1
         await self._queue.put((request, future))
         return await future
 
@@ -86,6 +88,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._collect()
+            self._waiting -= len(batch)
             live = [(r, f) for r, f in batch if not f.cancelled()]  # a client that left costs nothing
             try:
                 if live:

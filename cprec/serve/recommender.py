@@ -118,6 +118,7 @@ class Recommender:
         self._h_columns = np.asarray(self._unravel(np.arange(packed_row.size, dtype=np.float32))["h"]).astype(np.int64)
         self._hidden_fn = jax.jit(self._hidden)
         self._top_fn = jax.jit(self._top, static_argnums=5)
+        self._recommend_fn = jax.jit(self._recommend, static_argnums=5)
         self._score_fn = jax.jit(self._score)
         self._append_fn = jax.jit(self._append)
         self._append_top_fn = jax.jit(self._append_top, static_argnums=7)
@@ -140,6 +141,10 @@ class Recommender:
         p = dequantize_tree(params)
         return self.model.apply({"params": p}, h, n, stats, exclude, budget,
                                 method=lambda m, *a: m.head.recommend(*a))
+
+    def _recommend(self, params, stats, histories, exclude, budget, n):
+        """Encode and top-n in one call: one dispatch per batch, the hidden states never leave the device."""
+        return self._top(params, stats, self._hidden(params, histories), exclude, budget, n)
 
     def _score(self, params, h, candidates):
         return self.model.apply({"params": dequantize_tree(params)}, h, candidates,
@@ -193,10 +198,16 @@ class Recommender:
         known, unknown = zip(*(self.ids.internal(h) for h in histories)) if histories else ((), ())
         budgets = _per_row(max_clusters, len(known), "max_clusters")
         excluding = _per_row(exclude_seen, len(known), "exclude_seen")
-        hidden = self.hidden(known)
         seen = [sorted(set(k)) if x else [] for k, x in zip(known, excluding)]
-        return [Recommendation(items, scores, exact, list(u)) for (items, scores, exact), u in
-                zip(self.top(hidden, n, seen, budgets), unknown)]
+        results = []
+        for start in range(0, len(known), self.max_batch):
+            rows = known[start:start + self.max_batch]
+            size = bucket(len(rows), largest=self.max_batch)
+            e, b = self._top_inputs(seen[start:start + self.max_batch], budgets[start:start + self.max_batch], size)
+            out = self._recommend_fn(self.params, self.stats, left_padded(rows, self.context_len, size), e, b,
+                                     self._n_bucket(n))
+            results += self._decode(out, len(rows), n)
+        return [Recommendation(items, scores, exact, list(u)) for (items, scores, exact), u in zip(results, unknown)]
 
     def hidden(self, histories: Sequence[Sequence[int]]) -> np.ndarray:
         """The hidden states [B, d] of internal-id histories (encoded in bucketed batches)."""
@@ -243,10 +254,10 @@ class Recommender:
 
     def _decode(self, out, count: int, n: int) -> list[tuple[list, list[float], bool]]:
         scores, ids, _, exact = (np.asarray(x) for x in out)
-        results = []
+        results, raw = [], self.ids.raw
         for r in range(count):
             keep = np.isfinite(scores[r, :n])
-            results.append(([self.ids.raw[i] for i in ids[r, :n][keep]], scores[r, :n][keep].tolist(), bool(exact[r])))
+            results.append(([raw[i] for i in ids[r, :n][keep].tolist()], scores[r, :n][keep].tolist(), bool(exact[r])))
         return results
 
     def score(self, history: Sequence, candidates: Sequence) -> Scores:
