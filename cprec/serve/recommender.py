@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import collections
 import threading
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -199,14 +199,11 @@ class Recommender:
         budgets = _per_row(max_clusters, len(known), "max_clusters")
         excluding = _per_row(exclude_seen, len(known), "exclude_seen")
         seen = [sorted(set(k)) if x else [] for k, x in zip(known, excluding)]
-        results = []
-        for start in range(0, len(known), self.max_batch):
-            rows = known[start:start + self.max_batch]
-            size = bucket(len(rows), largest=self.max_batch)
-            e, b = self._top_inputs(seen[start:start + self.max_batch], budgets[start:start + self.max_batch], size)
-            out = self._recommend_fn(self.params, self.stats, left_padded(rows, self.context_len, size), e, b,
-                                     self._n_bucket(n))
-            results += self._decode(out, len(rows), n)
+
+        def encode_and_rank(start, stop, rows, e, b, n_pad):
+            x = left_padded(known[start:stop], self.context_len, rows)
+            return self._recommend_fn(self.params, self.stats, x, e, b, n_pad)
+        results = self._ranked(len(known), n, seen, budgets, encode_and_rank)
         return [Recommendation(items, scores, exact, list(u)) for (items, scores, exact), u in zip(results, unknown)]
 
     def hidden(self, histories: Sequence[Sequence[int]]) -> np.ndarray:
@@ -222,16 +219,24 @@ class Recommender:
     def top(self, hidden: np.ndarray, n: int, exclude: Sequence[Sequence[int]],
             budgets: Sequence[int | None]) -> list[tuple[list, list[float], bool]]:
         """Top-n (raw ids, scores, exact) from hidden states, with per-row exclusions and budgets."""
+        def rank(start, stop, rows, e, b, n_pad):
+            hp = np.zeros((rows, hidden.shape[1]), np.float32)
+            hp[:stop - start] = hidden[start:stop]
+            return self._top_fn(self.params, self.stats, hp, e, b, n_pad)
+        return self._ranked(len(hidden), n, exclude, budgets, rank)
+
+    def _ranked(self, count: int, n: int, exclude: Sequence[Sequence[int]], budgets: Sequence[int | None],
+                run: Callable) -> list[tuple[list, list[float], bool]]:
+        """Top-n of ``count`` rows in chunks of at most max_batch: ``run(start, stop, rows, exclude, budget,
+        n_pad)`` is the jitted call for rows [start, stop) padded to ``rows``."""
         n = self.check_n(n)
         n_pad = self._n_bucket(n)
         results = []
-        for start in range(0, len(hidden), self.max_batch):
-            h = hidden[start:start + self.max_batch]
-            rows = bucket(len(h), largest=self.max_batch)
-            e, b = self._top_inputs(exclude[start:start + self.max_batch], budgets[start:start + self.max_batch], rows)
-            hp = np.zeros((rows, h.shape[1]), np.float32)
-            hp[:len(h)] = h
-            results += self._decode(self._top_fn(self.params, self.stats, hp, e, b, n_pad), len(h), n)
+        for start in range(0, count, self.max_batch):
+            stop = min(start + self.max_batch, count)
+            rows = bucket(stop - start, largest=self.max_batch)
+            e, b = self._top_inputs(exclude[start:stop], budgets[start:stop], rows)
+            results += self._decode(run(start, stop, rows, e, b, n_pad), stop - start, n)
         return results
 
     def _n_bucket(self, n: int) -> int:

@@ -173,7 +173,7 @@ class Server:
             await asyncio.get_running_loop().run_in_executor(None, self.warmup)
         # Everything alive now (the item id maps, jax's traces and compiled executables of every
         # bucket) lives as long as the server: move it out of reach of the cyclic collector, whose
-        # full passes over it would otherwise stall every request in flight for 0.1-0.4 s.
+        # full passes over it would otherwise stall every request in flight for 0.1-0.5 s.
         gc.collect()
         gc.freeze()
         self.ready = True
