@@ -37,17 +37,29 @@ def _losses(workdir):
     return [line["train/loss"] for line in lines if "train/loss" in line]
 
 
+@pytest.fixture(scope="module")
+def one_device(tmp_path_factory) -> pathlib.Path:
+    """A directory holding the one-device reference run ("one") and its prepared data ("cache"),
+    shared by the tests that compare a parallel run with it (each run is a fresh process: ~20 s)."""
+    root = tmp_path_factory.mktemp("parallel")
+    _train(root, "one", 1)
+    return root
+
+
+def _same_run(root: pathlib.Path, name: str) -> None:
+    one, other = _losses(root / "one"), _losses(root / name)
+    assert len(one) == len(other) == 16  # every step is logged, the compiling first one too
+    assert other == pytest.approx(one, rel=1e-4)
+    a = json.loads((root / "one" / "results.json").read_text())["test"]
+    b = json.loads((root / name / "results.json").read_text())["test"]
+    assert b == pytest.approx(a, rel=1e-4, abs=1e-6)
+
+
 # Whole batch; 2 micro-batches of 2 rows per device (slow: 30 s, the micro-batched step has its own tests).
 @pytest.mark.parametrize("micro_batch_size", [0, pytest.param(2, marks=pytest.mark.slow)])
-def test_four_devices_match_one(tmp_path, micro_batch_size):
-    _train(tmp_path, "one", 1)
-    _train(tmp_path, "four", 4, micro_batch_size=micro_batch_size)
-    one, four = _losses(tmp_path / "one"), _losses(tmp_path / "four")
-    assert len(one) == len(four) == 16  # every step is logged, the compiling first one too
-    assert four == pytest.approx(one, rel=1e-4)
-    a = json.loads((tmp_path / "one" / "results.json").read_text())["test"]
-    b = json.loads((tmp_path / "four" / "results.json").read_text())["test"]
-    assert b == pytest.approx(a, rel=1e-4, abs=1e-6)
+def test_four_devices_match_one(one_device, micro_batch_size):
+    _train(one_device, f"four-{micro_batch_size}", 4, micro_batch_size=micro_batch_size)
+    _same_run(one_device, f"four-{micro_batch_size}")
 
 
 def test_batch_not_divisible_by_devices_is_an_error(tmp_path):
@@ -93,11 +105,7 @@ def test_a_host_late_to_its_first_collective_is_waited_for():
     assert all("TOTAL 2.0" in out for out in outs), outs
 
 
-def test_two_hosts_match_one(tmp_path):
+def test_two_hosts_match_one(one_device):
     """Two processes joined by jax.distributed, as two SLURM tasks would be, train like one device."""
-    _train(tmp_path, "single", 1)
-    _run_hosts([SCRIPT, str(tmp_path / "cache"), str(tmp_path / "hosts"), "16", "0"], ports_from=40000)
-    assert _losses(tmp_path / "hosts") == pytest.approx(_losses(tmp_path / "single"), rel=1e-4)
-    a = json.loads((tmp_path / "single" / "results.json").read_text())["test"]
-    b = json.loads((tmp_path / "hosts" / "results.json").read_text())["test"]
-    assert b == pytest.approx(a, rel=1e-4, abs=1e-6)
+    _run_hosts([SCRIPT, str(one_device / "cache"), str(one_device / "hosts"), "16", "0"], ports_from=40000)
+    _same_run(one_device, "hosts")
