@@ -210,3 +210,22 @@ def test_per_row_exclusions_and_an_empty_session_start(served):
     session.append(_raw(HISTORIES[1]))
     [want] = stream.recommend([_raw(HISTORIES[1])], n=10)
     assert session.recommend(10).items == want.items
+
+
+@pytest.mark.parametrize("context", ["window", "stream"])
+def test_encoding_in_row_chunks_equals_the_whole_batch(context):
+    """A batch over the encoder's chunk size runs as lax.map over chunks: same answers as one pass
+    (up to float32 rounding: XLA blocks the matmuls of another shape differently)."""
+    art = _artifact("tree")
+    chunked = Recommender(art, context=context, max_batch=32, encoder_rows=8)
+    whole = Recommender(art, context=context, max_batch=32, encoder_rows=None)
+    rng = np.random.default_rng(3)
+    histories = [_raw(rng.integers(1, V, size=rng.integers(1, 2 * L))) for _ in range(29)]  # bucket 32 = 4 chunks
+    np.testing.assert_allclose(chunked.hidden([chunked.ids.internal(h)[0] for h in histories]),
+                               whole.hidden([whole.ids.internal(h)[0] for h in histories]), rtol=1e-4, atol=1e-4)
+    for a, b in zip(chunked.recommend(histories, n=7), whole.recommend(histories, n=7)):
+        assert a.items == b.items
+        np.testing.assert_allclose(a.scores, b.scores, rtol=1e-4, atol=1e-4)
+    sa, sb = chunked.sessions(histories), whole.sessions(histories)
+    np.testing.assert_allclose(np.concatenate([s.packed for s in sa]), np.concatenate([s.packed for s in sb]),
+                               rtol=1e-4, atol=1e-4)

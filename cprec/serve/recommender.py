@@ -30,6 +30,28 @@ from cprec.serve.quantize import dequantize_tree
 CONTEXTS = ("window", "stream")
 
 
+def default_encoder_rows() -> int | None:
+    """Rows per pass of the conv stack inside one jitted call (None: the whole batch at once).
+
+    On CPU the stack over [B*T, d] slows down per row once a batch's activations outgrow the
+    caches: on the 1M-item preset, 256 windows of 50 in one pass took 1.5x the time of four
+    passes of 64 (README, "Server benchmark"). A GPU wants the whole batch.
+    """
+    return 64 if jax.default_backend() == "cpu" else None
+
+
+def in_row_chunks(fn: Callable, x: jax.Array, rows: int | None) -> Any:
+    """``fn(x)`` for x [B, ...] computed as ``lax.map`` over chunks of ``rows`` rows (fn is row-wise).
+
+    The batch buckets are powers of two, so B > rows divides by rows; any other B runs whole.
+    """
+    b = x.shape[0]
+    if rows is None or b <= rows or b % rows:
+        return fn(x)
+    out = jax.lax.map(fn, x.reshape(b // rows, rows, *x.shape[1:]))
+    return jax.tree.map(lambda a: a.reshape(b, *a.shape[2:]), out)
+
+
 class RequestError(CprecError, ValueError):
     """A request the model cannot answer as asked (e.g. n outside [1, number of items])."""
 
@@ -91,12 +113,16 @@ class Recommender:
     ``context``: what a stateless ``recommend`` reads of a history. 'window' (default): the last
     L items, left-padded, as the model was trained and evaluated; 'stream': everything in the
     receptive field, as a ``Session`` does (see the README for which scores better).
+    ``encoder_rows``: rows per pass of the conv stack within a batch ("auto": 64 on CPU, the whole
+    batch on GPU; see ``default_encoder_rows``); results do not depend on it.
     """
 
-    def __init__(self, artifact: Artifact, context: str = "window", max_batch: int = 256) -> None:
+    def __init__(self, artifact: Artifact, context: str = "window", max_batch: int = 256,
+                 encoder_rows: int | None | str = "auto") -> None:
         if context not in CONTEXTS:
             raise RequestError(f"context={context!r} is unknown; valid choices: {', '.join(CONTEXTS)}")
         self.artifact, self.context, self.max_batch = artifact, context, max_batch
+        self.encoder_rows = default_encoder_rows() if encoder_rows == "auto" else encoder_rows
         self.model: NextItNet = artifact.model()
         self.ids = ItemIds(artifact.item_ids)
         self.num_items = len(artifact.item_ids)
@@ -134,8 +160,12 @@ class Recommender:
         """h [B, d] after each row's last item; histories [B, T] left-padded with 0."""
         p = dequantize_tree(params)
         if self.context == "window":
-            return self.model.apply({"params": p}, histories, method=NextItNet.encode)[:, -1]
-        return encode_state(self.model, p, histories, self._padding)[1]
+            def rows(x):
+                return self.model.apply({"params": p}, x, method=NextItNet.encode)[:, -1]
+        else:
+            def rows(x):
+                return encode_state(self.model, p, x, self._padding)[1]
+        return in_row_chunks(rows, histories, self.encoder_rows)
 
     def _top(self, params, stats, h, exclude, budget, n):
         p = dequantize_tree(params)
@@ -170,8 +200,9 @@ class Recommender:
         return packed, self._top(params, stats, h, exclude, budget, n)
 
     def _state(self, params, histories):
-        state, _ = encode_state(self.model, dequantize_tree(params), histories, self._padding)
-        return self._pack(state)
+        p = dequantize_tree(params)
+        return in_row_chunks(lambda x: self._pack(encode_state(self.model, p, x, self._padding)[0]), histories,
+                             self.encoder_rows)
 
     # -- public API ------------------------------------------------------------------------------
 
