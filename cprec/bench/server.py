@@ -11,7 +11,7 @@ on the batched server, after which a sample of requests is compared with an in-p
 `Recommender` (same top-20). Histories are drawn from the artifact's training item counts, so any
 artifact works without its data. Needs `wrk` (Debian/Ubuntu: `apt install wrk`).
 
-Saves bench_results/server-<artifact>-<platform>.json.
+Saves bench_results/server-<artifact>-<platform>.json (see ``results_name``).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ import numpy as np
 
 from cprec.bench.common import RESULTS_DIR, finish, load_average
 from cprec.errors import CprecError, exit_on_user_error
-from cprec.serve.artifact import load_artifact
+from cprec.serve.artifact import DTYPES, load_artifact
 from cprec.serve.recommender import Recommender
 
 SETTINGS = {"batched": ["--max-batch-size", "256", "--batch-timeout-ms", "2"],
@@ -185,13 +185,24 @@ def run(args) -> dict:
     return res
 
 
+def results_name(artifact: str) -> str:
+    """The artifact's name in the results file: its directory, prefixed by the run's name when the
+    directory is only a dtype (``runs/c1m-serve/exports/int8`` -> ``c1m-serve-int8``), so that the
+    exports of two runs do not overwrite each other's results."""
+    path = pathlib.Path(artifact).resolve()
+    if path.name not in DTYPES:
+        return path.name
+    run = path.parent.parent if path.parent.name == "exports" else path.parent
+    return f"{run.name}-{path.name}"
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = _parser().parse_args(argv)
     load_start = load_average()
     with exit_on_user_error():
         res = run(args)
-    name = pathlib.Path(args.artifact).resolve().name
-    return finish(res, args.out or RESULTS_DIR / f"server-{name}-{jax.devices()[0].platform}.json", load_start)
+    return finish(res, args.out or RESULTS_DIR / f"server-{results_name(args.artifact)}-{jax.devices()[0].platform}.json",
+                  load_start)
 
 
 if __name__ == "__main__":
