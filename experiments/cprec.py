@@ -32,6 +32,9 @@ Sweeps (`--sweep`; add `--launcher local|slurm` to run them, see cprec/sweep.py)
   output projection h' = W h + b) x model.dropout {0.2, 0.4}, seed 0.
 - `sweep=decay`: decoupled weight decay (AdamW) 0.05 and 0.2 on everything but LN scales and biases.
 - `sweep=seeds`: the config itself, seeds 0-2.
+- `sweep=batch`: train.batch_size {64, 128, 256} at 10, 12 and 18 epochs (about the same wall
+  time) x seeds 0-2, as for NextItNet.
+- `sweep=length`: model.dropout {0.2, 0.4} x train.num_epochs {10, 20} x seeds 0-1.
 - `sweep=budget`: model.budget {5x, 10x, 20x, 40x}, the solver choosing cutoffs and ranks, seed 0.
 
 The ablation ties nothing: its full/tree and blockwise/full rows cannot, and a tie in some rows
@@ -45,7 +48,7 @@ from cprec.errors import ConfigError
 from cprec.model.sharing import SHARING_SCHEMES
 from cprec.sweep import apply_overrides, product, seeds
 from experiments.datasets import apply_dataset
-from experiments.nextitnet import DECOUPLED_DECAY
+from experiments.nextitnet import BATCH_SIZES, DECOUPLED_DECAY
 
 # Cluster cutoffs per dataset (fractions of V, or absolute counts at 1M items): the head keeps the
 # items that carry most of the traffic; more, smaller tail clusters pay off at large V.
@@ -76,7 +79,8 @@ TUNED = {
     "ml100k": {"model.tie_embeddings": True, "model.tie_projections": True, "model.output_projection": True,
                "model.dropout": 0.4, "optim.lr": 3e-3, "optim.name": "adamw", "optim.weight_decay": 0.05,
                "optim.table_weight_decay": 0.05,
-               "train.num_epochs": 18, "train.eval_every": 25, "train.checkpoint_every": 100},
+               "train.batch_size": 64, "train.num_epochs": 10, "train.eval_every": 50, "train.checkpoint_every": 100,
+               "eval.topk_batches": ()},
 }
 
 TYING = [{"model.tie_embeddings": False, "model.tie_projections": False, "model.output_projection": False}] + [
@@ -121,7 +125,11 @@ def sweep(arg: str | None = None) -> list[dict]:
         return DECOUPLED_DECAY
     if a.sweep == "seeds":
         return seeds(3)
+    if a.sweep == "batch":
+        return product(BATCH_SIZES, seeds(3))
+    if a.sweep == "length":  # does the smaller model want less regularisation or more updates?
+        return product({"model.dropout": [0.2, 0.4], "train.num_epochs": [10, 20]}, seeds(2))
     if a.sweep == "budget":  # the solver's choice at each size, instead of the dataset's hand-set clusters
         return product({"model.budget": list(BUDGETS)}, [{"model.cutoffs": (), "model.ranks": ()}])
     raise ConfigError(f"sweep={a.sweep!r} is unknown in experiments/cprec.py; valid: ablation, clusters, tuning, "
-                      f"decay, seeds, budget")
+                      f"decay, seeds, batch, length, budget")

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 from absl import flags
 from ml_collections import config_flags
@@ -302,11 +303,33 @@ def test_tuned_presets_tie_and_tuned_false_is_the_untied_preset():
     from cprec.config import load_config_file
     tuned = load_config_file(f"{ROOT}/experiments/nextitnet.py:ml100k")
     plain = load_config_file(f"{ROOT}/experiments/nextitnet.py:ml100k,tuned=false")
-    assert tuned.model.tie_embeddings and tuned.model.output_projection and tuned.train.num_epochs == 18
+    assert tuned.model.tie_embeddings and tuned.model.output_projection and tuned.train.num_epochs == 8
+    assert (tuned.train.batch_size, tuned.eval.topk_batches) == (64, ())
     assert not plain.model.tie_embeddings and plain.train.num_epochs == 40 and plain.optim.name == "adam"
+    assert (plain.train.batch_size, plain.eval.topk_batches) == (256, (1, 256))
     cprec = load_config_file(f"{ROOT}/experiments/cprec.py:ml100k")
     assert cprec.model.tie_embeddings and cprec.model.tie_projections
     # a tuned preset's tying is dropped where the layers cannot tie
     mixed = load_config_file(f"{ROOT}/experiments/cprec.py:ml100k,emb=full")
     assert not mixed.model.tie_embeddings
     assert load_config_file(f"{ROOT}/experiments/cprec.py:synthetic30k,tie=true").model.tie_embeddings
+
+
+def test_over_seeds_gives_mean_and_sample_std_per_setting():
+    from cprec.sweep.summarize import format_seeds_table, over_seeds
+
+    def row(lr, seed, val, mrr, status="finished"):
+        return {"status": status, "set.optim.lr": lr, "set.seed": seed, "best_val": val, "test_mrr@10": mrr}
+
+    rows = [row("0.001", 0, 0.10, 0.030), row("0.001", 1, 0.20, 0.040), row("0.001", 2, 0.60, 0.020),
+            row("0.003", 0, 0.50, 0.050), row("0.003", 1, 0.90, 0.090, status="failed"),  # one seed left
+            row("0.01", 0, 0.30, 0.010)]
+    seeded = over_seeds(rows)
+    assert [r["overrides"] for r in seeded] == ["optim.lr=0.001"]
+    (r,) = seeded
+    assert r["seeds"] == "0 1 2"
+    assert r["best_val_mean"] == pytest.approx(0.3) and r["best_val_std"] == pytest.approx(np.std([0.1, 0.2, 0.6], ddof=1))
+    assert r["test_mrr@10_mean"] == pytest.approx(0.03) and r["test_mrr@10_std"] == pytest.approx(0.01)
+    table = format_seeds_table(seeded, "ndcg@10")
+    assert "0.3000 ± 0.2646" in table and "0.0300 ± 0.0100" in table
+    assert over_seeds([row("0.001", 0, 0.1, 0.03), {"status": "finished", "set.optim.lr": "0.001", "best_val": 0.2}]) == []

@@ -12,6 +12,8 @@ from cprec.errors import CprecError
 from cprec.sweep.launch import is_active, read_status
 
 TABLE_TEST = ("hr@10", "ndcg@10", "mrr@5")  # the rest of the test metrics go to the CSV only
+SEEDS_TEST = ("hr@10", "ndcg@10", "mrr@10")  # columns of the over-seeds table
+SEED_KEY = "seed"
 
 
 def _read_json(path: pathlib.Path) -> dict[str, Any]:
@@ -110,6 +112,54 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines + (["failed:"] + failed if failed else []))
 
 
+def over_seeds(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and sample standard deviation of the best validation value and every test metric over the
+    finished trials that differ only in their seed; one row per setting with two or more seeds."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["status"] == "finished" and f"set.{SEED_KEY}" in r:
+            key = tuple((k[4:], v) for k, v in r.items() if k.startswith("set.") and k != f"set.{SEED_KEY}")
+            groups.setdefault(key, []).append(r)
+    out = []
+    for key, members in groups.items():
+        if len(members) < 2:
+            continue
+        row = {"overrides": " ".join(f"{k}={v}" for k, v in key) or "(the config)",
+               "seeds": " ".join(str(m[f"set.{SEED_KEY}"]) for m in members)}
+        metrics = ["best_val"] + [k for k in members[0] if k.startswith("test_")]
+        for m in metrics:
+            values = [float(x[m]) for x in members if m in x]
+            mean = sum(values) / len(values)
+            row[f"{m}_mean"] = mean
+            row[f"{m}_std"] = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+        out.append(row)
+    return out
+
+
+def format_seeds_table(rows: Sequence[dict[str, Any]], select: str) -> str:
+    """Mean ± standard deviation per setting (the over_seeds rows)."""
+    columns = [("overrides", "overrides"), ("seeds", "seeds"), (f"best val/{select}", "best_val"),
+               *((f"test/{m}", f"test_{m}") for m in SEEDS_TEST)]
+    cells = [[name for name, _ in columns]] + [
+        [r[key] if key in ("overrides", "seeds") else
+         (f"{r[key + '_mean']:.4f} ± {r[key + '_std']:.4f}" if key + "_mean" in r else "-") for _, key in columns]
+        for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+             for line in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _write_csv(path: pathlib.Path, rows: Sequence[dict[str, Any]]) -> None:
+    keys = list(dict.fromkeys(k for r in rows for k in r))  # union of columns, first-seen order
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys, restval="")
+        writer.writeheader()
+        writer.writerows({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
+                         for r in rows)
+
+
 def summarize(sweep_dir: str | pathlib.Path, out=print) -> list[dict[str, Any]]:
     """Prints the table of a sweep's trials and writes `<sweep_dir>/summary.csv`; returns the rows."""
     root = pathlib.Path(sweep_dir)
@@ -119,14 +169,14 @@ def summarize(sweep_dir: str | pathlib.Path, out=print) -> list[dict[str, Any]]:
     if not records:
         raise CprecError(f"{root} holds no sweep trials (no sweep.json and no */trial.json); launch one with --sweep")
     rows = [trial_row(root, r) for r in records]
-    keys = list(dict.fromkeys(k for r in rows for k in r))  # union of columns, first-seen order
     path = root / "summary.csv"
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys, restval="")
-        writer.writeheader()
-        writer.writerows({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
-                         for r in rows)
+    _write_csv(path, rows)
     out(format_table(rows))
     counts = {s: sum(r["status"] == s for r in rows) for s in dict.fromkeys(r["status"] for r in rows)}
     out(f"{len(rows)} trials: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + f"; wrote {path}")
+    seeded = over_seeds(rows)
+    if seeded:
+        _write_csv(root / "seeds.csv", seeded)
+        out(f"\nover seeds (finished trials only; mean ± sample standard deviation):\n"
+            + format_seeds_table(seeded, rows[0]["select_metric"]) + f"\nwrote {root / 'seeds.csv'}")
     return rows

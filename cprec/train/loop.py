@@ -187,7 +187,8 @@ def _test(config: ml_collections.ConfigDict, data: SequenceDataset, model: NextI
                    | {"test/selected_step": best.step or total_steps})
     print(f"test (parameters of step {best.step}, best val/{best.metric} {best.score:.4f}): "
           + ", ".join(f"{k} {v:.4f}" for k, v in test.items()), flush=True)
-    print("serving: " + ", ".join(f"{k} {v:.2f}" for k, v in serve.items()), flush=True)
+    if serve:  # eval.topk_batches = () skips the timing
+        print("serving: " + ", ".join(f"{k} {v:.2f}" for k, v in serve.items()), flush=True)
     return test
 
 
