@@ -92,10 +92,13 @@ def test_experiment_sweeps_expand_to_valid_trials():
     nextitnet = expand(f"{ROOT}/experiments/nextitnet.py:ml100k,sweep=width")
     assert [t.name for t in nextitnet[:2]] == ["0_lr=0.0003,dim=32", "1_lr=0.0003,dim=64"]
     assert nextitnet[0].workdir.parent == pathlib.Path("runs/nextitnet-ml100k-width")
-    for variant, count in (("tuning", 18), ("decay", 6), ("seeds", 3)):
+    for variant, count in (("tuning", 18), ("decay", 6), ("seeds", 3), ("batch", 9)):
         assert len(expand(f"{ROOT}/experiments/nextitnet.py:ml100k,sweep={variant}")) == count
-    for variant, count in (("tuning", 10), ("seeds", 3)):
+    for variant, count in (("tuning", 10), ("seeds", 3), ("batch", 9), ("length", 8)):
         assert len(expand(f"{ROOT}/experiments/cprec.py:ml100k,sweep={variant}")) == count
+    # the earlier sweeps keep the schedule they ran with, whatever the preset says now
+    tuning = expand(f"{ROOT}/experiments/nextitnet.py:ml100k,sweep=tuning")[0].overrides
+    assert (tuning["train.batch_size"], tuning["train.num_epochs"], tuning["optim.name"]) == (256, 20, "adam")
 
 
 def test_slugs_are_short_safe_and_distinct():
