@@ -179,4 +179,3 @@ def test_configs_stored_before_tying_existed_get_its_defaults(tmp_path):
     filled = with_defaults(stored)
     assert filled["model"]["tie_embeddings"] is False and filled["optim"]["table_weight_decay"] == 0.0
     assert filled["model"]["dim"] == D and filled["data"]["num_items"] == 60
-

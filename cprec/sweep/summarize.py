@@ -104,10 +104,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
                ("ratio", "compression_ratio"), (f"best val/{select}", "best_val"),
                *((f"test/{m}", f"test_{m}") for m in TABLE_TEST), ("tokens/s", "tokens_per_sec")]
     cells = [[name for name, _ in columns]] + [[_cell(r.get(key), key) for _, key in columns] for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
-    lines = ["  ".join(c.ljust(w) if i in (1, 2) else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
-             for line in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = _aligned(cells, left=(1, 2))
     failed = [f"  {r['trial']}: {r['error']}" for r in rows if r["error"]]
     return "\n".join(lines + (["failed:"] + failed if failed else []))
 
@@ -144,11 +141,17 @@ def format_seeds_table(rows: Sequence[dict[str, Any]], select: str) -> str:
         [r[key] if key in ("overrides", "seeds") else
          (f"{r[key + '_mean']:.4f} ± {r[key + '_std']:.4f}" if key + "_mean" in r else "-") for _, key in columns]
         for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
-    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+    return "\n".join(_aligned(cells, left=(0, 1)))
+
+
+def _aligned(cells: Sequence[Sequence[str]], left: tuple[int, ...]) -> list[str]:
+    """Text lines of a table whose first row is the header: columns padded to their widest cell,
+    the `left` ones left-aligned, the rest right-aligned, a dashed rule under the header."""
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cells[0]))]
+    lines = ["  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
              for line in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return lines
 
 
 def _write_csv(path: pathlib.Path, rows: Sequence[dict[str, Any]]) -> None:
