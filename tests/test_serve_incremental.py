@@ -114,6 +114,21 @@ def test_window_pass_is_the_stack(setup):
     np.testing.assert_allclose(out, model.apply({"params": params}, hist, method=NextItNet.encode), **TOL)
 
 
+@pytest.mark.parametrize("suffix", [1, 4, 13, 30])
+def test_encoding_a_suffix_equals_encode_of_the_whole_window(setup, suffix):
+    """A window of 30 whose histories fit in its last `suffix` positions: those positions, encoded
+    alone with the padding window's activations as their left context, equal encode's."""
+    model, params, _ = setup
+    t = 30
+    hist = histories((0, 1, min(3, suffix), suffix), t, seed=5)
+    want = np.asarray(model.apply({"params": params}, hist, method=NextItNet.encode))[:, t - suffix:]
+    prefixes = inc.window_prefixes(model, inc.padding_window(model, params, t), suffix)
+    got = inc.encode_suffix(model, params, jnp.asarray(hist[:, t - suffix:]), prefixes)
+    np.testing.assert_allclose(got, want, **TOL)
+    with pytest.raises(ValueError, match="longer than the padding window"):
+        inc.window_prefixes(model, inc.padding_window(model, params, t), t + 1)
+
+
 def test_append_matches_encode_of_a_long_padded_window(setup):
     model, params, row = setup
     hist = histories(LENGTHS, max(LENGTHS), seed=0)

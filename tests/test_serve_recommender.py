@@ -7,7 +7,7 @@ import pytest
 from cprec.model.nextitnet import NextItNet
 from cprec.serve.artifact import Artifact, model_kwargs_of
 from cprec.serve.quantize import quantize_params
-from cprec.serve.recommender import Recommender, RequestError, SessionStore
+from cprec.serve.recommender import Recommender, RequestError, SessionStore, default_length_buckets
 
 V, D, L = 60, 8, 10
 
@@ -229,3 +229,28 @@ def test_encoding_in_row_chunks_equals_the_whole_batch(context):
     sa, sb = chunked.sessions(histories), whole.sessions(histories)
     np.testing.assert_allclose(np.concatenate([s.packed for s in sa]), np.concatenate([s.packed for s in sb]),
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("context", ["window", "stream"])
+def test_short_histories_encode_at_a_narrower_width_with_the_same_answers(context):
+    """Length buckets: a batch is encoded at the smallest width holding its longest history, the
+    padding before it taken from the activations computed at load; same answers as full width."""
+    art = _artifact("tree")
+    narrow = Recommender(art, context=context, length_buckets=(2, 4))
+    full = Recommender(art, context=context, length_buckets=None)
+    width = narrow.context_len
+    assert narrow.length_buckets == (2, 4, width) and full.length_buckets == (width,)
+    assert Recommender(art, context=context).length_buckets == default_length_buckets(width)
+    assert default_length_buckets(50) == (16, 32, 50) and default_length_buckets(151) == (16, 32, 64, 128, 151)
+    assert default_length_buckets(10) == (10,)
+    assert [narrow.history_width(h) for h in ([[1]], [[1, 2, 3]], [[1], [1] * 5], [[1] * 999])] == [2, 4, width, width]
+    rng = np.random.default_rng(4)
+    for lengths in ([1, 2], [3, 1, 4], [5, 2], [2 * width]):
+        histories = [_raw(rng.integers(1, V, size=n)) for n in lengths]
+        known = [narrow.ids.internal(h)[0] for h in histories]
+        np.testing.assert_allclose(narrow.hidden(known), full.hidden(known), rtol=1e-5, atol=1e-5)
+        for a, b in zip(narrow.recommend(histories, n=7), full.recommend(histories, n=7)):
+            assert a.items == b.items
+            np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RequestError, match="length_buckets"):
+        Recommender(art, context=context, length_buckets=(0, 3))

@@ -237,6 +237,21 @@ def test_the_start_freezes_long_lived_objects_out_of_the_collector(artifact):
         running.stop()
 
 
+def test_warmup_compiles_every_batch_size_and_history_width(artifact):
+    """After the warm-up no request of the default shape compiles: any batch size up to the
+    maximum, any history length (each length bucket), and session events."""
+    rec = Recommender.load(artifact, max_batch=4, length_buckets=(2, 4))
+    server = Server(rec, ServerConfig(max_batch_size=4))
+    server.warmup()
+    compiled = rec._recommend_fn._cache_size(), rec._append_top_fn._cache_size()
+    assert compiled == (3 * 3, 3)  # batch buckets 1, 2, 4 x widths 2, 4, L; events at batch 1, 2, 4
+    for rows in (1, 2, 3, 4):
+        for length in (1, 3, 7, 50):
+            rec.recommend([_raw(range(1, length + 1))] * rows, n=20)
+        server.store.advance([f"u{r}" for r in range(rows)], [["movie-3"]] * rows, n=20)
+    assert (rec._recommend_fn._cache_size(), rec._append_top_fn._cache_size()) == compiled
+
+
 def test_writes_of_one_event_loop_step_leave_as_one():
     from cprec.serve.http import CoalescingTransport
 

@@ -122,6 +122,41 @@ def padding_row(model: NextItNet, params: Any) -> State:
     return {"queues": queues, "count": jnp.zeros((1,), jnp.int32), "h": h[:, -1]}
 
 
+def padding_window(model: NextItNet, params: Any, length: int) -> tuple[jax.Array, ...]:
+    """Per conv layer, the [1, (k-1)*d + length, C] prefixed inputs of a window of ``length`` padding
+    items, zero-padded before it like ``encode``: what every left-padded window holds before its
+    first item (causal, so the same for every row). See ``window_prefixes``."""
+    x = _embed(model, params, jnp.zeros((1, length), jnp.int32))
+    return tuple(_window(model, params, x, None)[1])
+
+
+def window_prefixes(model: NextItNet, padded: tuple[jax.Array, ...], suffix: int) -> tuple[jax.Array, ...]:
+    """The left context, per conv layer, of the last ``suffix`` positions of a window whose earlier
+    positions are padding: ``padded`` = ``padding_window(model, params, length)`` (numpy or jax).
+
+    Window position w sits at index w + (k-1)*d of a layer's prefixed inputs; the context of the
+    suffix starting at w0 = length - suffix is window positions w0 - (k-1)*d .. w0 - 1 (zeros where
+    they fall before the window, as in ``encode``).
+    """
+    start = padded[0].shape[1] - _queue_lengths(model)[0] - suffix
+    if start < 0:
+        raise ValueError(f"a suffix of {suffix} positions is longer than the padding window")
+    return tuple(inp[:, start:start + s] for inp, s in zip(padded, _queue_lengths(model)))
+
+
+def encode_suffix(model: NextItNet, params: Any, histories: jax.Array, prefixes: tuple[jax.Array, ...]) -> jax.Array:
+    """``encode`` of a long left-padded window from its last positions only: ``histories`` [B, T'] are
+    the window's last T' ids (every earlier one padding) and ``prefixes`` = ``window_prefixes(...,
+    T')``; returns the [B, T', C] outputs of those positions, equal to ``encode``'s last T'.
+
+    The padding positions' activations are the same for every row, so a server computes them once
+    per model and encodes only as many positions as the longest history of a batch needs.
+    """
+    batch = histories.shape[0]
+    prefixes = tuple(jnp.broadcast_to(q, (batch,) + q.shape[1:]) for q in prefixes)
+    return _window(model, params, _embed(model, params, histories), prefixes)[0]
+
+
 def initial_state(model: NextItNet, params: Any, batch_size: int, row: State | None = None) -> State:
     """The empty-history state broadcast to ``batch_size`` rows.
 

@@ -24,7 +24,8 @@ from jax.flatten_util import ravel_pytree
 from cprec.errors import CprecError
 from cprec.model.nextitnet import NextItNet
 from cprec.serve.artifact import Artifact, load_artifact
-from cprec.serve.incremental import append_many, encode_state, padding_row, receptive_field
+from cprec.serve.incremental import (append_many, encode_state, encode_suffix, padding_row, padding_window,
+                                     receptive_field, window_prefixes)
 from cprec.serve.quantize import dequantize_tree
 
 CONTEXTS = ("window", "stream")
@@ -38,6 +39,16 @@ def default_encoder_rows() -> int | None:
     passes of 64 (README, "Server benchmark"). A GPU wants the whole batch.
     """
     return 64 if jax.default_backend() == "cpu" else None
+
+
+def default_length_buckets(context_len: int, smallest: int = 16) -> tuple[int, ...]:
+    """The history widths a batch is encoded at: powers of two from ``smallest`` below the context
+    length, then the context length itself (50 -> 16, 32, 50)."""
+    widths, b = [], smallest
+    while b < context_len:
+        widths.append(b)
+        b *= 2
+    return (*widths, context_len)
 
 
 def in_row_chunks(fn: Callable, x: jax.Array, rows: int | None) -> Any:
@@ -115,10 +126,16 @@ class Recommender:
     receptive field, as a ``Session`` does (see the README for which scores better).
     ``encoder_rows``: rows per pass of the conv stack within a batch ("auto": 64 on CPU, the whole
     batch on GPU; see ``default_encoder_rows``); results do not depend on it.
+    ``length_buckets``: the widths a batch of histories is encoded at, the smallest that holds its
+    longest history ("auto": 16, 32, ... up to the context length; None: always the context
+    length). The positions before a history are padding, whose activations are the same for every
+    row and computed once at load, so a batch of 20-item histories encodes 32 positions instead of
+    50, with the same results (up to float32 rounding).
     """
 
     def __init__(self, artifact: Artifact, context: str = "window", max_batch: int = 256,
-                 encoder_rows: int | None | str = "auto") -> None:
+                 encoder_rows: int | None | str = "auto",
+                 length_buckets: Sequence[int] | None | str = "auto") -> None:
         if context not in CONTEXTS:
             raise RequestError(f"context={context!r} is unknown; valid choices: {', '.join(CONTEXTS)}")
         self.artifact, self.context, self.max_batch = artifact, context, max_batch
@@ -128,6 +145,7 @@ class Recommender:
         self.num_items = len(artifact.item_ids)
         self.max_len = int(artifact.max_len)
         self.receptive_field = receptive_field(self.model)
+        self.length_buckets = self._length_buckets(length_buckets)
         self.num_tail_clusters = max(0, len(self.model.cutoffs) - 1) if self.model.softmax == "tree" else 0
         self.params = jax.device_put(artifact.params)  # int8 tables stay int8 on the device
         model = self.model
@@ -136,6 +154,9 @@ class Recommender:
         self.stats = jax.jit(lambda p: model.apply({"params": dequantize_tree(p)}, method=NextItNet.serving_stats))(
             self.params)
         self._padding = jax.tree.map(np.asarray, jax.jit(lambda p: padding_row(model, dequantize_tree(p)))(self.params))
+        # What a window's padding positions feed every conv layer: the left context of a shorter encode.
+        self._padded_window = jax.tree.map(np.asarray, jax.jit(
+            lambda p: padding_window(model, dequantize_tree(p), self.max_len))(self.params))
         # A session's state travels as one float32 row [1, S] (its pytree raveled; the small int
         # count is exact in float32): stacking and splitting a batch of sessions is then one array
         # operation, not one per leaf and session. The jitted calls unravel it inside.
@@ -157,11 +178,14 @@ class Recommender:
     # -- jitted pieces: parameters (possibly quantised) are arguments, dequantised inside ----------
 
     def _hidden(self, params, histories):
-        """h [B, d] after each row's last item; histories [B, T] left-padded with 0."""
+        """h [B, d] after each row's last item; histories [B, T] left-padded with 0, T one of
+        ``length_buckets`` (the window's earlier positions are padding)."""
         p = dequantize_tree(params)
         if self.context == "window":
+            prefixes = window_prefixes(self.model, self._padded_window, histories.shape[1])
+
             def rows(x):
-                return self.model.apply({"params": p}, x, method=NextItNet.encode)[:, -1]
+                return encode_suffix(self.model, p, x, prefixes)[:, -1]
         else:
             def rows(x):
                 return encode_state(self.model, p, x, self._padding)[1]
@@ -210,6 +234,20 @@ class Recommender:
     def context_len(self) -> int:
         return self.max_len if self.context == "window" else self.receptive_field
 
+    def _length_buckets(self, widths: Sequence[int] | None | str) -> tuple[int, ...]:
+        if widths == "auto":
+            return default_length_buckets(self.context_len)
+        widths = sorted({int(w) for w in widths or ()})
+        if any(not 1 <= w <= self.context_len for w in widths):
+            raise RequestError(f"length_buckets={widths} is invalid: give widths from 1 to the context length "
+                               f"{self.context_len}")
+        return (*(w for w in widths if w < self.context_len), self.context_len)
+
+    def history_width(self, histories: Sequence[Sequence[int]]) -> int:
+        """The width a batch of histories is encoded at: the smallest length bucket holding the longest."""
+        longest = min(max((len(h) for h in histories), default=0), self.context_len)
+        return next(w for w in self.length_buckets if w >= longest)
+
     def check_n(self, n: int) -> int:
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or not 1 <= n < self.num_items:
             raise RequestError(f"n={n!r} is invalid: ask for 1 to {self.num_items - 1} items (the catalogue)")
@@ -232,18 +270,17 @@ class Recommender:
         seen = [sorted(set(k)) if x else [] for k, x in zip(known, excluding)]
 
         def encode_and_rank(start, stop, rows, e, b, n_pad):
-            x = left_padded(known[start:stop], self.context_len, rows)
+            x = left_padded(known[start:stop], self.history_width(known[start:stop]), rows)
             return self._recommend_fn(self.params, self.stats, x, e, b, n_pad)
         results = self._ranked(len(known), n, seen, budgets, encode_and_rank)
         return [Recommendation(items, scores, exact, list(u)) for (items, scores, exact), u in zip(results, unknown)]
 
     def hidden(self, histories: Sequence[Sequence[int]]) -> np.ndarray:
         """The hidden states [B, d] of internal-id histories (encoded in bucketed batches)."""
-        t = self.context_len
         out = []
         for start in range(0, len(histories), self.max_batch):
             rows = histories[start:start + self.max_batch]
-            x = left_padded(rows, t, bucket(len(rows), largest=self.max_batch))
+            x = left_padded(rows, self.history_width(rows), bucket(len(rows), largest=self.max_batch))
             out.append(np.asarray(self._hidden_fn(self.params, x))[:len(rows)])
         return np.concatenate(out) if out else np.zeros((0, self.model.dim), np.float32)
 

@@ -184,13 +184,15 @@ class Server:
                 await b.stop()
 
     def warmup(self) -> None:
-        """Compiles every batch bucket of recommend and session events for the default request shape."""
+        """Compiles every batch bucket of recommend (at every history width) and of session events
+        for the default request shape."""
         rec = self.rec
         sizes = sorted({bucket(b, largest=self.config.max_batch_size) for b in
                         (1 << k for k in range(self.config.max_batch_size.bit_length() + 1))})
         item = rec.ids.raw[1]
         for b in sizes:
-            rec.recommend([[item]] * b, n=20)
+            for width in rec.length_buckets:
+                rec.recommend([[item] * width] * b, n=20)
             rec.advance(rec.sessions([[]] * b), [[item]] * b, n=20)
 
     # -- batch functions (worker threads) --
