@@ -319,3 +319,11 @@ def test_the_command_serves_and_stops_cleanly_on_sigterm(artifact, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.parametrize("widths", ["16,x", "0,4"])
+def test_bad_length_buckets_are_a_one_line_error(artifact, widths):
+    out = subprocess.run([sys.executable, "-m", "cprec.serve", str(artifact), "--length-buckets", widths],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("error:") and "length" in out.stderr

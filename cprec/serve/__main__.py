@@ -50,11 +50,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--session-bytes", type=int, default=d.session_bytes, help="bytes of cached sessions at most")
     p.add_argument("--context", choices=("window", "stream"), default="window",
                    help="what a stateless /v1/recommend reads of a history (sessions always stream)")
+    p.add_argument("--length-buckets", default="auto", metavar="auto|none|W,W,...",
+                   help="history widths a stateless batch is encoded at (auto: 16, 32, ... up to the context; "
+                        "none: always the whole context, one compiled width, a faster start)")
     p.add_argument("--no-warmup", action="store_true", help="answer at once and compile shapes on first use")
     p.add_argument("--compile-cache", default=None, metavar="DIR",
                    help="keep compiled programs in DIR (jax's persistent cache): a restart of the same model "
                         "skips most of the warm-up's compilation")
     return p
+
+
+def _length_buckets(text: str) -> str | None | list[int]:
+    if text in ("auto", "none"):
+        return None if text == "none" else text
+    try:
+        return [int(w) for w in text.split(",")]
+    except ValueError:
+        raise CprecError(f"--length-buckets {text!r} is invalid: give auto, none or widths such as 16,32") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
 
             jax.config.update("jax_compilation_cache_dir", args.compile_cache)
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        rec = Recommender.load(args.artifact, context=args.context, max_batch=args.max_batch_size)
+        rec = Recommender.load(args.artifact, context=args.context, max_batch=args.max_batch_size,
+                               length_buckets=_length_buckets(args.length_buckets))
         config = ServerConfig(max_batch_size=args.max_batch_size, batch_timeout_ms=args.batch_timeout_ms,
                               sessions=args.sessions, session_bytes=args.session_bytes, warmup=not args.no_warmup)
         server = Server(rec, config)  # its start-up freezes the long-lived objects out of the gc's way
