@@ -17,3 +17,16 @@ def test_request_scripts_hold_one_body_and_path_per_history(tmp_path):
     assert rec.count("/v1/recommend") == 2 and '{"history": [1, 2, "a"], "n": 20}' in rec
     ses = _lua("session", hist, tmp_path / "s.lua").read_text()
     assert ses.count("/v1/sessions/user-") == 2 and '{"items": ["a"], "n": 20}' in ses
+
+
+def test_ab_variants_parse_and_bad_ones_are_refused():
+    import pytest
+
+    from cprec.bench.server_ab import _variant
+    from cprec.errors import CprecError
+
+    assert _variant('none=--length-buckets none') == ("none", ["--length-buckets", "none"])
+    assert _variant("auto=") == ("auto", [])
+    for bad in ("auto", "=--x"):
+        with pytest.raises(CprecError, match="--variant"):
+            _variant(bad)

@@ -1,0 +1,85 @@
+"""Interleaved A/B of server settings: several servers side by side, `wrk` against each in turn.
+
+    python -m cprec.bench.server_ab exports/cprec-demo --variant none="--length-buckets none" --variant auto=""
+
+Every variant runs both batched and unbatched (the settings of ``cprec.bench.server``) with its
+extra command-line arguments. All servers are started first (one after another, so their warm-ups
+do not compete), then each round measures every server once with stateless /v1/recommend
+requests at one concurrency: on a shared machine the rounds see the same background load, which
+separate benchmark runs do not. Prints and saves the median requests/s per server and the batched
+over unbatched ratio per variant (bench_results/server-ab-<artifact>-<platform>.json).
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import shlex
+import statistics
+import tempfile
+
+import jax
+
+from cprec.bench.common import RESULTS_DIR, finish, load_average
+from cprec.bench.server import SETTINGS, ServerProcess, _lua, histories, results_name, wrk
+from cprec.errors import CprecError, exit_on_user_error
+
+
+def _variant(text: str) -> tuple[str, list[str]]:
+    name, sep, extra = text.partition("=")
+    if not sep or not name:
+        raise CprecError(f"--variant {text!r} is invalid: give NAME=\"EXTRA SERVER ARGS\" (the args may be empty)")
+    return name, shlex.split(extra)
+
+
+def run(args) -> dict:
+    variants = dict(_variant(v) for v in args.variant)
+    hist = histories(args.artifact, 2_000)
+    servers: dict[str, ServerProcess] = {}
+    res: dict = {"artifact": str(args.artifact), "concurrency": args.concurrency, "duration_s": args.duration,
+                 "variants": {k: shlex.join(v) for k, v in variants.items()}, "rounds": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        script = _lua("recommend", hist, pathlib.Path(tmp) / "recommend.lua")
+        try:
+            for name, extra in variants.items():
+                for setting, flags in SETTINGS.items():
+                    print(f"[ab] starting {name} {setting}", flush=True)
+                    servers[f"{name} {setting}"] = ServerProcess(args.artifact, [*flags, *extra])
+            for r in range(args.rounds):
+                row = {}
+                for key, server in servers.items():
+                    out = wrk(server.url, script, args.concurrency, args.duration)
+                    row[key] = out
+                    print(f"[ab] round {r} {key}: {out['requests_per_s']:,.0f} req/s, p99 {out['p99_ms']:.1f} ms, "
+                          f"failed {out['failed']}", flush=True)
+                res["rounds"].append(row)
+        finally:
+            for server in servers.values():
+                server.stop()
+    med = {k: statistics.median(r[k]["requests_per_s"] for r in res["rounds"]) for k in servers}
+    res["median_requests_per_s"] = med
+    res["batched_over_unbatched"] = {v: med[f"{v} batched"] / med[f"{v} unbatched"] for v in variants}
+    for v in variants:
+        print(f"[ab] {v}: batched {med[f'{v} batched']:,.0f} req/s, unbatched {med[f'{v} unbatched']:,.0f} req/s, "
+              f"{res['batched_over_unbatched'][v]:.2f}x (median of {args.rounds})", flush=True)
+    return res
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m cprec.bench.server_ab", description=__doc__)
+    p.add_argument("artifact", help="an export directory (python -m cprec.export)")
+    p.add_argument("--variant", action="append", required=True, metavar='NAME="ARGS"',
+                   help="a named set of extra server arguments (repeat for each variant)")
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--duration", type=int, default=8, help="seconds per measurement")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    load_start = load_average()
+    with exit_on_user_error():
+        res = run(args)
+    name = f"server-ab-{results_name(args.artifact)}-{jax.devices()[0].platform}.json"
+    return finish(res, args.out or RESULTS_DIR / name, load_start)
+
+
+if __name__ == "__main__":
+    main()
