@@ -156,8 +156,10 @@ class Recommender:
         self._padding = jax.tree.map(np.asarray, jax.jit(lambda p: padding_row(model, dequantize_tree(p)))(self.params))
         # What a window's padding positions feed every conv layer: the left context of a shorter
         # encode (the stream context starts from the padding state instead).
-        self._padded_window = jax.tree.map(np.asarray, jax.jit(
-            lambda p: padding_window(model, dequantize_tree(p), self.max_len))(self.params)) if context == "window" else None
+        self._padded_window = None
+        if context == "window":
+            self._padded_window = jax.tree.map(np.asarray, jax.jit(
+                lambda p: padding_window(model, dequantize_tree(p), self.max_len))(self.params))
         # A session's state travels as one float32 row [1, S] (its pytree raveled; the small int
         # count is exact in float32): stacking and splitting a batch of sessions is then one array
         # operation, not one per leaf and session. The jitted calls unravel it inside.
