@@ -106,6 +106,16 @@ def test_cluster_budget_trades_exactness(served):
         assert a.exact and not b.exact and len(b.items) == 11
 
 
+def test_padding_rows_of_a_batch_expand_no_tail_cluster(served):
+    art, rec = served
+    _, budgets = rec._top_inputs([[1], [], [2]], [None, 0, 5], rows=4)  # 3 requests padded to the bucket of 4
+    t = rec.num_tail_clusters
+    assert budgets.tolist() == [t, 0, min(5, t), 0]
+    if art.model().softmax == "tree":  # and the requests' answers are those of one-row batches
+        batch = rec.recommend([_raw(h) for h in HISTORIES], n=25)
+        assert [r.items for r in batch] == [rec.recommend([_raw(h)], n=25)[0].items for h in HISTORIES]
+
+
 def test_score_equals_the_full_log_prob(served):
     art, rec = served
     _, _, lp = _reference_top(art.model(), art.params, [HISTORIES[1]], 1, False)

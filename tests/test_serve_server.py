@@ -223,6 +223,32 @@ def test_queue_depth_counts_the_batch_being_collected():
     assert asyncio.run(go()) == (3, [0, 2, 4], 0)
 
 
+def test_requests_that_queued_behind_a_batch_do_not_wait_the_timeout_again():
+    spans = []
+
+    def run_batch(reqs):
+        start = time.perf_counter()
+        time.sleep(0.6)  # the worker is busy while the next requests arrive
+        spans.append((start, time.perf_counter(), len(reqs)))
+        return reqs
+
+    async def go():
+        from cprec.serve.batcher import Batcher
+
+        batcher = Batcher(run_batch, max_batch_size=10, timeout_s=0.3, name="t")
+        batcher.start()
+        first = asyncio.create_task(batcher.submit(0))
+        await asyncio.sleep(0.4)  # the first batch is computing now
+        results = await asyncio.gather(first, batcher.submit(1), batcher.submit(2))
+        await batcher.stop()
+        return results
+    assert asyncio.run(go()) == [0, 1, 2]
+    (_, end1, n1), (start2, _, n2) = spans
+    assert (n1, n2) == (1, 2)
+    # They arrived 0.5 s before the worker got free: their 0.3 s have passed, so it goes on at once.
+    assert start2 - end1 < 0.15
+
+
 def test_the_start_freezes_long_lived_objects_out_of_the_collector(artifact):
     import gc
 

@@ -4,7 +4,8 @@
     result = await batcher.submit(request)          # from any number of concurrent handlers
 
 Requests wait in a queue until ``max_batch_size`` of them are there or ``timeout_s`` has passed
-since the first one arrived; the batch then runs as ``run_batch(list of requests)`` on a worker
+since the first one arrived (its arrival, not when the worker got free: requests that queued up
+while the last batch computed have waited already, so the worker goes on at once); the batch then runs as ``run_batch(list of requests)`` on a worker
 thread (never on the event loop, so the loop keeps accepting and queueing the next batch while the
 model computes). ``run_batch`` returns one result per request; an exception for one request (an
 ``Exception`` instance in its place) fails that request alone. If ``run_batch`` raises, each
@@ -63,12 +64,12 @@ class Batcher:
             raise RuntimeError(f"batcher {self.name} is not started")
         future = asyncio.get_running_loop().create_future()
         self._waiting += 1
-        await self._queue.put((request, future))
+        await self._queue.put((request, future, time.perf_counter()))
         return await future
 
-    async def _collect(self) -> list[tuple[Any, asyncio.Future]]:
+    async def _collect(self) -> list[tuple[Any, asyncio.Future, float]]:
         batch = [await self._queue.get()]
-        deadline = time.perf_counter() + self.timeout_s
+        deadline = batch[0][2] + self.timeout_s  # from the first request's arrival
         while len(batch) < self.max_batch_size:
             try:
                 batch.append(self._queue.get_nowait())
@@ -89,7 +90,7 @@ class Batcher:
         while True:
             batch = await self._collect()
             self._waiting -= len(batch)
-            live = [(r, f) for r, f in batch if not f.cancelled()]  # a client that left costs nothing
+            live = [(r, f) for r, f, _ in batch if not f.cancelled()]  # a client that left costs nothing
             try:
                 if live:
                     results = await loop.run_in_executor(self._executor, self._run_isolated, [r for r, _ in live])

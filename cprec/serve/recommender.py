@@ -106,9 +106,10 @@ class ItemIds:
         """The internal id of each raw id, None where unknown."""
         index = self._index
         out = [index.get(r) for r in raw_ids]
-        for k, (r, i) in enumerate(zip(raw_ids, out)):
-            if i is None and isinstance(r, str) and r.lstrip("-").isdigit():
-                out[k] = index.get(int(r))  # JSON clients may send integer ids as strings
+        if None in out:  # a second pass only when some are missing: the hot path is all known
+            for k, (r, i) in enumerate(zip(raw_ids, out)):
+                if i is None and isinstance(r, str) and r.lstrip("-").isdigit():
+                    out[k] = index.get(int(r))  # JSON clients may send integer ids as strings
         return out
 
     def internal(self, raw_ids: Iterable) -> tuple[list[int], list]:
@@ -320,7 +321,10 @@ class Recommender:
         e = np.full((rows, bucket(max((len(x) for x in exclude), default=0), smallest=64)), -1, np.int32)
         for r, ids in enumerate(exclude):
             e[r, :len(ids)] = ids
-        b = np.full((rows,), self.num_tail_clusters, np.int32)
+        # Padding rows (past the requests) get no tail cluster: whatever an empty history's early
+        # stop would expand, no request needs it (and rows never change each other's answers).
+        b = np.zeros((rows,), np.int32)
+        b[:len(budgets)] = self.num_tail_clusters
         for r, budget in enumerate(budgets):
             if budget is not None:
                 if int(budget) < 0:
