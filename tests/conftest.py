@@ -8,7 +8,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # server subprocesses the tests start (they inherit the environment): most of the suite's time is
 # XLA compiling the same tiny models again in other tests and processes.
 _OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ  # True in the process that makes it (not in workers)
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"cprec-tests-jax-cache-{os.getpid()}"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"cprec-tests-jax-cache-{os.getpid()}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 

@@ -5,11 +5,12 @@
 
 Requests wait in a queue until ``max_batch_size`` of them are there or ``timeout_s`` has passed
 since the first one arrived (its arrival, not when the worker got free: requests that queued up
-while the last batch computed have waited already, so the worker goes on at once); the batch then runs as ``run_batch(list of requests)`` on a worker
-thread (never on the event loop, so the loop keeps accepting and queueing the next batch while the
-model computes). ``run_batch`` returns one result per request; an exception for one request (an
-``Exception`` instance in its place) fails that request alone. If ``run_batch`` raises, each
-request of the batch is retried alone, so one bad request never fails the others.
+while the last batch computed have waited already, so the worker goes on at once); the batch then
+runs as ``run_batch(list of requests)`` on a worker thread (never on the event loop, so the loop
+keeps accepting and queueing the next batch while the model computes). ``run_batch`` returns one
+result per request; an exception for one request (an ``Exception`` instance in its place) fails
+that request alone. If ``run_batch`` raises, each request of the batch is retried alone, so one
+bad request never fails the others.
 
 One worker thread per batcher: batches of one kind run one after another (the model's compute
 uses every core anyway), while the event loop fills the next batch.
