@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 import httpx
 import jax
@@ -196,13 +197,18 @@ def results_name(artifact: str) -> str:
     return f"{run.name}-{path.name}"
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = _parser().parse_args(argv)
+def run_on_artifact(run: Callable[[argparse.Namespace], dict], args: argparse.Namespace, prefix: str) -> dict:
+    """Runs an artifact benchmark's ``run(args)`` (user errors as one line), then saves its results
+    to ``args.out`` or bench_results/<prefix>-<artifact>-<platform>.json."""
     load_start = load_average()
     with exit_on_user_error():
         res = run(args)
-    return finish(res, args.out or RESULTS_DIR / f"server-{results_name(args.artifact)}-{jax.devices()[0].platform}.json",
-                  load_start)
+    name = f"{prefix}-{results_name(args.artifact)}-{jax.devices()[0].platform}.json"
+    return finish(res, args.out or RESULTS_DIR / name, load_start)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run_on_artifact(run, _parser().parse_args(argv), "server")
 
 
 if __name__ == "__main__":

@@ -17,11 +17,8 @@ import shlex
 import statistics
 import tempfile
 
-import jax
-
-from cprec.bench.common import RESULTS_DIR, finish, load_average
-from cprec.bench.server import SETTINGS, ServerProcess, _lua, histories, results_name, wrk
-from cprec.errors import CprecError, exit_on_user_error
+from cprec.bench.server import SETTINGS, ServerProcess, _lua, histories, run_on_artifact, wrk
+from cprec.errors import CprecError
 
 
 def _variant(text: str) -> tuple[str, list[str]]:
@@ -74,11 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    load_start = load_average()
-    with exit_on_user_error():
-        res = run(args)
-    name = f"server-ab-{results_name(args.artifact)}-{jax.devices()[0].platform}.json"
-    return finish(res, args.out or RESULTS_DIR / name, load_start)
+    return run_on_artifact(run, args, "server-ab")
 
 
 if __name__ == "__main__":

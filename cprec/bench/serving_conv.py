@@ -14,13 +14,10 @@ import argparse
 import statistics
 import time
 
-import jax
 import numpy as np
 
 import cprec.serve.incremental as incremental
-from cprec.bench.common import RESULTS_DIR, finish, load_average
-from cprec.bench.server import results_name
-from cprec.errors import exit_on_user_error
+from cprec.bench.server import run_on_artifact
 from cprec.model.conv import padded_conv, padded_conv_fast
 from cprec.serve.recommender import Recommender
 
@@ -38,12 +35,14 @@ def run(args: argparse.Namespace) -> dict:
     res: dict = {"artifact": args.artifact, "rounds": args.rounds, "rows": []}
     for length in _ints(args.history):
         data = {b: [[raw[i] for i in rng.integers(0, len(raw), length)] for _ in range(b)] for b in _ints(args.batches)}
-        for name, rec in recs.items():
-            # Each Recommender's jitted calls trace on first use: compile them under their own conv.
-            incremental.padded_conv_fast = CONVS[name]
-            for rows in data.values():
-                rec.recommend(rows, n=20)
-        incremental.padded_conv_fast = padded_conv_fast
+        try:
+            for name, rec in recs.items():
+                # Each Recommender's jitted calls trace on first use: compile them under their own conv.
+                incremental.padded_conv_fast = CONVS[name]
+                for rows in data.values():
+                    rec.recommend(rows, n=20)
+        finally:
+            incremental.padded_conv_fast = padded_conv_fast
         for b, rows in data.items():
             same = sum(x.items == y.items for x, y in zip(recs["matmul"].recommend(rows, 20), recs["xla"].recommend(rows, 20)))
             reps = max(1, 64 // b)
@@ -75,11 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    load_start = load_average()
-    with exit_on_user_error():
-        res = run(args)
-    name = f"serving-conv-{results_name(args.artifact)}-{jax.devices()[0].platform}.json"
-    return finish(res, args.out or RESULTS_DIR / name, load_start)
+    return run_on_artifact(run, args, "serving-conv")
 
 
 if __name__ == "__main__":
