@@ -1,9 +1,12 @@
 """Timing helpers shared by the benchmarks."""
 from __future__ import annotations
 
+import datetime
 import os
 import pathlib
 import platform
+import shlex
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -42,8 +45,17 @@ def device_info() -> dict[str, str]:
             "jax": jax.__version__}
 
 
+def provenance() -> dict[str, str]:
+    """The command and UTC date of this benchmark run, the fields a results/ table cites (results/README.md)."""
+    module = getattr(sys.modules.get("__main__"), "__spec__", None)
+    prog = f"python -m {module.name}" if module else f"python {sys.argv[0]}"
+    return {"command": " ".join([prog, *map(shlex.quote, sys.argv[1:])]),
+            "date": datetime.datetime.now(datetime.timezone.utc).date().isoformat()}
+
+
 def save_results(name: str, payload: dict) -> pathlib.Path:
-    return write_json(RESULTS_DIR / f"{name}-{jax.devices()[0].platform}.json", {"device": device_info(), **payload})
+    return write_json(RESULTS_DIR / f"{name}-{jax.devices()[0].platform}.json",
+                      {**provenance(), "device": device_info(), **payload})
 
 
 def load_average() -> float | None:
@@ -56,6 +68,7 @@ def load_average() -> float | None:
 
 def finish(res: dict, out: str | pathlib.Path, load_start: float | None) -> dict:
     """Adds the device and the load averages to a benchmark's results, saves them to `out`, says where."""
-    res |= {"device": device_info(), "load_average_start": load_start, "load_average_end": load_average()}
+    res |= {**provenance(), "device": device_info(), "load_average_start": load_start,
+            "load_average_end": load_average()}
     print(f"saved {write_json(out, res)}")
     return res

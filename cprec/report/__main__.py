@@ -1,0 +1,45 @@
+"""Re-renders every docs table and plot from results/, checks them, or adds a run's row.
+
+    python -m cprec.report                 # render the tables in README.md, docs/*.md and the plots in docs/img/
+    python -m cprec.report --check         # exit 1 naming each file whose tables differ from results/
+    python -m cprec.report add RUN --table NAME --set run=my-run --set command="experiments/cprec.py"
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from cprec.report.add_run import add_run
+from cprec.report.markers import render_docs
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["add"]:
+        p = argparse.ArgumentParser(prog="python -m cprec.report add")
+        p.add_argument("run", help="a finished run directory (its results.json)")
+        p.add_argument("--table", required=True, help="results/NAME.json to add the row to")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="a cell results.json does not hold (the row's label, its command)")
+        a = p.parse_args(argv[1:])
+        sets = dict(s.split("=", 1) for s in a.set)
+        print(add_run(a.run, a.table, sets))
+        argv = []
+    p = argparse.ArgumentParser(prog="python -m cprec.report")
+    p.add_argument("--check", action="store_true", help="change nothing; exit 1 if a table differs")
+    p.add_argument("--no-plots", action="store_true", help="tables only")
+    a = p.parse_args(argv)
+    changed = render_docs(check=a.check)
+    for path in changed:
+        print(f"{'differs' if a.check else 'rendered'}: {path}")
+    if a.check:
+        return 1 if changed else 0
+    if not a.no_plots:
+        from cprec.report.plots import render_plots  # matplotlib only where plots are drawn
+        for path in render_plots():
+            print(f"plotted: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""The docs' plots, drawn from the same result files as the tables (matplotlib, Agg, PNG).
+
+Each plot is a function of the loaded result files that returns a figure; PLOTS maps its file name
+in docs/img/ to it. To add one, write the function and add a line to PLOTS.
+"""
+from __future__ import annotations
+
+import pathlib
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display: the PNGs are files, rendered the same on any machine
+import matplotlib.pyplot as plt  # noqa: E402
+
+from cprec.report.paths import IMG, RESULTS  # noqa: E402
+from cprec.report.table import load_table  # noqa: E402
+
+
+def num(value) -> float | None:
+    """A cell as a number (cells are numbers, or text such as "1,278" where the source had it)."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    try:
+        return float(str(value).replace(",", "").rstrip("x"))
+    except ValueError:
+        return None
+
+
+def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The Pareto front: the points no other point beats with fewer parameters and higher quality."""
+    front, best = [], float("-inf")
+    for x, y in sorted(points):
+        if y > best:
+            front.append((x, y))
+            best = y
+    return front
+
+
+def _quality_panel(ax, title: str, groups: list[tuple[str, str, list[dict]]], baseline: dict | None):
+    every = []
+    for label, marker, rows in groups:
+        pts = [(num(r["params/total"]), num(r["test/mrr@5"])) for r in rows]
+        pts = [p for p in pts if p[0] and p[1] is not None]
+        every += pts
+        if pts:
+            ax.scatter(*zip(*pts), marker=marker, s=36, label=label, zorder=3)
+    ax.plot(*zip(*frontier(every)), color="0.5", lw=1, drawstyle="steps-post", zorder=2, label="Pareto front (compressed)")
+    if baseline:
+        params, quality = num(baseline["params/total"]), num(baseline["test/mrr@5"])
+        ax.axhline(quality, color="k", ls="--", lw=1, label=f"NextItNet, uncompressed ({params:,.0f} params)")
+        ax.scatter([params], [quality], marker="*", s=120, color="k", zorder=3)
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters (count, log scale)")
+    ax.set_ylabel("test MRR@5 (full ranking)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+
+
+def pareto(results: pathlib.Path) -> plt.Figure:
+    """Quality against parameters for every compression setting measured, one panel per dataset."""
+    small = load_table("runs-small", results)["rows"]
+    by_cmd = lambda s, *exclude: [r for r in small if s in r["command"] and not any(e in r["run"] for e in exclude)]
+    b30 = load_table("synthetic30k-budget", results)["rows"]
+    tied30 = load_table("synthetic30k-tied", results)["rows"][1:]  # row 0 repeats the untied preset
+    m1 = load_table("synthetic1m", results)["rows"]
+    b1m = load_table("synthetic1m-budget", results)["rows"][1:]  # row 0 repeats the hand-set preset
+    base = lambda rows: rows[0]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8.5))
+    ml = by_cmd("nextitnet.py:ml100k,tuned=false")
+    _quality_panel(axes[0, 0], "ml-100k, untied, 40 epochs", [
+        ("CpRec, the 5 sharing schemes", "o", by_cmd("cprec.py:ml100k"))], base(ml))
+    syn = by_cmd("`experiments/nextitnet.py`")
+    _quality_panel(axes[0, 1], "synthetic, 3,000 items (the default experiment)", [
+        ("CpRec (cross_block)", "o", by_cmd("`experiments/cprec.py`"))], base(syn))
+    s30 = by_cmd("nextitnet.py:synthetic30k", "epochs")
+    _quality_panel(axes[1, 0], "synthetic30k, 4 epochs", [
+        ("CpRec, hand-set clusters and ablations", "o", by_cmd("cprec.py:synthetic30k", "epochs")),
+        ("CpRec, budget solver", "s", b30[1:6]),
+        ("tied CpRec", "^", tied30 + b30[6:])], base(s30))
+    axes[1, 1].text(0.35, 0.45, "uncompressed NextItNet: 128,249,728 params,\nnot trained here (needs a GPU)",
+                    transform=axes[1, 1].transAxes, va="top", fontsize=8)
+    _quality_panel(axes[1, 1], "synthetic1m, 1 epoch, 10,000 test users", [
+        ("CpRec, the 5 sharing schemes", "o", m1[1:]),
+        ("CpRec, budget solver", "s", b1m)], None)
+    fig.suptitle("Quality against parameters (seed 0; higher and further left is better)")
+    fig.tight_layout()
+    return fig
+
+
+def early_stop(results: pathlib.Path) -> plt.Figure:
+    """The early-stop top-20's speed-up over the full ranking, against batch size, at 1M items."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    rows = load_table("bench-tree-softmax-topk", results)["rows"]
+    for setting in dict.fromkeys(r["parameters"] for r in rows):
+        pts = [(r["batch"], num(r["speed_up"])) for r in rows if r["parameters"] == setting]
+        ax.plot(*zip(*pts), marker="o", label=f"output layer, {setting}")
+    trained = load_table("bench-trained-topk", results)["rows"]
+    ax.plot([r["batch"] for r in trained], [num(r["output_speedup"]) for r in trained], marker="s", lw=2,
+            color="k", label="output layer, trained CpRec")
+    ax.plot([r["batch"] for r in trained], [num(r["model_speedup"]) for r in trained], marker="s", ls="--",
+            color="k", label="whole model (encoder included), trained CpRec")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks([1, 256], ["1", "256"])
+    ax.set_xlabel("batch size (histories per call)")
+    ax.set_ylabel("speed-up over full ranking (x, log scale)")
+    ax.set_title("Early-stop top-20 at 1M items against lax.top_k(log_prob) (CPU)", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def server(results: pathlib.Path) -> plt.Figure:
+    """The HTTP server's throughput and p99 latency against concurrency, batched and unbatched."""
+    rows = load_table("server-1m", results)["rows"]
+    fig, (tp, p99) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for kind, ls in (("recommend", "-"), ("session", "--")):
+        mine = [r for r in rows if r["requests"] == kind]
+        conc = [r["concurrency"] for r in mine]
+        for mode, color in (("batched", "C0"), ("unbatched", "C1")):
+            label = f"{kind}, {mode}"
+            tp.plot(conc, [num(r[f"{mode}_rps"]) for r in mine], ls=ls, marker="o", color=color, label=label)
+            p99.plot(conc, [num(r[f"{mode}_p99_ms"]) for r in mine], ls=ls, marker="o", color=color, label=label)
+    for ax in (tp, p99):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([1, 8, 64, 256], ["1", "8", "64", "256"])
+        ax.set_xlabel("concurrent connections (closed loop)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    tp.set_ylabel("throughput (requests/s)")
+    p99.set_ylabel("p99 latency (ms, log scale)")
+    p99.set_yscale("log")
+    fig.suptitle("HTTP server, 1M items, int8 CpRec, 2-core CPU (wrk, 10 s per point)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+PLOTS = {"pareto.png": pareto, "early-stop.png": early_stop, "server.png": server}
+
+
+def render_plots(results: pathlib.Path = RESULTS, out: pathlib.Path = IMG) -> list[pathlib.Path]:
+    """Draws every plot of PLOTS into `out`; returns the files written."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, draw in PLOTS.items():
+        fig = draw(results)
+        # Fixed metadata: re-rendering unchanged data gives byte-identical PNGs (no spurious diffs).
+        fig.savefig(out / name, dpi=100, metadata={"Software": None})
+        plt.close(fig)
+        written.append(out / name)
+    return written

@@ -1,0 +1,75 @@
+"""One result file -> one markdown table (the schema is described in results/README.md)."""
+from __future__ import annotations
+
+import json
+import pathlib
+
+from cprec.report.paths import RESULTS
+
+REQUIRED = ("title", "source", "command", "machine", "columns")
+
+
+class ResultFileError(ValueError):
+    """A result file that does not follow the schema; the message names the file and the field."""
+
+
+def load_table(name: str, results: pathlib.Path = RESULTS) -> dict:
+    """Reads results/NAME.json, with its rows inline or read from another file under results/."""
+    path = results / f"{name}.json"
+    if not path.exists():
+        raise ResultFileError(f"{path}: no such result file (a docs marker names table:{name})")
+    spec = json.loads(path.read_text())
+    for key in REQUIRED:
+        if key not in spec:
+            raise ResultFileError(f"{path}: missing field {key!r}")
+    if "rows_from" in spec:  # "file.json#a/b": a benchmark's own JSON, copied unchanged, and a path in it
+        file, _, where = spec["rows_from"].partition("#")
+        rows = json.loads((results / file).read_text())
+        for part in filter(None, where.split("/")):
+            rows = rows[part]
+        spec["rows"] = rows
+    if not isinstance(spec.get("rows"), list):
+        raise ResultFileError(f"{path}: 'rows' must be a list (or give 'rows_from')")
+    return spec
+
+
+def format_cell(value, fmt: str | None, bold: bool = False) -> str:
+    """A number through the column's format (e.g. "{:,}", "{:.4f}", "{:.2f}x"); text as it is."""
+    if value is None:
+        text = ""
+    elif fmt and isinstance(value, (int, float)) and not isinstance(value, bool):
+        text = fmt.format(value)
+    else:
+        text = str(value)
+    return f"**{text}**" if bold and text else text
+
+
+def render_cell(row: dict, col: dict, bold: set) -> str:
+    """A column shows one key, or several joined (`"keys": ["p50_ms", "p99_ms"], "sep": " / "`)."""
+    if "keys" not in col:
+        return format_cell(row.get(col["key"]), col.get("format"), col["key"] in bold)
+    parts = [format_cell(row.get(k), col.get("format"), k in bold) for k in col["keys"]]
+    return col.get("sep", " / ").join(parts) if any(parts) else ""
+
+
+def render_table(spec: dict) -> str:
+    """The markdown of one table: the header, the rows, and a line saying where the numbers come from."""
+    cols = spec["columns"]
+    lines = ["| " + " | ".join(c["label"] for c in cols) + " |", "|" + " --- |" * len(cols)]
+    for row in spec["rows"]:
+        bold = set(row.get("_bold", ()))
+        cells = [render_cell(row, c, bold) for c in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n" + provenance(spec)
+
+
+def provenance(spec: dict) -> str:
+    """The rendered line under a table: command, machine, seeds, date and source of its numbers."""
+    seeds = spec.get("seeds")
+    parts = [f"`{spec['command']}`", spec["machine"]]
+    if seeds is not None:
+        parts.append("seeds " + (", ".join(map(str, seeds)) if isinstance(seeds, list) else str(seeds)))
+    if spec.get("date"):
+        parts.append(spec["date"])
+    parts.append(spec["source"])
+    return "<sub>" + "; ".join(parts) + ".</sub>"

@@ -1,0 +1,76 @@
+"""The docs tables are what their result files render; the report tool's own parts."""
+import json
+import pathlib
+
+import pytest
+
+from cprec.report.add_run import add_run
+from cprec.report.markers import render_docs, render_text, table_names
+from cprec.report.paths import RESULTS, doc_files
+from cprec.report.table import REQUIRED, ResultFileError, load_table, render_table
+
+
+def test_every_docs_table_is_what_its_result_file_renders():
+    differ = render_docs(check=True)
+    assert not differ, f"tables differ from results/ in {differ}: run `python -m cprec.report`"
+
+
+def test_every_result_file_follows_the_schema_and_is_shown():
+    shown = {name for path in doc_files() for name in table_names(path.read_text())}
+    tables = [p.stem for p in RESULTS.glob("*.json") if "columns" in json.loads(p.read_text())]
+    assert tables
+    for name in tables:
+        spec = load_table(name)
+        assert all(spec[k] for k in REQUIRED), name
+        assert spec["rows"], name
+        assert name in shown, f"results/{name}.json is in no docs table"
+
+
+def _table(tmp_path: pathlib.Path, rows: list[dict]) -> pathlib.Path:
+    spec = {"title": "t", "source": "test", "command": "python run.py", "machine": "cpu", "seeds": [0],
+            "columns": [{"key": "run", "label": "run"}, {"key": "params/total", "label": "params", "format": "{:,}"},
+                        {"key": "test/mrr@5", "label": "MRR@5", "format": "{:.4f}"},
+                        {"keys": ["a", "b"], "label": "a / b", "format": "{:.1f}"}],
+            "rows": rows}
+    (tmp_path / "t.json").write_text(json.dumps(spec))
+    return tmp_path
+
+
+def test_a_table_renders_formats_bold_and_provenance(tmp_path):
+    rows = [{"run": "x", "params/total": 1234567, "test/mrr@5": 0.585, "a": 1.0, "b": 2.25, "_bold": ["test/mrr@5"]},
+            {"run": "y", "test/mrr@5": "n/a"}]
+    md = render_table(load_table("t", _table(tmp_path, rows)))
+    assert "| x | 1,234,567 | **0.5850** | 1.0 / 2.2 |" in md
+    assert "| y |  | n/a |  |" in md
+    assert "`python run.py`; cpu; seeds 0; test." in md
+
+
+def test_markers_are_replaced_and_other_text_kept(tmp_path):
+    results = _table(tmp_path, [{"run": "x", "test/mrr@5": 0.5}])
+    text = "intro\n<!-- table:t -->\nstale\n<!-- /table:t -->\noutro\n"
+    out = render_text(text, results)
+    assert out.startswith("intro\n<!-- table:t -->\n| run |") and out.endswith("<!-- /table:t -->\noutro\n")
+    assert "stale" not in out and render_text(out, results) == out
+    with pytest.raises(ResultFileError, match="no such result file"):
+        render_text("<!-- table:missing -->\n<!-- /table:missing -->", results)
+
+
+def test_add_puts_a_runs_results_json_in_a_table(tmp_path):
+    results = _table(tmp_path, [{"run": "old", "test/mrr@5": 0.1}, {"run": "mine", "test/mrr@5": 0.2}])
+    run = tmp_path / "runs" / "mine"
+    run.mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps(
+        {"step": 10, "test": {"mrr@5": 0.61234}, "report": {"params/total": 5000}}))
+    row = add_run(run, "t", {"run": "mine"}, results)
+    assert row["test/mrr@5"] == 0.61234 and row["params/total"] == 5000 and row["_source"].endswith("results.json")
+    rows = load_table("t", results)["rows"]
+    assert [r["run"] for r in rows] == ["old", "mine"]  # the run's row replaced, not duplicated
+    assert "| mine | 5,000 | 0.6123 |" in render_table(load_table("t", results))
+
+
+def test_the_plots_render(tmp_path):
+    pytest.importorskip("matplotlib")
+    from cprec.report.plots import render_plots
+    files = render_plots(out=tmp_path)
+    assert [f.name for f in files] == ["pareto.png", "early-stop.png", "server.png"]
+    assert all(f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in files)
