@@ -49,7 +49,7 @@ def render_cell(row: dict, col: dict, bold: set) -> str:
     if "keys" not in col:
         return format_cell(row.get(col["key"]), col.get("format"), col["key"] in bold)
     parts = [format_cell(row.get(k), col.get("format"), k in bold) for k in col["keys"]]
-    return col.get("sep", " / ").join(parts) if any(parts) else ""
+    return col.get("sep", " / ").join(p for p in parts if p)
 
 
 def render_table(spec: dict) -> str:
