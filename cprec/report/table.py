@@ -66,7 +66,8 @@ def render_table(spec: dict) -> str:
 def provenance(spec: dict) -> str:
     """The rendered line under a table: command, machine, seeds, date and source of its numbers."""
     seeds = spec.get("seeds")
-    parts = [f"`{spec['command']}`", spec["machine"]]
+    command = spec["command"]
+    parts = [f"`{command}`" if command.startswith("python") else command, spec["machine"]]
     if seeds is not None:
         parts.append("seeds " + (", ".join(map(str, seeds)) if isinstance(seeds, list) else str(seeds)))
     if spec.get("date"):
