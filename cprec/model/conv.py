@@ -37,12 +37,10 @@ def padded_conv(xp: jax.Array, kernel: jax.Array, bias: jax.Array | None, dilati
 
 def padded_conv_fast(xp: jax.Array, kernel: jax.Array, bias: jax.Array | None, dilation: int) -> jax.Array:
     """``padded_conv`` by the backend's faster kernel, for inference: on CPU and for more than one
-    row XLA's own dilated convolution, which skips copying the taps; elsewhere the matmul. In-process
-    ``recommend`` on the default export (d = 64, dilations (1, 4) x 5; ``python -m
-    cprec.bench.serving_conv``, two runs, README "Serving"): 1.16x to 1.35x faster for full 50-item
-    windows at batch 16 to 256, 1.02x to 1.19x at width 32; at batch 1 the matmul was as fast or
-    faster (0.91x to 1.01x), so one row keeps it. Equal to ``padded_conv`` up to float rounding (the taps
-    sum in another order)."""
+    row XLA's own dilated convolution, which skips copying the taps; elsewhere the matmul. A single
+    row keeps the matmul, which is as fast there (both measured by ``python -m
+    cprec.bench.serving_conv``; figures in docs/benchmarks.md). Equal to ``padded_conv`` up to
+    float rounding (the taps sum in another order)."""
     if jax.default_backend() != "cpu" or xp.shape[0] == 1:
         return padded_conv(xp, kernel, bias, dilation)
     y = lax.conv_general_dilated(xp, kernel, window_strides=(1,), padding="VALID", rhs_dilation=(dilation,),

@@ -2,8 +2,8 @@
 
 XLA on CPU allocates its large temporaries afresh every step. With glibc's
 defaults, big blocks are mmap'ed and freed back (or the heap top trimmed), so
-every step pays page faults on new memory; measured here this halves training
-throughput at d=64. Keeping freed memory in the heap removes that cost.
+every step pays page faults on new memory, a large share of a CPU step (docs/benchmarks.md,
+"NextItNet training throughput"). Keeping freed memory in the heap removes that cost.
 """
 from __future__ import annotations
 
