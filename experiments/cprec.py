@@ -39,7 +39,7 @@ Sweeps (`--sweep`; add `--launcher local|slurm` to run them, see cprec/sweep.py)
 
 The ablation ties nothing: its full/tree and blockwise/full rows cannot, and a tie in some rows
 only would confound the comparison; `python run.py --config experiments/cprec.py:ml100k,tuned=false --sweep`
-reproduces the README's ablation table.
+reproduces the ablation rows of docs/results.md.
 """
 import ml_collections
 
@@ -74,8 +74,8 @@ CUTOFF_SWEEP = {
 
 
 # Settings chosen on validation NDCG@10 (never on test) by sweep=tuning, then sweep=decay, then
-# sweep=batch and sweep=length (means over seeds); README "A strong baseline". The smaller model
-# wants more updates than the baseline: 20 epochs of batch 64 (760 updates, about 135 s here).
+# sweep=batch and sweep=length (means over seeds); docs/results.md, "A strong baseline". The
+# smaller model wants more updates than the baseline: 20 epochs of batch 64 (760 updates).
 TUNED = {
     "ml100k": {"model.tie_embeddings": True, "model.tie_projections": True, "model.output_projection": True,
                "model.dropout": 0.4, "optim.lr": 3e-3, "optim.name": "adamw", "optim.weight_decay": 0.05,

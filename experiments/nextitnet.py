@@ -1,6 +1,6 @@
 """NextItNet baseline (Yuan et al., WSDM 2019), RecBole's defaults: d=64, dilations [1, 4] x 5, L=50.
 
-  python run.py --config experiments/nextitnet.py --workdir runs/demo            # synthetic, < 3 min on 2 CPU cores
+  python run.py --config experiments/nextitnet.py --workdir runs/demo            # synthetic, no download
   python run.py --config experiments/nextitnet.py:ml100k --workdir runs/ml100k
   python run.py --config experiments/nextitnet.py:ml1m --workdir runs/ml1m
   python run.py --config experiments/nextitnet.py:ml20m --workdir runs/ml20m
@@ -8,7 +8,7 @@
 
 Arg: comma-separated; a bare word picks the dataset, one of synthetic (default), ml100k, ml1m, ml20m,
 synthetic30k, synthetic1m. `tuned=false` drops a dataset's tuned settings (TUNED) for the plain,
-untied NextItNet on the dataset's default schedule (the README's older rows).
+untied NextItNet on the dataset's default schedule (the untied rows of docs/results.md).
 
 Sweeps (`--sweep`; add `--launcher local|slurm` to run them, see cprec/sweep.py), in runs/nextitnet-<arg>/:
 
@@ -35,12 +35,11 @@ from cprec.sweep import apply_overrides, product, seeds, zip_
 from experiments.datasets import apply_dataset
 
 # Settings chosen on validation NDCG@10 (never on test) by sweep=tuning, then sweep=decay, then
-# sweep=batch (mean of 3 seeds); see the README's "A strong baseline" for the trials. Logits =
+# sweep=batch (mean of 3 seeds); docs/results.md, "A strong baseline", has the trials. Logits =
 # (W h + b) E^T, as in RecBole's NextItNet. Batches of 64 windows (10 epochs, 380 updates) beat 256
 # (18 epochs, 180 updates) in about the same wall time; the preset stops at 8 epochs, where two of
-# the three seeds' best validation steps lie, so that a run fits 80 s on a 2-core CPU. It also
-# skips the serving latency timing (eval.topk_batches = ()): at 1,350 items it says nothing and
-# costs 5 s.
+# the three seeds' best validation steps lie, so that a run stays short on a CPU. It also
+# skips the serving latency timing (eval.topk_batches = ()): at 1,350 items it says nothing.
 TUNED = {
     "ml100k": {"model.tie_embeddings": True, "model.output_projection": True, "model.dropout": 0.2,
                "optim.lr": 3e-3, "optim.name": "adamw", "optim.weight_decay": 0.2, "optim.table_weight_decay": 0.2,
@@ -52,9 +51,9 @@ TUNED = {
 BATCH_SIZES = zip_({"train.batch_size": [64, 128, 256], "train.num_epochs": [10, 12, 18],
                     "train.eval_every": [50, 25, 25]})
 
-# What the earlier ml100k sweeps (tuning, decay, schedule) ran with, pinned so that their README
-# tables stay reproducible as the preset moves on: batches of 256, and Adam without decay for
-# the tuning grids, which came before weight decay was chosen.
+# What the earlier ml100k sweeps (tuning, decay, schedule) ran with, pinned so that their tables
+# in docs/results.md stay reproducible as the preset moves on: batches of 256, and Adam without
+# decay for the tuning grids, which came before weight decay was chosen.
 BATCH_256 = {"train.batch_size": 256, "train.eval_every": 25}
 PLAIN_ADAM = {"optim.name": "adam", "optim.weight_decay": 0.0, "optim.table_weight_decay": 0.0}
 
