@@ -3,7 +3,7 @@
   python run.py --config experiments/nextitnet.py --workdir runs/demo
   python run.py --config experiments/nextitnet.py:ml100k --workdir runs/ml100k --config.model.dim=128
 
-Sweeps (the config file's `sweep(arg)`; see cprec/sweep.py), listed, launched, summarized:
+Sweeps (the config file's `sweep(arg)`; see cprec/sweep/), listed, launched, summarized:
 
   python run.py --config experiments/cprec.py:ml100k --sweep
   python run.py --config experiments/cprec.py:ml100k --sweep --launcher local --parallel 2

@@ -33,7 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dilations = (1, 4)  # one residual block per entry, repeated num_blocks times
     c.model.num_blocks = 5
     c.model.kernel_size = 3
-    c.model.sharing = "none"  # see cprec.sharing.SHARING_SCHEMES
+    c.model.sharing = "none"  # see cprec.model.sharing.SHARING_SCHEMES
     c.model.embedding = "full"  # 'full' | 'blockwise'
     c.model.softmax = "full"  # 'full' | 'tree'
     # Cluster cutoffs: absolute item counts, or fractions of V; V itself is appended.
@@ -55,7 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 256  # windows of L+1 items per step
     # Rows per device per gradient-accumulation chunk; 0 = automatic (cache-sized on CPU, the whole
-    # batch on accelerators). Same gradient either way; see cprec/micro_batch.py.
+    # batch on accelerators). Same gradient either way; see cprec/train/micro_batch.py.
     c.train.micro_batch_size = 0
     c.train.num_epochs = 10
     c.train.num_steps = -1  # > 0 overrides num_epochs

@@ -25,6 +25,10 @@ class WorkdirError(CprecError):
     """A workdir that belongs to another experiment, or a corrupted checkpoint."""
 
 
+class EvaluationError(CprecError):
+    """Scores that cannot be ranked (NaN or infinite), or an evaluation that cannot run."""
+
+
 @contextlib.contextmanager
 def exit_on_user_error() -> Iterator[None]:
     """For command-line entry points: a CprecError ends the program with ``error: <message>`` on

@@ -57,6 +57,20 @@ def _results(run_dir: pathlib.Path) -> dict:
         return {}
 
 
+def _test_metrics(results: dict, source: str, step: int) -> dict:
+    """``metrics``: the run's test metrics when they belong to the exported parameters, else None
+    with ``metrics_note`` saying whose they are and how to score these."""
+    # results.json before test_params existed: its metrics were those of best/ (the usual export).
+    tested = results.get("test_params", {"source": "best", "step": step if source == "best" else None})
+    if "test" not in results:
+        return {"metrics": None, "metrics_note": "the run has no test metrics (results.json): it has not finished"}
+    if tested.get("step") == step:  # best/ and checkpoints/ of one step hold the same parameters
+        return {"metrics": results["test"], "metrics_of": tested}
+    return {"metrics": None, "metrics_note": (
+        f"the run's test metrics belong to {tested.get('source')}/ step {tested.get('step')}, not to the exported "
+        f"{source}/ step {step}; score these with python -m cprec.eval RUN --source {source} --step {step}")}
+
+
 def export(run_dir: str | pathlib.Path, out_dir: str | pathlib.Path, *, dtype: str = "float32",
            source: str | None = None, step: int | None = None, force: bool = False,
            stablehlo_batch_sizes: tuple[int, ...] | None = BATCH_SIZES, log=print) -> pathlib.Path:
@@ -80,8 +94,7 @@ def export(run_dir: str | pathlib.Path, out_dir: str | pathlib.Path, *, dtype: s
         "source_run": str(run_dir.resolve()),
         "source": run.source,
         "step": run.step,
-        # results.json's test metrics are those of the best-validation parameters (best/).
-        "metrics": results.get("test"),
+        **_test_metrics(results, run.source, run.step),
         "report": results.get("report"),
         "data": {"name": config.data.name, "num_items": run.data.num_items},
     }

@@ -17,7 +17,7 @@ Defaults: synthetic, blockwise, tree, cross_block, tie=false, tuned=true, no bud
 
   python run.py --config experiments/cprec.py:synthetic30k,budget=20x --workdir runs/cprec-30k-20x
 
-Sweeps (`--sweep`; add `--launcher local|slurm` to run them, see cprec/sweep.py):
+Sweeps (`--sweep`; add `--launcher local|slurm` to run them, see cprec/sweep/):
 
   python run.py --config experiments/cprec.py:ml100k --sweep                  # ablation, 60 trials
   python run.py --config experiments/cprec.py:ml100k,sweep=clusters --sweep   # clusters and ranks, 24 trials

@@ -10,7 +10,7 @@ Arg: comma-separated; a bare word picks the dataset, one of synthetic (default),
 synthetic30k, synthetic1m. `tuned=false` drops a dataset's tuned settings (TUNED) for the plain,
 untied NextItNet on the dataset's default schedule (the untied rows of docs/results.md).
 
-Sweeps (`--sweep`; add `--launcher local|slurm` to run them, see cprec/sweep.py), in runs/nextitnet-<arg>/:
+Sweeps (`--sweep`; add `--launcher local|slurm` to run them, see cprec/sweep/), in runs/nextitnet-<arg>/:
 
   python run.py --config experiments/nextitnet.py:ml100k --sweep --launcher local              # sweep=tuning, 18
   python run.py --config experiments/nextitnet.py:ml100k,sweep=decay --sweep --launcher local  # 6

@@ -90,6 +90,25 @@ def test_cache_key_tracks_config_and_file(tmp_path):
     assert dataset.prepare(_cfg(path, cache_dir=str(tmp_path / "other")), verbose=False).parent == tmp_path / "other"
 
 
+def test_each_split_has_its_own_cache(tmp_path):
+    cache = tmp_path / "cache"
+    loo = dataset.prepare(_cfg(num_users=200, num_items=100), cache, verbose=False)
+    temporal = dataset.prepare(_cfg(num_users=200, num_items=100, split="temporal"), cache, verbose=False)
+    other = dataset.prepare(_cfg(num_users=200, num_items=100, split="temporal", test_fraction=0.2), cache, verbose=False)
+    assert len({loo, temporal, other}) == 3
+    # The fractions are part of the temporal cache's key only: leave-one-out caches keep their key.
+    assert dataset.prepare(_cfg(num_users=200, num_items=100, test_fraction=0.3), cache, verbose=False) == loo
+    data = load_dataset(_cfg(num_users=200, num_items=100, split="temporal"), cache, verbose=False)
+    assert data.meta["split"] == "temporal" and 0 < len(data.test_targets) < 200
+    assert data.meta["num_test_users"] == len(data.test_targets) and data.meta["num_val_users"] == len(data.val_targets)
+    items, _ = load_sequences(data)
+    starts, ends = dataset.split_histories(data, "test")
+    np.testing.assert_array_equal(items[ends], data.test_targets)
+    for k in range(len(ends)):  # the window is the end of the history before the target
+        window = data.test_inputs[k]
+        np.testing.assert_array_equal(window[window > 0], items[starts[k]:ends[k]][-data.max_len:])
+
+
 def test_interrupted_save_leaves_no_cache(tmp_path, monkeypatch):
     calls = []
 
@@ -192,6 +211,9 @@ def test_ml100k_default_falls_back_to_a_recbole_file_on_the_data_path(tmp_path, 
         (dict(name="synthetic", format="xml"), "config.data.format='xml' is invalid"),
         (dict(name="synthetic", max_len=0), "config.data.max_len=0"),
         (dict(name="synthetic", min_item_count=-1), "config.data.min_item_count=-1"),
+        (dict(name="synthetic", split="random"), "config.data.split='random' is invalid: valid choices: leave_one_out"),
+        (dict(name="synthetic", split="temporal", test_fraction=0.0), "config.data.test_fraction=0.0 is invalid"),
+        (dict(name="synthetic", split="temporal", valid_fraction=0.5, test_fraction=0.5), "must be < 1"),
     ],
 )
 def test_config_errors(tmp_path, kwargs, needle):

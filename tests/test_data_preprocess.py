@@ -41,7 +41,7 @@ def test_hand_computed_example(offset):
     assert arrays["item_counts"].dtype == np.int64
     assert stats == dict(
         raw_events=13, raw_users=3, raw_items=7, num_users=2, num_items=7, num_events=11,
-        num_train_windows=3, num_train_targets=5,
+        num_train_windows=3, num_train_targets=5, split="leave_one_out", num_val_users=2, num_test_users=2,
     )
 
 
@@ -141,3 +141,65 @@ def test_item_tokens_are_kept_for_the_raw_ids():
     assert [kept[c] for c in arrays["raw_item_ids"][1:]] == ["item-100", "item-300", "item-200", "item-400",
                                                             "item-600", "item-500"]
     assert "item_token_data" not in _prepare()[0]
+
+
+def test_temporal_split_hand_computed():
+    # 11 events after user 8 is dropped; sorted times 1 1 2 3 3 3 4 5 9 10 11: with 0.2 / 0.2 held out,
+    # t_val = the 8th (5) and t_test = the 10th (10). User 7 (t 1-4) is all training; user 10 trains on
+    # 200, 300, 100 (t 1, 3, 3), validates on 100 (t 5) and is tested on 200 (t 10).
+    arrays, stats = _prepare(split="temporal", valid_fraction=0.2, test_fraction=0.2)
+    assert (stats["t_val"], stats["t_test"]) == (5, 10)
+    # Training counts 300:3, 100:2, 600:1, 200:1 (600 first in the training stream); 400 and 500 unseen.
+    np.testing.assert_array_equal(arrays["raw_item_ids"], [-1, 300, 100, 600, 200, 400, 500])
+    np.testing.assert_array_equal(arrays["item_counts"], [0, 3, 2, 1, 1, 0, 0])
+    np.testing.assert_array_equal(arrays["seq_items"], [2, 1, 1, 3, 4, 1, 2, 2, 5, 4, 6])
+    np.testing.assert_array_equal(arrays["train"], [[2, 1, 1, 3], [0, 4, 1, 2]])
+    np.testing.assert_array_equal(arrays["val_inputs"], [[4, 1, 2]])
+    np.testing.assert_array_equal(arrays["val_targets"], [2])
+    np.testing.assert_array_equal(arrays["val_positions"], [7])
+    np.testing.assert_array_equal(arrays["test_inputs"], [[2, 2, 5]])
+    np.testing.assert_array_equal(arrays["test_targets"], [4])
+    np.testing.assert_array_equal(arrays["test_positions"], [9])
+    assert (stats["num_val_users"], stats["num_test_users"]) == (1, 1)
+
+
+def test_temporal_split_trains_on_the_past_only_and_targets_the_first_event_after_each_cut():
+    # Every event has its own raw item, so a prepared id names one event and its time.
+    rng = np.random.default_rng(3)
+    n = 3000
+    users = rng.integers(0, 150, n)
+    times = rng.integers(0, 500, n)  # many ties, also at the cut-offs
+    arrays, stats = preprocess.prepare_events(users, np.arange(n), times, max_len=6, min_user_count=0,
+                                              min_item_count=0, split="temporal", valid_fraction=0.15,
+                                              test_fraction=0.1)
+    t_val, t_test = stats["t_val"], stats["t_test"]
+    time_of = np.concatenate([[-1], times[arrays["raw_item_ids"][1:]]])  # by prepared id
+    train = arrays["train"]
+    assert np.all(time_of[train[train > 0]] < t_val)
+    assert np.sum(arrays["item_counts"]) == np.sum(times < t_val)  # re-indexing counts training events only
+    assert np.all(arrays["item_counts"][1:][time_of[1:] >= t_val] == 0)
+    n_targets = np.count_nonzero((train[:, 1:] > 0) & (train[:, :-1] > 0))
+    per_user = np.bincount(users[times < t_val], minlength=150)
+    assert n_targets == np.sum(np.maximum(per_user - 1, 0))  # each training event but a user's first, once
+    # The reference: each user's events in time order (ties in file order), by python loops.
+    expected = {"val": [], "test": []}
+    for u in np.unique(users):
+        events = [e for e in np.argsort(times, kind="stable") if users[e] == u]
+        for split, lo, hi in (("val", t_val, t_test), ("test", t_test, np.inf)):
+            after = [k for k, e in enumerate(events) if lo <= times[e] < hi]
+            if after and after[0] > 0:
+                expected[split].append((events[after[0]], [events[k] for k in range(after[0])][-6:]))
+    raw = arrays["raw_item_ids"]
+    for split in ("val", "test"):
+        got = [(raw[t], list(raw[x[x > 0]])) for t, x in zip(arrays[f"{split}_targets"], arrays[f"{split}_inputs"])]
+        assert sorted(got) == sorted((e, h) for e, h in expected[split]), split
+        assert len(got) == stats[f"num_{split}_users"] > 10
+        assert np.all(time_of[arrays[f"{split}_targets"]] >= (t_val if split == "val" else t_test))
+    assert 0.7 < stats["train_event_share"] < 0.8
+
+
+def test_temporal_split_without_a_validation_window_is_an_error():
+    u, i = np.repeat(np.arange(5), 4), np.arange(20)
+    t = np.where(np.arange(20) % 4 == 3, 9, 1)  # a quarter of the events at the last time: both cut-offs there
+    with pytest.raises(DataError, match="leaves no validation target"):
+        preprocess.prepare_events(u, i, t, max_len=3, min_user_count=0, min_item_count=0, split="temporal")

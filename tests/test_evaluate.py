@@ -1,5 +1,6 @@
-"""Evaluation on a fixed subset of users (eval.num_users)."""
+"""Evaluation on a fixed subset of users (eval.num_users), and under the temporal split."""
 import json
+import re
 
 import numpy as np
 
@@ -25,3 +26,21 @@ def test_training_evaluates_the_subset(tiny, tmp_path, capsys):
     # Every metric is a mean over 20 users, so HR@K is a multiple of 1/20.
     assert all(abs(test[f"hr@{k}"] * 20 - round(test[f"hr@{k}"] * 20)) < 1e-6 for k in (5, 10, 20))
     assert json.loads((tmp_path / "run" / "config.json").read_text())["eval"]["num_users"] == 20
+
+
+def test_training_and_evaluation_under_the_temporal_split(tiny, tmp_path, capsys):
+    from cprec.data import load_dataset
+    from cprec.eval.evaluate import eval_splits
+
+    config = tiny()
+    config.data.split = "temporal"
+    config.train.num_steps = 4
+    config.eval.num_users = 3
+    data = load_dataset(config.data, verbose=False)
+    assert len(data.val_targets) != len(data.test_targets)  # each split scores the users with an event in it
+    splits = eval_splits(data, 3, verbose=True)
+    assert [len(y) for _, y in splits.values()] == [3, 3]
+    assert re.search(r"evaluating a fixed subset of 3 of the \d+ val users, 3 of the \d+ test users", capsys.readouterr().out)
+    test = train_and_evaluate(config, tmp_path / "run")
+    assert all(abs(test[f"hr@{k}"] * 3 - round(test[f"hr@{k}"] * 3)) < 1e-6 for k in (5, 10, 20))
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["split"] == "temporal"

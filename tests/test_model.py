@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cprec.model.nextitnet import NextItNet, ResidualStack, eval_ranks
+from cprec.model.nextitnet import NextItNet, ResidualStack
 from cprec.model.sharing import SHARING_SCHEMES, conv_sharing_index
 
 V, D = 40, 8
@@ -93,12 +93,6 @@ def test_shared_forward_equals_hand_tied_and_grad_sums_uses(scheme):
         summed[u] += np.asarray(gu["kernels"][layer])
     np.testing.assert_allclose(gs["kernels"], summed, rtol=1e-4, atol=1e-5)
     assert gs["kernels"].shape[0] == n_unique
-
-
-def test_eval_ranks_exclude_padding_and_count_strictly_better():
-    lp = jnp.array([[5.0, 1.0, 3.0, 3.0, 0.0], [9.0, 4.0, 3.0, 2.0, 1.0]])
-    # padding (id 0) has the top score but never counts; ties rank in the target's favour
-    np.testing.assert_array_equal(eval_ranks(lp, jnp.array([3, 4])), [0, 3])
 
 
 def test_full_softmax_loss_gradient_matches_plain_log_softmax():

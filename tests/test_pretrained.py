@@ -126,3 +126,55 @@ def test_eval_run_errors(tree_run, tmp_path, capsys):
     assert "config.json does not exist" in user_error(capsys, eval_run.main, [str(tmp_path)])
     with pytest.raises(WorkdirError, match="checkpoint source 'latest' is unknown; valid choices: best, checkpoints"):
         load_run(tree_run[0], source="latest")
+
+
+def _snapshot(path) -> dict:
+    """Every file and folder under ``path``, with the bytes of the files."""
+    return {str(p.relative_to(path)): p.read_bytes() if p.is_file() else None for p in sorted(path.rglob("*"))}
+
+
+def test_eval_run_opens_a_run_read_only(tree_run, tmp_path):
+    # A run may still be training: evaluating it creates, rewrites and deletes nothing in it.
+    copy = tmp_path / "run"
+    shutil.copytree(tree_run[0], copy)
+    # A save of step 16 in flight, as orbax writes it (a temporary folder renamed when complete).
+    shutil.copytree(copy / "checkpoints" / "12", copy / "checkpoints" / "16.orbax-checkpoint-tmp-1733331000")
+    before = _snapshot(copy)
+    eval_run.main([str(copy), "--out", str(tmp_path / "best.json")])
+    eval_run.main([str(copy), "--source", "checkpoints", "--step", "8", "--splits", "val", "--out", str(tmp_path / "8.json")])
+    assert _snapshot(copy) == before
+
+
+def test_eval_run_refuses_non_finite_scores_and_writes_nothing(tree_run, tmp_path, capsys, monkeypatch):
+    real = eval_run.load_run
+
+    def poisoned(*args, **kwargs):
+        run = real(*args, **kwargs)
+        return run._replace(params=jax.tree.map(lambda x: x * np.nan, run.params))
+
+    monkeypatch.setattr(eval_run, "load_run", poisoned)
+    out = tmp_path / "e.json"
+    err = user_error(capsys, eval_run.main, [str(tree_run[0]), "--out", str(out)])
+    step = load_run(tree_run[0]).step
+    assert re.match(rf"error: \d+ of \d+ rows of the val split have NaN or infinite scores \(parameters of step {step}\)",
+                    err), err
+    assert not out.exists()
+
+
+def test_an_export_claims_test_metrics_only_for_the_parameters_they_belong_to(tree_run, tmp_path):
+    from cprec.export import export
+    from cprec.serve.artifact import load_artifact
+
+    workdir, _, test = tree_run
+    results = json.loads((workdir / "results.json").read_text())
+    best_step = load_run(workdir).step
+    assert results["test_params"] == {"source": "best", "step": best_step}
+    best = load_artifact(export(workdir, tmp_path / "best", stablehlo_batch_sizes=None, log=lambda _: None))
+    assert best.manifest["metrics"] == test and best.manifest["metrics_of"] == results["test_params"]
+    other = 8 if best_step != 8 else 12
+    ckpt = load_artifact(export(workdir, tmp_path / "ckpt", source="checkpoints", step=other,
+                                stablehlo_batch_sizes=None, log=lambda _: None))
+    assert ckpt.manifest["metrics"] is None
+    assert ckpt.manifest["metrics_note"] == (
+        f"the run's test metrics belong to best/ step {best_step}, not to the exported checkpoints/ step {other}; "
+        f"score these with python -m cprec.eval RUN --source checkpoints --step {other}")

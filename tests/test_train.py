@@ -307,3 +307,90 @@ def test_a_resumed_run_does_what_an_uninterrupted_one_does(tiny, tmp_path, monke
     assert sorted(int(p.name) for p in (tmp_path / "resumed" / "checkpoints").iterdir() if p.name.isdigit())[-1] == 12
     for key in whole:
         assert resumed[key] == pytest.approx(whole[key], rel=1e-6, abs=1e-9), key
+
+
+def _logged_steps(workdir) -> list[tuple[int, str]]:
+    """(step, key) of every scalar in metrics.jsonl, and of every scalar TensorBoard shows."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    jsonl = [(line["step"], key) for line in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
+             for key in line if key != "step"]
+    acc = EventAccumulator(str(workdir), size_guidance={"scalars": 0})
+    acc.Reload()
+    board = [(e.step, tag) for tag in acc.Tags()["scalars"] for e in acc.Scalars(tag)]
+    return sorted(jsonl), sorted(board)
+
+
+def test_a_run_killed_before_its_first_checkpoint_logs_each_step_once(tiny, tmp_path, monkeypatch):
+    config = tiny()
+    config.train.log_every, config.train.eval_every, config.train.checkpoint_every = 2, 3, 100  # saved at the end only
+    with monkeypatch.context() as m:
+        _interrupted_after(m, 7)  # steps 2, 4, 6 logged and 3, 6 validated: no checkpoint yet
+        with pytest.raises(_Interrupt):
+            train_and_evaluate(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+    train_and_evaluate(config, tmp_path / "run")
+    train_and_evaluate(config, tmp_path / "whole")
+    jsonl, board = _logged_steps(tmp_path / "run")
+    assert len(jsonl) == len(set(jsonl)) and len(board) == len(set(board))  # every (step, key) once
+    whole_jsonl, whole_board = _logged_steps(tmp_path / "whole")
+    assert jsonl == whole_jsonl and board == whole_board
+
+
+def test_a_resumed_run_keeps_the_better_of_a_replayed_best_step(tiny, tmp_path, monkeypatch):
+    # Checkpoints at 4 and 8, validation every 2: best/ holds step 10 when the run is killed before
+    # step 11; the resumed run replays 9-12 and validates step 10 again, scoring it higher.
+    import cprec.train.loop as loop
+
+    config = tiny()
+    config.train.eval_every, config.train.checkpoint_every, config.train.log_every = 2, 4, 2
+    real = loop._Validator.__call__
+    with monkeypatch.context() as m:
+        _interrupted_after(m, 10)
+        m.setattr(loop._Validator, "__call__", lambda self, split, params, step: {
+            **real(self, split, params, step), "ndcg@10": step / 100 if split == "val" else 0.0})
+        with pytest.raises(_Interrupt):
+            train_and_evaluate(config, tmp_path / "run")
+    assert sorted(p.name for p in (tmp_path / "run" / "best").iterdir() if p.name.isdigit()) == ["10"]
+    replayed = {10: 0.5, 12: 0.2}  # the replay of step 10 scores higher than the 0.10 saved; 12 lower
+    monkeypatch.setattr(loop._Validator, "__call__", lambda self, split, params, step: {
+        **real(self, split, params, step), "ndcg@10": replayed.get(step, step / 100) if split == "val" else 0.0})
+    train_and_evaluate(config, tmp_path / "run")
+    assert sorted(p.name for p in (tmp_path / "run" / "best").iterdir() if p.name.isdigit()) == ["10"]
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["test/selected_step"] == 10
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["test_params"] == {"source": "best", "step": 10}
+    from cprec.eval.pretrained import load_run
+    from cprec.runtime.checkpointing import Checkpointer
+
+    ckpt = Checkpointer(tmp_path / "run", None, subdir="best", read_only=True)
+    try:
+        saved = ckpt.restore(10, {"score": jnp.zeros(()), "step": jnp.zeros((), jnp.int32)}, partial=True)
+    finally:
+        ckpt.close()
+    assert float(saved["score"]) == pytest.approx(0.5) and int(saved["step"]) == 10
+    assert load_run(tmp_path / "run").step == 10
+
+
+def test_a_replayed_lower_step_that_scores_higher_replaces_a_later_best(tiny, tmp_path, monkeypatch):
+    # Validation every step, checkpoints at 4 and 8: killed before step 12, best/ holds step 11 (0.11).
+    # The resume replays from 8 and step 9 now scores 0.9: it must be saved although it lies below the
+    # kept step (the checkpoint manager alone skips such a save silently), and step 11 removed.
+    import cprec.train.loop as loop
+
+    config = tiny()
+    config.train.eval_every, config.train.checkpoint_every, config.train.log_every = 1, 4, 2
+    real = loop._Validator.__call__
+    with monkeypatch.context() as m:
+        _interrupted_after(m, 11)
+        m.setattr(loop._Validator, "__call__", lambda self, split, params, step: {
+            **real(self, split, params, step), "ndcg@10": step / 100})
+        with pytest.raises(_Interrupt):
+            train_and_evaluate(config, tmp_path / "run")
+    assert sorted(p.name for p in (tmp_path / "run" / "best").iterdir() if p.name.isdigit()) == ["11"]
+    monkeypatch.setattr(loop._Validator, "__call__", lambda self, split, params, step: {
+        **real(self, split, params, step), "ndcg@10": 0.9 if step == 9 else 0.0})
+    train_and_evaluate(config, tmp_path / "run")
+    assert sorted(p.name for p in (tmp_path / "run" / "best").iterdir() if p.name.isdigit()) == ["9"]
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["test_params"] == {"source": "best", "step": 9}

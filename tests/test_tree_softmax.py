@@ -416,3 +416,73 @@ def test_score_of_candidates_equals_the_full_log_prob(params, blocked, request):
     # Only head candidates in the whole batch: still exact (every tail cluster's normaliser skipped).
     head_only = jnp.asarray(np.tile(np.arange(1, 8, dtype=np.int32), (5, 1)))
     np.testing.assert_allclose(module.apply(params, h, head_only, method=module.score), lp[:, 1:8], rtol=1e-5, atol=1e-5)
+
+
+def _round_to_tf32(x: jax.Array) -> jax.Array:
+    """float32 rounded to nearest with 10 mantissa bits, as TF32 tensor cores read a matmul's inputs."""
+    if x.dtype != jnp.float32:
+        return x
+    bits = lax.bitcast_convert_type(x, jnp.uint32)
+    bits = (bits + jnp.uint32(0x1000)) & jnp.uint32(0xFFFFE000)  # drop 13 of the 23 bits, rounding half up
+    return lax.bitcast_convert_type(bits, jnp.float32)
+
+
+@pytest.fixture
+def emulated_tf32(monkeypatch):
+    """Every matmul traced inside rounds its inputs as TF32 does (NVIDIA GPUs' default float32 matmul
+    precision since Ampere); yields a setter for the roundoff the early stop is told the platform has."""
+    import cprec.model.tree_softmax as tree
+    from jax._src.lax import lax as lax_internal
+
+    real = lax_internal.dot_general
+    monkeypatch.setattr(lax_internal, "dot_general",
+                        lambda lhs, rhs, *a, **k: real(_round_to_tf32(lhs), _round_to_tf32(rhs), *a, **k))
+    jax.clear_caches()  # jnp.matmul's traces are cached: trace it again with the rounding
+    told = {"u": 2.0**-11}
+    monkeypatch.setattr(tree, "matmul_input_roundoff", lambda: told["u"])
+    yield lambda u: told.update(u=u)
+    monkeypatch.undo()
+    jax.clear_caches()
+
+
+def _near_tie_clusters(rows: int, seed: int):
+    """Rank-1 tail clusters whose items nearly tie at a large logit (|z.w| = 100): TF32 rounding moves a
+    logit by up to 0.05 there, which lifts one item above the others by far more than the float32
+    slack, while the head's best item lies, row by row, anywhere near the clusters' best items."""
+    rng = np.random.default_rng(seed)
+    sizes = np.diff(CUTOFFS)
+    projs = [jnp.zeros((D, 1)).at[0, 0].set(1.0) for _ in sizes]
+    # Items at 1 + 0.49 ulp(TF32) round down, the one at 1 + 0.51 ulp rounds up: a 2^-10 * 100 jump.
+    outs = [jnp.asarray(1.0 + 2.0**-10 * np.where(np.arange(k) == rng.integers(k), 0.51, 0.49)[None, :], jnp.float32)
+            for k in sizes]
+    # Head items score about log k_1 below the tokens, as cluster 1's best items do, give or take 0.03.
+    head = np.zeros((D, CUTOFFS[0] + N_TAIL), np.float32)
+    head[0, 1:CUTOFFS[0]] = (0.05 - np.log(sizes[0])) / 100
+    head[1:, 1:CUTOFFS[0]] = rng.normal(size=(D - 1, CUTOFFS[0] - 1)) * 0.008
+    h = np.concatenate([np.full((rows, 1), 100.0), rng.normal(size=(rows, D - 1))], axis=1).astype(np.float32)
+    return jnp.asarray(head), projs, outs, jnp.asarray(h)
+
+
+def test_early_stop_stays_exact_when_matmuls_round_like_tf32(emulated_tf32):
+    from cprec.model.tree_softmax import tree_log_prob, tree_top_k
+
+    n = 1
+    misses = {}
+    for told, u in (("float32", 2.0**-24), ("tf32", 2.0**-11)):
+        emulated_tf32(u)
+        jax.clear_caches()
+        wrong = 0
+        for seed in range(4):
+            head, projs, outs, h = _near_tie_clusters(64, seed)
+            run = jax.jit(lambda head, projs, outs, h: (
+                tree_top_k(head, projs, outs, CUTOFFS, h, n, tree_cluster_stats(outs)),
+                tree_log_prob(head, projs, outs, CUTOFFS, h)))
+            (scores, ids, _), lp = run(head, projs, outs, h)
+            lp = np.array(lp)
+            lp[:, 0] = -np.inf
+            wrong += int(np.sum(np.asarray(scores)[:, 0] < lp.max(axis=1)))
+        misses[told] = wrong
+    # Told float32 while the matmuls round like TF32, the bound skips clusters that hold the best item;
+    # told the precision in use, the early stop is exact again.
+    assert misses["float32"] > 0, misses
+    assert misses["tf32"] == 0, misses

@@ -7,7 +7,7 @@
 Throughput counts target items (non-padding positions) per second of jitted
 train steps (forward, backward, Adam update), after compilation, once with the
 whole batch in one pass and once with the automatic micro-batches that training
-uses (cprec/micro_batch.py). FLOPs come from XLA's cost analysis of the compiled
+uses (cprec/train/micro_batch.py). FLOPs come from XLA's cost analysis of the compiled
 step.
 """
 from __future__ import annotations

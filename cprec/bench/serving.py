@@ -29,14 +29,13 @@ import jax
 import numpy as np
 
 from cprec.bench.common import RESULTS_DIR, finish, load_average
-from cprec.data.dataset import load_sequences
+from cprec.data.dataset import load_sequences, split_histories
 from cprec.errors import CprecError, exit_on_user_error
-from cprec.eval.evaluate import eval_splits, eval_users, evaluate_split, make_rank_fn
+from cprec.eval.evaluate import check_finite_rows, eval_ranks, eval_splits, eval_users, evaluate_split, make_rank_fn
 from cprec.eval.metrics import rank_metrics
 from cprec.eval.pretrained import Run, load_run
 from cprec.export import directory_bytes, export
 from cprec.model.builder import build_model, init_params
-from cprec.model.nextitnet import eval_ranks
 from cprec.runtime.checkpointing import Checkpointer
 from cprec.serve.artifact import DTYPES, load_artifact
 from cprec.serve.quantize import dequantize_tree
@@ -109,13 +108,14 @@ def sizes(run: Run, workdir: pathlib.Path, exports: pathlib.Path) -> dict:
 
 def test_histories(run: Run) -> tuple[list[np.ndarray], np.ndarray]:
     """Every evaluated test user's whole history before the test item (internal ids) and the targets."""
-    items, offsets = load_sequences(run.data)
+    items, _ = load_sequences(run.data)
+    starts, ends = split_histories(run.data, "test")
     users = eval_users(len(run.data.test_targets), run.config.eval.num_users)
-    histories = [items[offsets[u]:offsets[u + 1] - 1] for u in users]
+    histories = [items[starts[u]:ends[u]] for u in users]
     targets = np.asarray(run.data.test_targets)[users]
     windows = np.asarray(run.data.test_inputs)[users]
     for h, t, w, u in zip(histories, targets, windows, users):
-        if items[offsets[u + 1] - 1] != t or list(w[w > 0]) != list(h[-w.shape[0]:]):
+        if items[ends[u]] != t or list(w[w > 0]) != list(h[-w.shape[0]:]):
             raise CprecError(f"the prepared sequences of {run.data.meta['cache_dir']} do not match the test split "
                              f"(user {u}); "
                              "prepare the data again")
@@ -127,7 +127,7 @@ def stream_metrics(rec: Recommender, histories: list[np.ndarray], targets: np.nd
     model = rec.model
     rank = jax.jit(lambda p, h, y: eval_ranks(model.apply({"params": dequantize_tree(p)}, h,
                                                           method=lambda m, x: m.head.log_prob(x)), y))
-    ranks = []
+    ranks, finite = [], []
     for start in range(0, len(targets), rec.max_batch):
         rows = [list(h) for h in histories[start:start + rec.max_batch]]
         hidden = rec.hidden(rows)
@@ -136,7 +136,10 @@ def stream_metrics(rec: Recommender, histories: list[np.ndarray], targets: np.nd
         hp[:len(rows)] = hidden
         y = np.ones(b, np.int32)
         y[:len(rows)] = targets[start:start + len(rows)]
-        ranks.append(np.asarray(rank(rec.params, hp, y))[:len(rows)])
+        r, f = rank(rec.params, hp, y)
+        ranks.append(np.asarray(r)[:len(rows)])
+        finite.append(np.asarray(f)[:len(rows)])
+    check_finite_rows(np.concatenate(finite), "test (stream)", None)
     return rank_metrics(np.concatenate(ranks), ks)
 
 
@@ -148,7 +151,8 @@ def quality(run: Run, exports: pathlib.Path, histories: list[np.ndarray], stream
            "receptive_field": None, "max_len": int(run.config.data.max_len)}
     for dtype in DTYPES:
         art = load_artifact(exports / dtype)
-        m = evaluate_split(rank_fn, art.float_params(), inputs, targets, run.config.eval.batch_size, ks)
+        m = evaluate_split(rank_fn, art.float_params(), inputs, targets, run.config.eval.batch_size, ks,
+                           split=f"test ({dtype} export)", step=art.manifest.get("step"))
         out["window"][dtype] = m
         print(f"[quality] {dtype:>8} window: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()), flush=True)
         if dtype != "bfloat16":

@@ -41,6 +41,12 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.item_col = "item_id"
     c.time_col = "timestamp"  # '' = file order
     c.max_len = 50  # L: training windows hold L+1 items
+    # 'leave_one_out' (each user's last event is test, the one before validation) or 'temporal':
+    # global time cut-offs, the latest valid_fraction + test_fraction of the events held out (see
+    # cprec/data/preprocess.py); the fractions apply to the temporal split only.
+    c.split = "leave_one_out"
+    c.valid_fraction = 0.1
+    c.test_fraction = 0.1
     c.min_user_count = 5  # k-core thresholds, iterated until stable; 0 disables
     c.min_item_count = 5
     c.cache_dir = ""  # '' = <repo>/data/prepared
@@ -65,10 +71,10 @@ class SequenceDataset:
     """
 
     train: np.ndarray  # [N, L+1] int32
-    val_inputs: np.ndarray  # [U, L] int32
-    val_targets: np.ndarray  # [U] int32
-    test_inputs: np.ndarray  # [U, L] int32 (history includes the validation item)
-    test_targets: np.ndarray  # [U] int32
+    val_inputs: np.ndarray  # [U_val, L] int32 (U_val = U_test = every user under leave-one-out)
+    val_targets: np.ndarray  # [U_val] int32
+    test_inputs: np.ndarray  # [U_test, L] int32 (history includes the validation item)
+    test_targets: np.ndarray  # [U_test] int32
     item_counts: np.ndarray  # [V] int64 training counts, id 0 = padding, non-increasing from id 1
     meta: dict
 
@@ -109,6 +115,19 @@ def load_sequences(dataset: SequenceDataset) -> tuple[np.ndarray, np.ndarray]:
     return arrays["seq_items"], arrays["seq_offsets"]
 
 
+def split_histories(dataset: SequenceDataset, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(start, end) per row of ``split`` ('val' or 'test'): its history is ``seq_items[start:end]`` of
+    ``load_sequences`` and its target ``seq_items[end]``, whatever the split rule."""
+    arrays, _ = store.load(pathlib.Path(dataset.meta["cache_dir"]))
+    offsets = np.asarray(arrays["seq_offsets"])
+    key = f"{split}_positions"
+    if key in arrays:
+        ends = np.asarray(arrays[key])
+    else:  # a leave-one-out cache prepared before the positions were kept: targets are the last events
+        ends = offsets[1:] - (1 if split == "test" else 2)
+    return offsets[np.searchsorted(offsets, ends, side="right") - 1], ends
+
+
 def _cache_fields(data_cfg: ml_collections.ConfigDict, cache_root) -> tuple[pathlib.Path, dict, dict]:
     """(cache directory, source identity, key fields) of `data_cfg`; needs its raw file, not the cache."""
     _validate(data_cfg)
@@ -119,6 +138,9 @@ def _cache_fields(data_cfg: ml_collections.ConfigDict, cache_root) -> tuple[path
         "min_user_count": int(data_cfg.min_user_count),
         "min_item_count": int(data_cfg.min_item_count),
     }
+    if data_cfg.split != "leave_one_out":  # leave-one-out caches keep the keys they had before splits existed
+        fields.update(split=data_cfg.split, valid_fraction=float(data_cfg.valid_fraction),
+                      test_fraction=float(data_cfg.test_fraction))
     root = pathlib.Path(cache_root or data_cfg.cache_dir or REPO_ROOT / "data" / "prepared")
     return store.cache_path(root, data_cfg.name, store.cache_key(fields)), source, fields
 
@@ -183,8 +205,9 @@ def _prepare_hint(meta: dict, directory: pathlib.Path) -> str:
             for key in ("user_col", "item_col", "time_col", "sep"):
                 if key in source:
                     cfg[key] = source[key]
-        for key in ("max_len", "min_user_count", "min_item_count"):
-            cfg[key] = config[key]
+        for key in ("max_len", "min_user_count", "min_item_count", "split", "valid_fraction", "test_fraction"):
+            if key in config:  # the split's keys: temporal caches only
+                cfg[key] = config[key]
         if directory.parent.resolve() != (REPO_ROOT / "data" / "prepared").resolve():
             cfg.cache_dir = str(directory.parent)
         return f"`{prepare_command(cfg)}`, or rerun the run's command"
@@ -215,6 +238,8 @@ def prepare(
         "max_len": int(data_cfg.max_len),
         "min_user_count": int(data_cfg.min_user_count),
         "min_item_count": int(data_cfg.min_item_count),
+        "valid_fraction": float(data_cfg.valid_fraction),
+        "test_fraction": float(data_cfg.test_fraction),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **stats,
     }
@@ -316,6 +341,9 @@ def _build(data_cfg: ml_collections.ConfigDict, source: dict, log) -> tuple[dict
         min_item_count=int(data_cfg.min_item_count),
         catalog_size=catalog,
         item_tokens=tokens,
+        split=data_cfg.split,
+        valid_fraction=float(data_cfg.valid_fraction),
+        test_fraction=float(data_cfg.test_fraction),
         log=log,
     )
 
@@ -332,6 +360,14 @@ def _validate(c: ml_collections.ConfigDict) -> None:
     for key in ("min_user_count", "min_item_count"):
         if int(c[key]) < 0:
             raise ConfigError(f"config.data.{key}={c[key]!r} is invalid: must be >= 0 (0 disables)")
+    if c.split not in preprocess.SPLITS:
+        raise ConfigError(f"config.data.split={c.split!r} is invalid: valid choices: {', '.join(preprocess.SPLITS)}")
+    for key in ("valid_fraction", "test_fraction"):
+        if not 0.0 < float(c[key]) < 1.0:
+            raise ConfigError(f"config.data.{key}={c[key]!r} is invalid: must be in (0, 1)")
+    if float(c.valid_fraction) + float(c.test_fraction) >= 1.0:
+        raise ConfigError(f"config.data.valid_fraction + test_fraction = {float(c.valid_fraction) + float(c.test_fraction)} "
+                          "is invalid: must be < 1 (some events must be left to train on)")
 
 
 def _logger(verbose: bool):

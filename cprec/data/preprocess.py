@@ -1,14 +1,25 @@
-"""Events -> training windows and leave-one-out evaluation rows, all vectorized numpy.
+"""Events -> training windows and evaluation rows, all vectorized numpy.
 
 Protocol (NextItNet / CpRec): each user's events are stably sorted by time (ties keep file
 order); an optional k-core filter runs until stable; users left with fewer than 3 events are
 dropped, since leave-one-out needs a training item, a validation item and a test item (this
 threshold is part of the k-core loop, so dropping them never leaves items under the item
-threshold). Items are re-indexed by descending training frequency (training = each sequence
-minus its last 2 items; ties by first appearance in the training stream), id 0 is padding, and
-items seen only in validation/test come last with count 0. The training part of each sequence
-is cut from its end backwards into windows of L+1 items overlapping by exactly one item, so
-every training item except a user's first is a target exactly once.
+threshold). Then one of two splits (``SPLITS``):
+
+- ``leave_one_out``: a user's last event is their test target, the one before it their validation
+  target, the rest is training.
+- ``temporal`` (global time cut-offs; Ji et al., ACM TOIS 2023): with t_val and t_test the times
+  below which lie the first 1 - valid_fraction - test_fraction and 1 - test_fraction of all
+  events, training is every event before t_val; a user's validation target is their first event
+  in [t_val, t_test) and their test target their first event at or after t_test, each predicted
+  from everything the user did before it. Users without such an event, or with nothing before
+  it, are not scored in that split. No model trains on an event at or after t_val, so none
+  sees the future of another user's test event.
+
+Items are re-indexed by descending training frequency (ties by first appearance in the training
+stream), id 0 is padding, and items with no training event come last with count 0. Each user's
+training events are cut from their end backwards into windows of L+1 items overlapping by exactly
+one item, so every training item except a user's first is a target exactly once.
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ from cprec.errors import DataError
 Log = Callable[[str], None]
 
 MIN_EVENTS_PER_USER = 3
+SPLITS = ("leave_one_out", "temporal")
 
 
 @contextlib.contextmanager
@@ -142,6 +154,9 @@ def prepare_events(
     min_item_count: int = 5,
     catalog_size: int | None = None,
     item_tokens: Sequence[str] | None = None,
+    split: str = "leave_one_out",
+    valid_fraction: float = 0.1,
+    test_fraction: float = 0.1,
     log: Log | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """Runs the whole protocol; returns (arrays, stats).
@@ -151,16 +166,21 @@ def prepare_events(
     `item_tokens`: when the reader coded the item tokens (`items` index it), the tokens are kept
     as item_token_data + item_token_offsets (see `encode_tokens`), so that `raw_item_ids` maps
     back to the file's text.
-    Arrays: train [N, L+1], val_inputs/test_inputs [U, L], val_targets/test_targets [U] (int32),
-    item_counts [V] int64, seq_items [E] int32 + seq_offsets [U+1] int64 (the sorted, re-indexed
-    sequences), raw_item_ids [V] int64 (-1 for padding), raw_user_ids [U] int64.
+    `split`, `valid_fraction`, `test_fraction`: see the module docstring.
+    Arrays: train [N, L+1], val_inputs/test_inputs [U_s, L], val_targets/test_targets [U_s] (int32),
+    val_positions/test_positions [U_s] int64 (each target's index in seq_items; U_s = U under
+    leave-one-out, the users scored in that split under the temporal split), item_counts [V]
+    int64, seq_items [E] int32 + seq_offsets [U+1] int64 (the sorted, re-indexed sequences),
+    raw_item_ids [V] int64 (-1 for padding), raw_user_ids [U] int64.
     """
+    if split not in SPLITS:
+        raise DataError(f"split {split!r} is unknown; valid choices: {', '.join(SPLITS)}")
     users, items = np.asarray(users), np.asarray(items)
     stats = {"raw_events": int(users.size)}
     with stage(log, f"sorted {users.size:,} events by user and time"):
         u_code, u_raw = dense_codes(users)
         order = sort_events(u_code, timestamps)
-        u_code, items = u_code[order], items[order]
+        u_code, items, times = u_code[order], items[order], np.asarray(timestamps)[order]
     stats["raw_users"] = int(u_raw.size)
     if catalog_size is not None and min_item_count <= 0:
         i_code, i_raw = items.astype(np.int64), np.arange(catalog_size, dtype=np.int64)
@@ -176,29 +196,39 @@ def prepare_events(
                 f"min_item_count={min_item_count}, and every user needs {MIN_EVENTS_PER_USER} events); lower them"
             )
         u_code, u_raw = dense_codes(u_raw[u_code[keep]])
+        times = times[keep]
         if catalog_size is not None and min_item_count <= 0:
             i_code = i_code[keep]
         else:
             i_code, i_raw = dense_codes(i_raw[i_code[keep]])
 
-    with stage(log, "split and re-indexed items by training frequency"):
+    with stage(log, f"{split} split and re-indexed items by training frequency"):
         lengths = np.bincount(u_code, minlength=u_raw.size)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         starts = offsets[:-1]
-        pos = np.arange(i_code.size) - np.repeat(starts, lengths)
-        train_mask = pos < np.repeat(lengths - 2, lengths)
+        if split == "leave_one_out":
+            n_train = lengths - 2
+            val_pos, test_pos = starts + lengths - 2, starts + lengths - 1
+        else:
+            n_train, val_pos, test_pos, cut = temporal_positions(u_code, times, starts, lengths, valid_fraction,
+                                                                 test_fraction)
+            stats.update(cut)
+        train_mask = np.arange(i_code.size) - np.repeat(starts, lengths) < np.repeat(n_train, lengths)
         new_id, item_counts = reindex_by_frequency(i_code, train_mask, i_raw.size, i_raw)
         seq = new_id[i_code].astype(np.int32)
         raw_item_ids = np.full(i_raw.size + 1, -1, np.int64)
         raw_item_ids[new_id] = i_raw
 
     with stage(log, f"cut training windows of {max_len + 1}"):
+        user_start = np.repeat(starts, lengths)  # the first event of each event's user
         arrays = {
-            "train": make_windows(seq, starts, lengths - 2, max_len),
-            "val_inputs": last_items(seq, starts, starts + lengths - 2, max_len),
-            "val_targets": seq[starts + lengths - 2],
-            "test_inputs": last_items(seq, starts, starts + lengths - 1, max_len),
-            "test_targets": seq[starts + lengths - 1],
+            "train": make_windows(seq, starts, n_train, max_len),
+            "val_inputs": last_items(seq, user_start[val_pos], val_pos, max_len),
+            "val_targets": seq[val_pos],
+            "val_positions": val_pos,
+            "test_inputs": last_items(seq, user_start[test_pos], test_pos, max_len),
+            "test_targets": seq[test_pos],
+            "test_positions": test_pos,
             "item_counts": item_counts,
             "seq_items": seq,
             "seq_offsets": offsets,
@@ -208,6 +238,9 @@ def prepare_events(
         if item_tokens is not None:
             arrays["item_token_data"], arrays["item_token_offsets"] = encode_tokens(item_tokens)
     stats.update(
+        split=split,
+        num_val_users=int(val_pos.size),
+        num_test_users=int(test_pos.size),
         num_users=int(lengths.size),
         num_items=int(item_counts.size),
         num_events=int(seq.size),
@@ -215,6 +248,35 @@ def prepare_events(
         num_train_targets=int(np.count_nonzero(arrays["train"][:, :-1])),
     )
     return arrays, stats
+
+
+def temporal_positions(
+    users: np.ndarray, times: np.ndarray, starts: np.ndarray, lengths: np.ndarray, valid_fraction: float,
+    test_fraction: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """The global temporal split of events grouped by user in time order (see the module docstring).
+
+    Returns (training events per user [U], validation target positions, test target positions,
+    stats with the cut-off times and the share of events on each side).
+    """
+    n = times.size
+    ordered = np.sort(times, kind="stable")
+    t_val = ordered[min(int(round(n * (1.0 - valid_fraction - test_fraction))), n - 1)]
+    t_test = ordered[min(int(round(n * (1.0 - test_fraction))), n - 1)]
+    n_train = np.bincount(users, weights=times < t_val, minlength=lengths.size).astype(np.int64)
+    n_before_test = np.bincount(users, weights=times < t_test, minlength=lengths.size).astype(np.int64)
+    # A target needs an event in its window and something before it to predict from.
+    has_val = (n_before_test > n_train) & (n_train > 0)
+    has_test = (lengths > n_before_test) & (n_before_test > 0)
+    val_pos, test_pos = (starts + n_train)[has_val], (starts + n_before_test)[has_test]
+    if t_val >= t_test or not val_pos.size or not test_pos.size:
+        raise DataError(
+            f"the temporal split (valid_fraction={valid_fraction}, test_fraction={test_fraction}) leaves no "
+            f"{'validation' if t_val >= t_test or not val_pos.size else 'test'} target: too many events share the "
+            "cut-off time or the dataset is too small; raise data.valid_fraction / data.test_fraction")
+    cut = {"t_val": float(t_val), "t_test": float(t_test), "train_event_share": float(np.mean(times < t_val)),
+           "test_event_share": float(np.mean(times >= t_test))}
+    return n_train, val_pos.astype(np.int64), test_pos.astype(np.int64), cut
 
 
 def encode_tokens(tokens: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

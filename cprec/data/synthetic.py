@@ -98,5 +98,10 @@ def generate_synthetic(
 
     users = np.repeat(np.arange(num_users, dtype=np.int64), lengths)
     step = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths)
-    timestamps = np.repeat(rng.integers(0, 10**9, num_users), lengths) + 60 * step
+    # Users start at random times and space their events by a per-user gap, so their histories
+    # overlap in time as real ones do and a global temporal split holds users on both sides of its
+    # cut-offs. Drawn after the items: the items and every user's event order stay those of the seed.
+    start = rng.integers(0, 10**9, num_users)
+    gap = rng.integers(60, 2 * 10**7, num_users)
+    timestamps = np.repeat(start, lengths) + np.repeat(gap, lengths) * step
     return users, items, timestamps

@@ -1,8 +1,8 @@
 """Scores a run's saved parameters on its validation and test users, without training.
 
-    python -m cprec.eval_run runs/nextitnet-1m --source checkpoints        # latest training checkpoint
-    python -m cprec.eval_run runs/cprec-1m                                 # best-validation parameters
-    python -m cprec.eval_run runs/nextitnet-1m --source checkpoints --step 400 --splits test
+    python -m cprec.eval runs/nextitnet-1m --source checkpoints        # latest training checkpoint
+    python -m cprec.eval runs/cprec-1m                                 # best-validation parameters
+    python -m cprec.eval runs/nextitnet-1m --source checkpoints --step 400 --splits test
 
 For runs that are still training (or were stopped early): the metrics of any kept checkpoint,
 computed exactly as training computes them (same users, full ranking, same batch size). The
@@ -48,7 +48,7 @@ def evaluate_run(workdir: str, source: str | None = None, step: int | None = Non
         inputs, targets = data[split]
         t0 = time.perf_counter()
         result[split] = evaluate_split(rank_fn, params, inputs, targets, e.batch_size, tuple(e.ks),
-                                       parallel.shard, parallel.gather)
+                                       parallel.shard, parallel.gather, split=split, step=run.step)
         print(f"{split} ({len(targets):,} users, {run.source} step {run.step}, {time.perf_counter() - t0:.0f} s): "
               + ", ".join(f"{k} {v:.4f}" for k, v in result[split].items()), flush=True)
     return result

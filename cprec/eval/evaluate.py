@@ -5,18 +5,44 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from cprec.errors import EvaluationError
 from cprec.eval.metrics import rank_metrics
-from cprec.model.nextitnet import NextItNet, eval_ranks
+from cprec.model.nextitnet import NextItNet
 from cprec.timing import median_seconds
 
 if TYPE_CHECKING:
     from cprec.data import SequenceDataset
 
 
+def eval_ranks(scores: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """0-based rank of each target among all real items (padding id 0 excluded), and whether the row's
+    scores are all finite.
+
+    Ties count against the target (pessimistic): every other real item scoring at least as high ranks
+    above it, so a model with constant scores ranks every target last, never first. A NaN compares
+    false with everything and would rank its target first; ``check_finite_rows`` refuses such rows.
+    """
+    real = scores[:, 1:]
+    target = jnp.take_along_axis(scores, targets[:, None], axis=-1)
+    ranks = jnp.sum(real >= target, axis=-1) - 1  # minus the target itself
+    return ranks, jnp.all(jnp.isfinite(real), axis=-1)
+
+
+def check_finite_rows(finite: np.ndarray, split: str, step: int | None) -> None:
+    """Raises EvaluationError, naming the split, the step and the count, when a row had a NaN or infinite score."""
+    bad = int(np.size(finite) - np.count_nonzero(finite))
+    if bad:
+        at = f"step {step}" if step is not None else "an unknown step"
+        raise EvaluationError(
+            f"{bad:,} of {np.size(finite):,} rows of the {split} split have NaN or infinite scores (parameters of "
+            f"{at}); no metrics written: evaluate an earlier checkpoint, or retrain with a lower optim.lr")
+
+
 def make_rank_fn(model: NextItNet) -> Callable:
-    """Jitted (params, inputs [B, L], targets [B]) -> 0-based ranks [B] over all real items."""
+    """Jitted (params, inputs [B, L], targets [B]) -> (0-based ranks [B] over all real items, finite [B])."""
 
     @jax.jit
     def ranks(params, inputs, targets):
@@ -38,13 +64,19 @@ def eval_users(num_users: int, limit: int) -> np.ndarray:
 
 
 def eval_splits(data: SequenceDataset, num_users: int, verbose: bool = False) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """The validation and test (inputs, targets) to score: every user's, or the fixed subset of `num_users`."""
+    """The validation and test (inputs, targets) to score: every row, or a fixed subset of `num_users` rows
+    of each split (the same users in both under leave-one-out, where each user has one row per split)."""
     splits = {"val": (data.val_inputs, data.val_targets), "test": (data.test_inputs, data.test_targets)}
-    users = eval_users(len(data.test_targets), num_users)
-    if len(users) < len(data.test_targets):
-        if verbose:
-            print(f"evaluating a fixed subset of {len(users):,} of the {len(data.test_targets):,} users (eval.num_users)")
-        splits = {name: (x[users], y[users]) for name, (x, y) in splits.items()}
+    subsets = []
+    for name, (x, y) in splits.items():
+        users = eval_users(len(y), num_users)
+        if len(users) < len(y):
+            subsets.append(f"{len(users):,} of the {len(y):,} {name} users")
+            splits[name] = (x[users], y[users])
+    if verbose and subsets:
+        same = len(data.val_targets) == len(data.test_targets)  # leave-one-out: one row per user in each
+        print("evaluating a fixed subset of " + (subsets[0].replace(" val users", " users") if same else
+                                                 ", ".join(subsets)) + " (eval.num_users)")
     return splits
 
 
@@ -52,13 +84,15 @@ def evaluate_split(
     rank_fn: Callable, params, inputs: np.ndarray, targets: np.ndarray, batch_size: int, ks: Sequence[int],
     place: Callable[[np.ndarray], jax.Array] = jax.numpy.asarray,
     fetch: Callable[[jax.Array], np.ndarray] = np.asarray,
+    split: str = "evaluated", step: int | None = None,
 ) -> dict[str, float]:
     """HR/NDCG/MRR@K over one split; the last batch is padded to keep one compiled shape.
 
     `place` puts a host batch on the devices (e.g. split over a data-parallel mesh) and `fetch`
-    brings the ranks back to the host.
+    brings the ranks back to the host. A row with a NaN or infinite score is an EvaluationError
+    naming `split` and `step` (the parameters' training step), raised before any metric exists.
     """
-    ranks = []
+    ranks, finite = [], []
     for start in range(0, len(targets), batch_size):
         x = np.asarray(inputs[start : start + batch_size])
         y = np.asarray(targets[start : start + batch_size])
@@ -66,7 +100,10 @@ def evaluate_split(
         if n < batch_size:
             x = np.concatenate([x, np.zeros((batch_size - n, x.shape[1]), x.dtype)])
             y = np.concatenate([y, np.ones(batch_size - n, y.dtype)])
-        ranks.append(fetch(rank_fn(params, place(x), place(y)))[:n])
+        r, f = rank_fn(params, place(x), place(y))
+        ranks.append(fetch(r)[:n])
+        finite.append(fetch(f)[:n])
+    check_finite_rows(np.concatenate(finite), split, step)
     return rank_metrics(np.concatenate(ranks), ks)
 
 

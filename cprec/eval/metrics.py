@@ -25,9 +25,9 @@ def rank_metrics(ranks: np.ndarray, ks: Sequence[int] = (5, 10, 20)) -> dict[str
 
 
 def popularity_ranks(item_counts: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Ranks of the targets under the most-popular baseline (ties counted optimistically)."""
-    counts = np.asarray(item_counts, dtype=np.int64).copy()
-    counts[0] = -1  # padding is never ranked above a real item
-    sorted_counts = np.sort(counts[1:])
-    # Rank = number of real items with a strictly higher count than the target's.
-    return len(sorted_counts) - np.searchsorted(sorted_counts, counts[targets], side="right")
+    """Ranks of the targets under the most-popular baseline, ties counted against the target as for
+    every model (``cprec.eval.evaluate.eval_ranks``): every other real item with at least the target's
+    training count ranks above it."""
+    counts = np.asarray(item_counts, dtype=np.int64)
+    sorted_counts = np.sort(counts[1:])  # real items only: padding is never ranked
+    return len(sorted_counts) - np.searchsorted(sorted_counts, counts[targets], side="left") - 1

@@ -64,7 +64,7 @@ def find_checkpoint(workdir: str | pathlib.Path, source: str | None = None, step
     for subdir in (source,) if source else SOURCES:
         if not (workdir / subdir).is_dir():
             continue
-        ckpt = Checkpointer(workdir, 1, subdir=subdir)
+        ckpt = Checkpointer(workdir, None, subdir=subdir, read_only=True)
         try:
             steps = ckpt.all_steps()
         finally:
@@ -92,7 +92,7 @@ def load_run(workdir: str | pathlib.Path, verbose: bool = False, source: str | N
     subdir, chosen = find_checkpoint(workdir, source, step)  # before the data: a wrong step costs nothing
     data = load_dataset(config.data, verbose=verbose)
     model = build_model(config, data.item_counts)
-    ckpt = Checkpointer(workdir, 1, subdir=subdir)
+    ckpt = Checkpointer(workdir, None, subdir=subdir, read_only=True)
     try:  # the parameters alone (of a best/ or a training checkpoint): no optimizer slots
         restored = ckpt.restore(chosen, {"params": init_params(model, config.seed)}, partial=True)
     finally:

@@ -1,6 +1,6 @@
 """Block-wise adaptive input embedding (CpRec).
 
-Parameters, for clusters given by ``cutoffs`` (see ``cprec.clusters``) and ranks ``d_j``:
+Parameters, for clusters given by ``cutoffs`` (see ``cprec.model.clusters``) and ranks ``d_j``:
 
 - ``head``: ``[k1, dim]`` plain lookup table for ids ``[0, k1)`` (padding id 0 included);
 - ``tail_{j}_emb``: ``[k_j, d_j]`` and ``tail_{j}_proj``: ``[d_j, dim]`` for tail cluster

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from cprec.errors import ConfigError
 from cprec.model.conv import causal_conv
@@ -146,12 +145,3 @@ def target_mask(inputs, targets):
     """
     return (targets > 0) & (inputs > 0)
 
-
-def eval_ranks(log_prob: jax.Array, targets: jax.Array) -> jax.Array:
-    """0-based rank of each target among all real items (padding id 0 excluded).
-
-    Ties count in the target's favour (only strictly higher scores rank above it).
-    """
-    target_lp = jnp.take_along_axis(log_prob, targets[:, None], axis=-1)
-    above = log_prob[:, 1:] > target_lp
-    return above.sum(axis=-1)

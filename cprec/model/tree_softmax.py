@@ -1,6 +1,6 @@
 """Block-wise (two-level tree) softmax over frequency-ordered items, as in CpRec / adaptive softmax.
 
-Clusters come from ``cutoffs = (k1, ..., V)`` (see ``cprec.clusters``): the head holds ids
+Clusters come from ``cutoffs = (k1, ..., V)`` (see ``cprec.model.clusters``): the head holds ids
 ``[0, k1)`` and tail cluster j = 1..n-1 holds ids ``[cutoffs[j-1], cutoffs[j])`` (offset_j =
 ``cutoffs[j-1]``, size k_j, rank d_j = ``ranks[j]``).
 
@@ -243,6 +243,37 @@ ClusterStats = tuple[tuple[jax.Array, ...], ...]
 _BOUND_SLACK = (1e-3, 1e-4)
 
 
+def matmul_input_roundoff() -> float:
+    """Unit roundoff of the inputs of a float32 matmul at the precision in use (traced code reads it).
+
+    XLA runs a float32 matmul at the backend's default precision unless told otherwise: float32 on
+    CPUs, TF32 (10 mantissa bits) on NVIDIA GPUs since Ampere, bfloat16 passes on TPUs. The early
+    stop's bound must hold for the log-probs as they are computed, so its slack grows with this.
+    """
+    precision = str(jax.config.jax_default_matmul_precision or "default").lower()
+    if precision in ("float32", "highest"):
+        return 2.0**-24
+    if precision in ("bfloat16", "fastest"):
+        return 2.0**-8
+    if precision in ("tensorfloat32", "high"):
+        return 2.0**-11
+    return {"gpu": 2.0**-11, "cuda": 2.0**-11, "rocm": 2.0**-11, "tpu": 2.0**-8}.get(jax.default_backend(), 2.0**-24)
+
+
+def _matmul_slack(z: jax.Array, stats: tuple[jax.Array, ...]) -> jax.Array:
+    """How far rounded matmul inputs can move the bound's comparison, per row: >= 0.
+
+    With inputs rounded to unit roundoff u, a computed logit z.w_i moves by at most
+    e = (2u + d_j 2^-24) sum_d |z_d w_di| <= e_max = (2u + d_j 2^-24) sum_d |z_d| max(|max_i W[d,i]|, |min_i W[d,i]|).
+    An item's computed log-prob is its logit minus the cluster's computed logsumexp, which is at least
+    log k + mean_i(logit_i) - e_max, and the bound's own Jensen term z.mean_i(w_i) is a matmul too:
+    3 e_max covers all three; 4 e_max leaves a margin.
+    """
+    w_max, w_min = stats[0], stats[1]
+    eps = 2.0 * matmul_input_roundoff() + z.shape[1] * 2.0**-24
+    return 4.0 * eps * jnp.sum(jnp.abs(z) * jnp.maximum(jnp.abs(w_max), jnp.abs(w_min)), axis=1)
+
+
 def tree_cluster_stats(outs: Sequence[jax.Array]) -> ClusterStats:
     """Per tail cluster: row-wise max, min and mean of ``W_j`` [d_j, k_j] and its largest column norm.
 
@@ -272,10 +303,11 @@ def _cluster_bound(z: jax.Array, stats: tuple[jax.Array, ...], k: int) -> jax.Ar
     max_i z.w_i <= sum_d max(z_d max_i W[d,i], z_d min_i W[d,i]) and <= |z| max_i |w_i| (exact for
     rank 1); logsumexp_i z.w_i >= log k + z.mean_i w_i (Jensen). A flat model's big clusters fall
     far below their token's log-prob: every item there shares the token's mass with k-1 others.
+    The bound holds for the log-probs as the platform's matmuls compute them (``_matmul_slack``).
     """
     w_max, w_min, w_mean, col_norm = stats
     best = jnp.minimum(jnp.sum(jnp.maximum(z * w_max, z * w_min), axis=1), jnp.linalg.norm(z, axis=1) * col_norm)
-    return jnp.minimum(best - (jnp.log(float(k)) + z @ w_mean), 0.0)
+    return jnp.minimum(best - (jnp.log(float(k)) + z @ w_mean) + _matmul_slack(z, stats), 0.0)
 
 
 def _tightened(tok_lp: jax.Array, bound: jax.Array) -> jax.Array:
@@ -473,7 +505,7 @@ class BlockwiseSoftmax(InputProjection, nn.Module):
     """Two-level tree softmax over V items; see the module docstring for layout and semantics.
 
     ``capacities``: static token capacity of each tail cluster in ``loss`` (e.g. from
-    ``cprec.clusters.cluster_token_capacities`` and the training item counts). None (the default)
+    ``cprec.model.clusters.cluster_token_capacities`` and the training item counts). None (the default)
     assumes nothing about the frequencies: each call routes a cluster's tokens into the smallest
     of 64, 128, 256, ... rows that holds them (one ``lax.switch``, rematerialised): 0.91x the speed
     of tuned capacities at 1M items; capacities save the recompute and compile fewer branches.

@@ -12,18 +12,24 @@ from cprec.errors import WorkdirError
 
 
 class Checkpointer:
-    """Saves and restores the dict-shaped train state under `<workdir>/checkpoints`."""
+    """Saves and restores the dict-shaped train state under `<workdir>/checkpoints`.
 
-    def __init__(self, workdir: str | pathlib.Path, keep: int, subdir: str = "checkpoints") -> None:
+    ``read_only``: for readers of a run that may still be training (evaluation, export): nothing is
+    created, written or deleted, and no step is pruned (``keep`` is ignored).
+    """
+
+    def __init__(self, workdir: str | pathlib.Path, keep: int | None, subdir: str = "checkpoints",
+                 read_only: bool = False) -> None:
         self.directory = pathlib.Path(workdir).absolute() / subdir
-        self._manager = ocp.CheckpointManager(
-            self.directory,
+        if read_only:
+            options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_root_metadata=False,
+                                                   save_interval_steps=0, enable_async_checkpointing=False)
+        else:
             # Across hosts, async saves wait on a completion barrier that our tests saw time out;
             # synchronous saves need no such barrier.
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, create=True, enable_async_checkpointing=jax.process_count() == 1
-            ),
-        )
+            options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                                   enable_async_checkpointing=jax.process_count() == 1)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -31,9 +37,17 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
-    def save(self, step: int, state: Any) -> None:
-        # Async: the write overlaps training; `close()` waits for it.
-        self._manager.save(step, args=ocp.args.StandardSave(state))
+    def save(self, step: int, state: Any, force: bool = False) -> None:
+        """Saves ``step`` (async: the write overlaps training; `close()` waits for it).
+
+        ``force``: also a step below the latest kept one, which the manager otherwise skips silently.
+        """
+        self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+
+    def delete(self, step: int) -> None:
+        """Removes a kept step, once every save in flight has finished."""
+        self._manager.wait_until_finished()
+        self._manager.delete(step)
 
     def restore(self, step: int, like: Any, partial: bool = False) -> Any:
         """Restores step `step` into arrays shaped like `like`; a damaged checkpoint is a WorkdirError.

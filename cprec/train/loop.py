@@ -143,10 +143,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         state = _train(config.train, state, start, total_steps, train_step, batcher, parallel, ckpt, best,
                        progress, validator, writer)
         params = best.params() if best.step else state["params"]
+        # Which saved parameters the test metrics belong to (an export of other ones must not claim them).
+        tested = {"source": "best", "step": best.step} if best.step else {"source": "checkpoints", "step": total_steps}
         test = _test(config, data, model, params, validator, best, total_steps, writer)
         writer.hparams(_hparams(config), {f"hparam/test_{k}": v for k, v in test.items()} | {
             "hparam/params_total": report["params/total"]})
-    write_json(results_path, {"step": total_steps, "test": test, "report": report}, sort_keys=True)
+    write_json(results_path, {"step": total_steps, "test": test, "test_params": tested, "report": report},
+               sort_keys=True)
     return test
 
 
@@ -169,7 +172,7 @@ def _train(t: ml_collections.ConfigDict, state: dict, start: int, total_steps: i
         if log:
             progress.log(done)
         if validate:
-            val = validator("val", state["params"])
+            val = validator("val", state["params"], done)
             writer.scalars(done, {f"val/{k}": v for k, v in val.items()})
             best.offer(done, val, state["params"])
             print(f"step {done} validation: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items() if "@" in k), flush=True)
@@ -181,7 +184,7 @@ def _train(t: ml_collections.ConfigDict, state: dict, start: int, total_steps: i
 def _test(config: ml_collections.ConfigDict, data: SequenceDataset, model: NextItNet, params: Any,
           validator: _Validator, best: _BestCheckpoint, total_steps: int, writer: MetricWriter) -> dict[str, float]:
     """Test metrics of the selected parameters, and the top-n serving latency of the model."""
-    test = validator("test", params)
+    test = validator("test", params, best.step or total_steps)
     serve = topk_latency_ms(model, params, data.test_inputs, config.eval.topk_n, config.eval.topk_batches)
     writer.scalars(total_steps, {f"test/{k}": v for k, v in test.items()} | serve
                    | {"test/selected_step": best.step or total_steps})
@@ -210,32 +213,57 @@ class _Validator:
         self._splits = eval_splits(data, config.eval.num_users, verbose=True)
         self._batch_size, self._ks, self._parallel = config.eval.batch_size, tuple(config.eval.ks), parallel
 
-    def __call__(self, split: str, params: Any) -> dict[str, float]:
+    def __call__(self, split: str, params: Any, step: int) -> dict[str, float]:
+        """Metrics of the parameters of training step ``step`` (named in the error on a NaN score)."""
         inputs, targets = self._splits[split]
         return evaluate_split(self._rank_fn, params, inputs, targets, self._batch_size, self._ks,
-                              self._parallel.shard, self._parallel.gather)
+                              self._parallel.shard, self._parallel.gather, split=split, step=step)
 
 
 class _BestCheckpoint:
-    """The parameters of the best validation value so far, in ``<workdir>/best`` (survives resumes)."""
+    """The parameters of the best validation value so far, in ``<workdir>/best`` (survives resumes).
+
+    A resumed run replays the steps after its last training checkpoint, and best/ may already hold
+    one of them, or a later one: the replayed step then wins only with a better score, replacing the
+    saved one even at the same or a lower step. The new step is written before the old one is removed
+    (at the next offer or at close, once the write has finished), so a kill never leaves best/ empty;
+    on start, the best-scoring of the kept steps is the one used.
+    """
 
     def __init__(self, workdir: pathlib.Path, params: Any, metric: str, parallel: DataParallel) -> None:
         self.metric, self._parallel = metric, parallel
-        self._ckpt = Checkpointer(workdir, 1, subdir="best")
+        self._ckpt = Checkpointer(workdir, None, subdir="best")
         self._like = best_state_like(params)
-        self.step = self._ckpt.latest_step()
-        self.score = float(self._ckpt.restore(self.step, self._like)["score"]) if self.step else -np.inf
+        self.step, self.score = None, -np.inf
+        kept = self._ckpt.all_steps()
+        for step in kept:
+            score = float(self._ckpt.restore(step, {"score": self._like["score"]}, partial=True)["score"])
+            if score > self.score:
+                self.step, self.score = step, score
+        self._stale = [s for s in kept if s != self.step]  # removed once nothing is in flight
 
     def offer(self, step: int, metrics: dict[str, float], params: Any) -> None:
-        if metrics[self.metric] > self.score:
-            self.score, self.step = metrics[self.metric], step
-            self._ckpt.save(step, {"params": params, **self._parallel.replicate(
-                {"score": jnp.asarray(self.score), "step": jnp.asarray(step, jnp.int32)})})
+        if metrics[self.metric] <= self.score:
+            return
+        self._drop_stale()
+        if step == self.step:  # the replay of a step saved before the kill, now scoring higher
+            self._ckpt.delete(step)
+        elif self.step is not None:
+            self._stale.append(self.step)
+        self.score, self.step = metrics[self.metric], step
+        self._ckpt.save(step, {"params": params, **self._parallel.replicate(
+            {"score": jnp.asarray(self.score), "step": jnp.asarray(step, jnp.int32)})}, force=True)
 
     def params(self) -> Any:
         return self._parallel.replicate(self._ckpt.restore(self.step, self._like)["params"])
 
+    def _drop_stale(self) -> None:
+        for step in self._stale:
+            self._ckpt.delete(step)
+        self._stale = []
+
     def close(self) -> None:
+        self._drop_stale()
         self._ckpt.close()
 
 

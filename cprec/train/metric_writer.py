@@ -12,8 +12,10 @@ from tensorboardX.summary import hparams as tb_hparams
 class MetricWriter:
     """One JSON object per line (`step` plus keys like `val/mrr@5`) and TensorBoard scalars.
 
-    On resume from step s, lines and events after s are dropped so the logs
-    read as one uninterrupted run.
+    A run resumed from its checkpoint at step s > 0 keeps the lines and events up to s and drops
+    the later ones, which it writes again; a run started again from scratch (killed before its
+    first checkpoint) drops them all, its step-0 header included. Either way every step is logged
+    once and the logs read as one uninterrupted run.
     """
 
     def __init__(self, workdir: str | pathlib.Path, resume_step: int = 0, enabled: bool = True) -> None:
@@ -21,11 +23,13 @@ class MetricWriter:
         self.path = pathlib.Path(workdir) / "metrics.jsonl"
         if not enabled:
             return
-        if resume_step and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+        first_new = resume_step + 1 if resume_step else 0  # the first step this run writes again
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] < first_new]
             self.path.write_text("".join(line + "\n" for line in kept))
         self._file = self.path.open("a")
-        self._tb = SummaryWriter(str(workdir), purge_step=resume_step or None)
+        # TensorBoard hides the earlier events at steps >= purge_step once it reads this run's start.
+        self._tb = SummaryWriter(str(workdir), purge_step=first_new)
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         if not self.enabled:

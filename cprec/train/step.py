@@ -53,7 +53,7 @@ def make_batch_grads(model: NextItNet, micro_batches: int = 1, frozen: Callable[
     """``(params, batch, rng) -> (summed NLL, target count, summed gradient)`` of a [B, L+1] window batch.
 
     With ``micro_batches`` = n > 1 the gradient is accumulated over n micro-batches of B/n rows in
-    a ``lax.scan`` (see cprec/micro_batch.py for why): the same sums over all the batch's targets,
+    a ``lax.scan`` (see cprec/train/micro_batch.py for why): the same sums over all the batch's targets,
     added in another order. Micro-batch i holds rows i, i+n, i+2n, ..., so every micro-batch takes
     the same share of each device's rows under data parallelism. ``frozen(name)``: parameters held
     constant (no gradient; zeros in the result); a benchmark's knob, training freezes nothing.
