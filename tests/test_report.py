@@ -7,7 +7,7 @@ import pytest
 from cprec.report.add_run import add_run
 from cprec.report.markers import render_docs, render_text, table_names
 from cprec.report.paths import RESULTS, doc_files
-from cprec.report.table import REQUIRED, ResultFileError, load_table, render_table
+from cprec.report.table import REQUIRED, ResultFileError, dump_table, load_table, render_table
 
 
 def test_every_docs_table_is_what_its_result_file_renders():
@@ -24,6 +24,8 @@ def test_every_result_file_follows_the_schema_and_is_shown():
         assert all(spec[k] for k in REQUIRED), name
         assert spec["rows"], name
         assert name in shown, f"results/{name}.json is in no docs table"
+        text = (RESULTS / f"{name}.json").read_text()
+        assert text == dump_table(json.loads(text)), f"results/{name}.json: one line per column and row, please"
 
 
 def _table(tmp_path: pathlib.Path, rows: list[dict]) -> pathlib.Path:

@@ -6,7 +6,7 @@ import json
 import pathlib
 
 from cprec.report.paths import RESULTS
-from cprec.report.table import ResultFileError
+from cprec.report.table import ResultFileError, dump_table
 
 
 def run_values(run: pathlib.Path) -> dict:
@@ -35,5 +35,5 @@ def add_run(run: str | pathlib.Path, table: str, sets: dict[str, str], results: 
     row["_date"] = datetime.datetime.fromtimestamp(mtime, datetime.timezone.utc).date().isoformat()
     first = spec["columns"][0]["key"]
     spec["rows"] = [r for r in spec["rows"] if r.get(first) != row.get(first)] + [row]
-    path.write_text(json.dumps(spec, indent=1, ensure_ascii=False) + "\n")
+    path.write_text(dump_table(spec))
     return row

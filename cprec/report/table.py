@@ -33,6 +33,18 @@ def load_table(name: str, results: pathlib.Path = RESULTS) -> dict:
     return spec
 
 
+def dump_table(spec: dict) -> str:
+    """A result file's text: one line per field, column and row, so that a diff shows the row that changed."""
+    line = lambda x: json.dumps(x, ensure_ascii=False)
+    fields = []
+    for key, value in spec.items():
+        if key in ("columns", "rows"):
+            fields.append(f" {line(key)}: [\n" + ",\n".join("  " + line(x) for x in value) + "\n ]")
+        else:
+            fields.append(f" {line(key)}: {line(value)}")
+    return "{\n" + ",\n".join(fields) + "\n}\n"
+
+
 def format_cell(value, fmt: str | None, bold: bool = False) -> str:
     """A number through the column's format (e.g. "{:,}", "{:.4f}", "{:.2f}x"); text as it is."""
     if value is None:
