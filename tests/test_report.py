@@ -25,7 +25,7 @@ def test_every_result_file_follows_the_schema_and_is_shown():
         assert spec["rows"], name
         assert name in shown, f"results/{name}.json is in no docs table"
         text = (RESULTS / f"{name}.json").read_text()
-        assert text == dump_table(json.loads(text)), f"results/{name}.json: one line per column and row, please"
+        assert text == dump_table(json.loads(text)), f"results/{name}.json: run `python -m cprec.report` (it lays the file out)"
 
 
 def _table(tmp_path: pathlib.Path, rows: list[dict]) -> pathlib.Path:

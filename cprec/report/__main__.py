@@ -11,6 +11,7 @@ import sys
 
 from cprec.report.add_run import add_run
 from cprec.report.markers import render_docs
+from cprec.report.table import tidy_results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="change nothing; exit 1 if a table differs")
     p.add_argument("--no-plots", action="store_true", help="tables only")
     a = p.parse_args(argv)
+    if not a.check:
+        for path in tidy_results():
+            print(f"reformatted: {path}")
     changed = render_docs(check=a.check)
     for path in changed:
         print(f"{'differs' if a.check else 'rendered'}: {path}")

@@ -45,6 +45,18 @@ def dump_table(spec: dict) -> str:
     return "{\n" + ",\n".join(fields) + "\n}\n"
 
 
+def tidy_results(results: pathlib.Path = RESULTS) -> list[pathlib.Path]:
+    """Rewrites every table file in the layout of ``dump_table`` (hand-written files included)."""
+    changed = []
+    for path in sorted(results.glob("*.json")):
+        text = path.read_text()
+        spec = json.loads(text)
+        if "columns" in spec and dump_table(spec) != text:
+            path.write_text(dump_table(spec))
+            changed.append(path)
+    return changed
+
+
 def format_cell(value, fmt: str | None, bold: bool = False) -> str:
     """A number through the column's format (e.g. "{:,}", "{:.4f}", "{:.2f}x"); text as it is."""
     if value is None:
