@@ -1,5 +1,6 @@
 """The docs tables are what their result files render; the report tool's own parts."""
 import json
+import re
 import pathlib
 
 import pytest
@@ -76,3 +77,26 @@ def test_the_plots_render(tmp_path):
     files = render_plots(out=tmp_path)
     assert [f.name for f in files] == ["pareto.png", "early-stop.png", "server.png"]
     assert all(f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in files)
+
+
+def _anchors(markdown: str) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens, repeats numbered."""
+    seen: dict[str, int] = {}
+    out = set()
+    for heading in re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", markdown, flags=re.S), re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        out.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
+        seen[slug] = seen.get(slug, 0) + 1
+    return out
+
+
+def test_every_docs_link_resolves():
+    for page in doc_files():
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if "://" in target:
+                continue
+            file, _, anchor = target.partition("#")
+            dest = (page.parent / file).resolve() if file else page
+            assert dest.exists(), f"{page.name}: link to missing {target}"
+            if anchor:
+                assert anchor in _anchors(dest.read_text()), f"{page.name}: no heading for {target}"
