@@ -7,7 +7,7 @@ import pytest
 
 from cprec.report.add_run import add_run
 from cprec.report.markers import render_docs, render_text, table_names
-from cprec.report.paths import RESULTS, doc_files
+from cprec.report.paths import RESULTS, ROOT, doc_files
 from cprec.report.table import REQUIRED, ResultFileError, dump_table, load_table, render_table
 
 
@@ -100,3 +100,19 @@ def test_every_docs_link_resolves():
             assert dest.exists(), f"{page.name}: link to missing {target}"
             if anchor:
                 assert anchor in _anchors(dest.read_text()), f"{page.name}: no heading for {target}"
+
+
+def test_every_config_key_is_in_docs_configs():
+    from cprec.config import base_config
+
+    lines = (ROOT / "docs" / "configs.md").read_text().splitlines()
+
+    def documented(key: str) -> bool:  # `model.dim`, or `dim` in a row that names `model.` keys
+        section, _, leaf = key.rpartition(".")
+        return any(f"`{key}`" in line or (f"`{section}." in line and f"`{leaf}`" in line) for line in lines)
+
+    def leaves(d: dict, prefix: str = "") -> list[str]:
+        return [k for key, v in d.items() for k in (leaves(v, f"{prefix}{key}.") if isinstance(v, dict) else [prefix + key])]
+
+    missing = [k for k in leaves(base_config().to_dict()) if not documented(k)]
+    assert not missing, f"add a row for each of {missing} to docs/configs.md"
