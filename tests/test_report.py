@@ -48,6 +48,17 @@ def test_a_table_renders_formats_bold_and_provenance(tmp_path):
     assert "`python run.py`; cpu; seeds 0; test." in md
 
 
+def test_rows_from_a_benchmarks_own_json(tmp_path):
+    bench = {"command": "python -m cprec.bench.x --fast", "date": "2026-12-04", "rows": [{"flops": 2.5e9, "peak": 0.4471}]}
+    (tmp_path / "x-cpu.json").write_text(json.dumps(bench))
+    spec = {"title": "t", "source": "bench", "machine": "cpu", "rows_from": "x-cpu.json#rows",
+            "columns": [{"key": "flops", "label": "GFLOP/s", "format": "{:.1f}", "scale": 1e-9},
+                        {"key": "peak", "label": "peak", "format": "{:.1%}"}]}
+    (tmp_path / "t.json").write_text(json.dumps(spec))
+    md = render_table(load_table("t", tmp_path))
+    assert "| 2.5 | 44.7% |" in md and "`python -m cprec.bench.x --fast`; cpu; 2026-12-04; bench." in md
+
+
 def test_markers_are_replaced_and_other_text_kept(tmp_path):
     results = _table(tmp_path, [{"run": "x", "test/mrr@5": 0.5}])
     text = "intro\n<!-- table:t -->\nstale\n<!-- /table:t -->\noutro\n"

@@ -19,15 +19,18 @@ def load_table(name: str, results: pathlib.Path = RESULTS) -> dict:
     if not path.exists():
         raise ResultFileError(f"{path}: no such result file (a docs marker names table:{name})")
     spec = json.loads(path.read_text())
-    for key in REQUIRED:
-        if key not in spec:
-            raise ResultFileError(f"{path}: missing field {key!r}")
     if "rows_from" in spec:  # "file.json#a/b": a benchmark's own JSON, copied unchanged, and a path in it
         file, _, where = spec["rows_from"].partition("#")
-        rows = json.loads((results / file).read_text())
+        rows = source = json.loads((results / file).read_text())
         for part in filter(None, where.split("/")):
             rows = rows[part]
         spec["rows"] = rows
+        for key in ("command", "date"):  # what the benchmark recorded, unless the table says otherwise
+            if key not in spec and key in source:
+                spec[key] = source[key]
+    for key in REQUIRED:
+        if key not in spec:
+            raise ResultFileError(f"{path}: missing field {key!r}")
     if not isinstance(spec.get("rows"), list):
         raise ResultFileError(f"{path}: 'rows' must be a list (or give 'rows_from')")
     return spec
@@ -57,12 +60,12 @@ def tidy_results(results: pathlib.Path = RESULTS) -> list[pathlib.Path]:
     return changed
 
 
-def format_cell(value, fmt: str | None, bold: bool = False) -> str:
-    """A number through the column's format (e.g. "{:,}", "{:.4f}", "{:.2f}x"); text as it is."""
+def format_cell(value, fmt: str | None, bold: bool = False, scale: float = 1) -> str:
+    """A number times `scale` through the column's format ("{:,}", "{:.4f}", "{:.2f}x", "{:.1%}"); text as it is."""
     if value is None:
         text = ""
     elif fmt and isinstance(value, (int, float)) and not isinstance(value, bool):
-        text = fmt.format(value)
+        text = fmt.format(value * scale if scale != 1 else value)
     else:
         text = str(value)
     return f"**{text}**" if bold and text else text
@@ -70,9 +73,10 @@ def format_cell(value, fmt: str | None, bold: bool = False) -> str:
 
 def render_cell(row: dict, col: dict, bold: set) -> str:
     """A column shows one key, or several joined (`"keys": ["p50_ms", "p99_ms"], "sep": " / "`)."""
+    fmt, scale = col.get("format"), col.get("scale", 1)
     if "keys" not in col:
-        return format_cell(row.get(col["key"]), col.get("format"), col["key"] in bold)
-    parts = [format_cell(row.get(k), col.get("format"), k in bold) for k in col["keys"]]
+        return format_cell(row.get(col["key"]), fmt, col["key"] in bold, scale)
+    parts = [format_cell(row.get(k), fmt, k in bold, scale) for k in col["keys"]]
     return col.get("sep", " / ").join(p for p in parts if p)
 
 
