@@ -77,6 +77,7 @@ def test_add_puts_a_runs_results_json_in_a_table(tmp_path):
         {"step": 10, "test": {"mrr@5": 0.61234}, "report": {"params/total": 5000}}))
     row = add_run(run, "t", {"run": "mine"}, results)
     assert row["test/mrr@5"] == 0.61234 and row["params/total"] == 5000 and row["_source"].endswith("results.json")
+    add_run(run / "results.json", "t", {"run": "mine"}, results)  # the file names its run too
     rows = load_table("t", results)["rows"]
     assert [r["run"] for r in rows] == ["old", "mine"]  # the run's row replaced, not duplicated
     assert "| mine | 5,000 | 0.6123 |" in render_table(load_table("t", results))

@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["add"]:
         p = argparse.ArgumentParser(prog="python -m cprec.report add")
-        p.add_argument("run", help="a finished run directory (its results.json)")
+        p.add_argument("run", help="a finished run directory, or its results.json")
         p.add_argument("--table", required=True, help="results/NAME.json to add the row to")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="a cell results.json does not hold (the row's label, its command)")

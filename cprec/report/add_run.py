@@ -23,6 +23,8 @@ def run_values(run: pathlib.Path) -> dict:
 def add_run(run: str | pathlib.Path, table: str, sets: dict[str, str], results: pathlib.Path = RESULTS) -> dict:
     """Adds (or replaces, matched on the first column) the run's row; returns the row."""
     run = pathlib.Path(run)
+    if run.name == "results.json":  # the file itself, as well as its run directory
+        run = run.parent
     path = results / f"{table}.json"
     spec = json.loads(path.read_text())
     if "rows_from" in spec:
