@@ -61,10 +61,13 @@ def pareto(results: pathlib.Path) -> plt.Figure:
     """Quality against parameters for every compression setting measured, one panel per dataset."""
     small = load_table("runs-small", results)["rows"]
     by_cmd = lambda s, *exclude: [r for r in small if s in r["command"] and not any(e in r["run"] for e in exclude)]
-    b30 = load_table("synthetic30k-budget", results)["rows"]
-    tied30 = load_table("synthetic30k-tied", results)["rows"][1:]  # row 0 repeats the untied preset
+    # The budget and tied tables repeat the hand-set preset as a reference row; it is plotted once.
+    b30 = [r for r in load_table("synthetic30k-budget", results)["rows"] if r["clusters"] != "hand-set preset"]
+    tied30 = [r for r in load_table("synthetic30k-tied", results)["rows"] if not r["run"].startswith("untied")]
     m1 = load_table("synthetic1m", results)["rows"]
-    b1m = load_table("synthetic1m-budget", results)["rows"][1:]  # row 0 repeats the hand-set preset
+    b1m = [r for r in load_table("synthetic1m-budget", results)["rows"] if r["clusters"] != "hand-set preset"]
+    untied_b30 = [r for r in b30 if "tied" not in r["clusters"]]
+    t1m = load_table("synthetic1m-tied", results)["rows"]
     base = lambda rows: rows[0]
     fig, axes = plt.subplots(2, 2, figsize=(11, 8.5))
     ml = by_cmd("nextitnet.py:ml100k,tuned=false")
@@ -76,13 +79,15 @@ def pareto(results: pathlib.Path) -> plt.Figure:
     s30 = by_cmd("nextitnet.py:synthetic30k", "epochs")
     _quality_panel(axes[1, 0], "synthetic30k, 4 epochs", [
         ("CpRec, hand-set clusters and ablations", "o", by_cmd("cprec.py:synthetic30k", "epochs")),
-        ("CpRec, budget solver", "s", b30[1:6]),
-        ("tied CpRec", "^", tied30 + b30[6:])], base(s30))
-    axes[1, 1].text(0.35, 0.45, "uncompressed NextItNet: 128,249,728 params,\nnot trained here (needs a GPU)",
+        ("CpRec, budget solver", "s", untied_b30),
+        ("tied CpRec", "^", tied30 + [r for r in b30 if r not in untied_b30])], base(s30))
+    axes[1, 1].text(0.45, 0.62, "uncompressed NextItNet:\n128,249,728 params,\nnot trained here (needs a GPU)",
                     transform=axes[1, 1].transAxes, va="top", fontsize=8)
     _quality_panel(axes[1, 1], "synthetic1m, 1 epoch, 10,000 test users", [
-        ("CpRec, the 5 sharing schemes", "o", m1[1:]),
-        ("CpRec, budget solver", "s", b1m)], None)
+        ("CpRec, the 5 sharing schemes", "o", [r for r in m1 if r["run"].startswith("cprec")]),
+        ("CpRec, budget solver", "s", b1m),
+        ("tied CpRec", "^", [r for r in t1m if r["run"].startswith("tied") and "cosine" not in r["lr"]]),
+        ("cosine-decayed lr (untied, tied)", "D", [r for r in t1m if "cosine" in r["lr"]])], None)
     fig.suptitle("Quality against parameters (seed 0; higher and further left is better)")
     fig.tight_layout()
     return fig
