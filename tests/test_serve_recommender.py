@@ -69,6 +69,25 @@ def test_recommend_matches_the_full_softmax_in_raw_ids(served, exclude_seen):
             assert not set(res.items) & set(_raw(HISTORIES[r]))
 
 
+def test_exclude_seen_is_the_most_recent_e_distinct_items_for_requests_and_sessions(served):
+    art, _ = served
+    rec, stream = Recommender(art, max_exclude=4), Recommender(art, context="stream", max_exclude=4)
+    history = [3, 5, 7, 9, 11, 13, 5, 9]  # the 4 most recent distinct: 9, 5, 13, 11 (3 and 7 are older)
+    recent = [11, 13, 5, 9]
+    _, _, lp = _reference_top(art.model(), art.params, [history], 10, exclude_seen=False, window=L)
+    lp[0, recent] = -np.inf
+    want = _raw(np.argsort(-lp[0], kind="stable")[:V - 1 - len(recent)])  # every item but those 4 (and padding)
+    [got] = rec.recommend([_raw(history)], n=V - 1)
+    assert got.items == want and {"movie-3", "movie-7"} <= set(want)  # beyond E: recommendable again
+    session = stream.session(_raw(history[:3]))
+    for item in history[3:]:
+        session.append(_raw([item]))
+    assert list(session.seen) == recent  # bounded, oldest first
+    assert session.recommend(V - 1).items == stream.recommend([_raw(history)], n=V - 1)[0].items
+    with pytest.raises(RequestError, match="at most max_exclude=4"):
+        rec.top(np.zeros((1, D), np.float32), 5, [[1, 2, 3, 4, 5]], [None])
+
+
 def test_unknown_ids_are_skipped_and_reported(served):
     _, rec = served
     [with_unknown] = rec.recommend([["movie-3", "new-item", "movie-5", 999_999, "movie-7"]], n=5)
@@ -123,6 +142,26 @@ def test_score_equals_the_full_log_prob(served):
     out = rec.score(_raw(HISTORIES[1]), _raw(cands) + ["unknown"])
     np.testing.assert_allclose(out.scores[:-1], lp[0, cands], rtol=1e-5, atol=1e-5)
     assert out.scores[-1] is None and out.unknown_items == ["unknown"]
+    # Batched: rows of different candidate widths, each equal to the full log-prob of its history.
+    many = [_raw(cands), ["ghost", *_raw(range(1, V))], _raw([5])]
+    got = rec.score_many([_raw(h) for h in HISTORIES], many)
+    _, _, lps = _reference_top(art.model(), art.params, HISTORIES, 1, False)
+    for r, (g, c) in enumerate(zip(got, many)):
+        ids = [int(x[len("movie-"):]) if x != "ghost" else None for x in c]
+        assert [s is None for s in g.scores] == [i is None for i in ids]
+        np.testing.assert_allclose([s for s in g.scores if s is not None], lps[r, [i for i in ids if i]],
+                                   rtol=1e-5, atol=1e-5)
+    assert got[1].unknown_items == ["ghost"]
+
+
+def test_vectorised_id_lookup_equals_the_dict():
+    from cprec.serve.recommender import ItemIds
+
+    for raw in ([None, 10, 3, 7, 2**40], [None, "b", "a", "c"]):
+        ids = ItemIds(raw)
+        for query in ([7, 3, 11, 2**40, 10], ["a", "zz", "c"], [3, "7", "b"], ["10"], [], [2**70]):
+            want = [0 if i is None else i for i in ids.lookup(query)]
+            assert ids.lookup_array(query).tolist() == want, (raw, query)
 
 
 def test_session_appends_equal_the_stream_recommendation(served):

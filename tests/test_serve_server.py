@@ -19,7 +19,8 @@ import uvicorn
 from cprec.model.nextitnet import NextItNet
 from cprec.serve.artifact import model_kwargs_of, save_artifact
 from cprec.serve.http import uvicorn_config
-from cprec.serve.recommender import Recommender
+from cprec.errors import CprecError
+from cprec.serve.recommender import Recommender, SessionStore
 from cprec.serve.server import Server, ServerConfig
 from tests.helpers import ROOT
 
@@ -134,7 +135,78 @@ def test_concurrent_events_of_one_user_are_all_kept(served):
                                             for i in range(1, 9)])
     assert all(r.status_code == 200 for r in responses)
     session = running.server.store.get("busy")
-    assert session.seen == set(range(1, 9))
+    assert set(session.seen) == set(range(1, 9)) and int(session.state["count"][0]) == 8
+
+
+def test_a_batch_failing_after_its_first_round_applies_no_event_twice(served, monkeypatch):
+    """One user twice in a batch: the second round fails after the first one's state was computed.
+    The batcher retries each request alone; the state and answers equal those of a clean run."""
+    running, rec = served
+    server = running.server
+    clean = SessionStore(rec)
+    first = (_raw([3, 4]), 5)
+    second = (_raw([9]), 5)
+    want = [clean.advance(["twice"], [items], n)[0] for items, n in (first, second)]
+    real, calls = rec.advanced, []
+
+    def fails_on_the_second_round(*args, **kwargs):
+        out = real(*args, **kwargs)  # the round's new states exist now
+        calls.append(len(args[0]))
+        if len(calls) == 2:
+            raise RuntimeError("injected after the first round")
+        return out
+    monkeypatch.setattr(rec, "advanced", fails_on_the_second_round)
+    requests = [("twice", items, n, True, None, None) for items, n in (first, second)]
+    got = server.batchers["sessions"]._run_isolated(requests)
+    assert calls[:2] == [1, 1] and len(calls) == 4  # two rounds, then each request alone
+    assert [g["items"] for g in got] == [w.items for w in want]
+    assert [g["session"] for g in got] == ["new", "cached"]
+    state, clean_state = server.store.get("twice").state, clean.get("twice").state
+    assert int(state["count"][0]) == int(clean_state["count"][0]) == 3
+    for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(clean_state)):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
+
+
+def test_a_session_says_whether_it_was_cached_new_or_rebuilt(served):
+    running, _ = served
+    url = running.url + "/v1/sessions/{}/events"
+    assert _post(url.format("fresh"), "", {"items": _raw([3, 5])}).json()["session"] == "new"
+    replaced = _post(url.format("fresh"), "", {"items": _raw([7]), "n": 6}).json()
+    assert replaced["session"] == "cached"
+    assert httpx.delete(url.format("fresh")[:-len("/events")]).status_code == 200
+    # The client holds the history: rebuilding from it equals the session it replaces.
+    rebuilt = _post(url.format("fresh"), "", {"items": _raw([7]), "n": 6, "history": _raw([3, 5])}).json()
+    assert rebuilt["session"] == "rebuilt" and rebuilt["items"] == replaced["items"]
+    assert rebuilt["scores"] == pytest.approx(replaced["scores"], rel=1e-5, abs=1e-5)
+    # A history sent for a cached session is not read: the cache holds the same events.
+    again = _post(url.format("fresh"), "", {"items": [], "n": 6, "history": ["junk"]}).json()
+    assert again["session"] == "cached" and again["items"] == replaced["items"]
+    # Evicted (the store keeps 100 sessions): the answer says so.
+    _concurrently(running.url, [(f"/v1/sessions/filler-{u}/events", {"items": ["movie-1"]}) for u in range(100)])
+    assert "fresh" not in running.server.store
+    assert _post(url.format("fresh"), "", {"items": _raw([7])}).json()["session"] == "new"
+
+
+def test_sessions_saved_and_loaded_are_the_same_and_a_foreign_file_is_refused(artifact, tmp_path):
+    rec = Recommender.load(artifact, max_batch=4, context="stream")
+    store = SessionStore(rec)
+    store.advance(["a", "b", 7], [_raw([1, 2]), _raw([3]) + ["ghost"], _raw([4])])
+    path = tmp_path / "sessions.npz"
+    assert store.save(path) == 3 and not list(tmp_path.glob(".*tmp*"))
+    loaded = SessionStore(rec)
+    assert loaded.load(path) == 3
+    want = store.advance(["a", "b"], [[], _raw([5])], n=6)
+    got = loaded.advance(["a", "b"], [[], _raw([5])], n=6)
+    assert [g.items for g in got] == [w.items for w in want] and got[1].unknown_items == ["ghost"]
+    assert [g.session for g in got] == ["cached", "cached"] and 7 in loaded
+    other = dict(rec.artifact.manifest, created="another export")
+    foreign = SessionStore(Recommender(rec.artifact._replace(manifest=other), max_batch=4))
+    with pytest.raises(CprecError, match="sessions of another model"):
+        foreign.load(path)
+    path.write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(CprecError, match="not a readable cprec session file"):
+        foreign.load(path)
+    assert len(foreign) == 0
 
 
 BAD = [
@@ -200,27 +272,113 @@ def test_a_failing_request_fails_alone(served):
     assert running.server.errors.value("recommend", "500") == 1
 
 
-def test_a_client_that_disconnects_costs_nothing_else(served):
-    running, _ = served
-    with pytest.raises(httpx.TimeoutException):  # the batch waits 20 ms: the client gives up first
-        httpx.post(running.url + "/v1/recommend", json={"history": ["movie-2"]}, timeout=0.001)
+def _slowed(monkeypatch, obj, name, seconds, when=lambda *a: True, seen=None):
+    """Makes obj.name sleep `seconds` after computing when `when(args)` holds; records its args in `seen`."""
+    real = getattr(obj, name)
+
+    def slow(*args, **kwargs):
+        if seen is not None:
+            seen.append(args)
+        out = real(*args, **kwargs)
+        if when(*args):
+            time.sleep(seconds)
+        return out
+    monkeypatch.setattr(obj, name, slow)
+
+
+def test_a_request_whose_client_left_before_its_batch_is_not_computed(served, monkeypatch):
+    running, rec = served
+    computed = []
+    _slowed(monkeypatch, rec, "recommend", 1.5, when=lambda h, *a: ["movie-70"] in h, seen=computed)
+    busy = threading.Thread(target=_post, args=(running.url, "/v1/recommend", {"history": ["movie-70"]}))
+    busy.start()
+    time.sleep(0.3)  # the worker computes the first request now; the next one queues behind it
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(running.url + "/v1/recommend", json={"history": ["movie-71"]}, timeout=0.3)
+    busy.join()
     assert _post(running.url, "/v1/recommend", {"history": ["movie-2"]}).status_code == 200
+    histories = [h for args in computed for h in args[0]]
+    assert ["movie-70"] in histories and ["movie-2"] in histories and ["movie-71"] not in histories
 
 
 def test_queue_depth_counts_the_batch_being_collected():
+    def run_batch(reqs):
+        if 0 in reqs:
+            time.sleep(0.3)  # busy while the next three arrive
+        return [r * 2 for r in reqs]
+
     async def go():
         from cprec.serve.batcher import Batcher
 
-        batcher = Batcher(lambda reqs: [r * 2 for r in reqs], max_batch_size=10, timeout_s=0.3, name="t")
+        batcher = Batcher(run_batch, max_batch_size=10, timeout_s=0.5, name="t")
         batcher.start()
-        tasks = [asyncio.create_task(batcher.submit(i)) for i in range(3)]
-        await asyncio.sleep(0.1)  # the collector holds all three, waiting for more or the timeout
+        first = asyncio.create_task(batcher.submit(0))
+        await asyncio.sleep(0.1)
+        tasks = [asyncio.create_task(batcher.submit(i)) for i in range(1, 4)]
+        await asyncio.sleep(0.1)  # queued behind the computing batch
         depth_while_collecting = batcher.depth
-        results = await asyncio.gather(*tasks)
+        results = await asyncio.gather(first, *tasks)
         depth_after = batcher.depth
         await batcher.stop()
         return depth_while_collecting, results, depth_after
-    assert asyncio.run(go()) == (3, [0, 2, 4], 0)
+    assert asyncio.run(go()) == (3, [0, 2, 4, 6], 0)
+
+
+def test_a_request_that_finds_the_worker_idle_goes_at_once():
+    spans = []
+
+    async def go():
+        from cprec.serve.batcher import Batcher
+
+        batcher = Batcher(lambda reqs: spans.append(time.perf_counter()) or reqs, max_batch_size=10, timeout_s=5.0,
+                          name="t")
+        batcher.start()
+        start = time.perf_counter()
+        result = await batcher.submit(7)
+        await batcher.stop()
+        return start, result
+    start, result = asyncio.run(go())
+    assert result == 7 and spans[0] - start < 0.5  # not the 5 s timeout
+
+
+def test_an_exception_outside_the_compute_fails_its_batch_and_the_batcher_goes_on(served):
+    running, _ = served
+    batcher = running.server.batchers["recommend"]
+    real = batcher.on_batch
+    calls = []
+
+    def broken(name, size):
+        calls.append(size)
+        if len(calls) == 1:
+            raise RuntimeError("metrics broke")
+        real(name, size)
+    batcher.on_batch = broken
+    try:
+        first = _post(running.url, "/v1/recommend", {"history": ["movie-5"]})
+        second = _post(running.url, "/v1/recommend", {"history": ["movie-5"]})
+    finally:
+        batcher.on_batch = real
+    assert first.status_code == 500 and "metrics broke" in first.json()["error"]
+    assert second.status_code == 200
+
+
+def test_delete_and_healthz_do_not_wait_for_a_session_batch(served, monkeypatch):
+    running, rec = served
+    assert _post(running.url, "/v1/sessions/to-delete/events", {"items": ["movie-1"]}).status_code == 200
+    _slowed(monkeypatch, rec, "advanced", 2.0)
+    events = [("/v1/sessions/many-%d/events" % u, {"items": _raw([1 + u % 70])}) for u in range(64)]
+    batch = threading.Thread(target=_concurrently, args=(running.url, events))
+    batch.start()
+    time.sleep(0.5)  # the 64-session batch computes (2 s) now
+    start = time.perf_counter()
+    health = httpx.get(running.url + "/healthz", timeout=60)
+    health_s = time.perf_counter() - start
+    deleted = httpx.delete(running.url + "/v1/sessions/to-delete", timeout=60)
+    delete_s = time.perf_counter() - start - health_s
+    batch_running = batch.is_alive()
+    batch.join()
+    assert batch_running and health.status_code == 200 and deleted.status_code == 200
+    assert health_s < 0.5 and delete_s < 0.5, (health_s, delete_s)
 
 
 def test_requests_that_queued_behind_a_batch_do_not_wait_the_timeout_again():
@@ -263,19 +421,55 @@ def test_the_start_freezes_long_lived_objects_out_of_the_collector(artifact):
         running.stop()
 
 
+def _compiled(rec):
+    return rec._recommend_fn._cache_size(), rec._append_top_fn._cache_size(), rec._score_fn._cache_size()
+
+
+def _requests_of_every_shape(rec, store):
+    """Batches of 1-4 rows, histories of 1-50 items, n from 3 to 32, 3-79 candidates; the answers."""
+    out = []
+    for rows in (1, 2, 3, 4):
+        for length in (1, 3, 7, 50):
+            out.append(rec.recommend([_raw(range(1, length + 1))] * rows, n=min(32, 3 * length)))
+            out.append(rec.score_many([_raw(range(1, length + 1))] * rows, [_raw(range(1, min(V, 4 * length)))] * rows))
+        out.append(store.advance([f"u{r}" for r in range(rows)], [["movie-3"]] * rows, n=20))
+    return out
+
+
 def test_warmup_compiles_every_batch_size_and_history_width(artifact):
-    """After the warm-up no request of the default shape compiles: any batch size up to the
-    maximum, any history length (each length bucket), and session events."""
+    """After the whole warm-up no request of the default shapes compiles: any batch size up to the
+    maximum, any history length (each length bucket), session events, up to 256 candidates."""
     rec = Recommender.load(artifact, max_batch=4, length_buckets=(2, 4))
     server = Server(rec, ServerConfig(max_batch_size=4))
     server.warmup()
-    compiled = rec._recommend_fn._cache_size(), rec._append_top_fn._cache_size()
-    assert compiled == (3 * 3, 3)  # batch buckets 1, 2, 4 x widths 2, 4, L; events at batch 1, 2, 4
-    for rows in (1, 2, 3, 4):
-        for length in (1, 3, 7, 50):
-            rec.recommend([_raw(range(1, length + 1))] * rows, n=20)
-        server.store.advance([f"u{r}" for r in range(rows)], [["movie-3"]] * rows, n=20)
-    assert (rec._recommend_fn._cache_size(), rec._append_top_fn._cache_size()) == compiled
+    rec.shapes.only_compiled = True  # as the server sets it
+    compiled = _compiled(rec)
+    assert compiled == (3 * 3, 3, 3)  # batch buckets 1, 2, 4 x widths 2, 4, L; events and scores at 1, 2, 4
+    _requests_of_every_shape(rec, server.store)
+    assert _compiled(rec) == compiled
+
+
+def test_the_first_warmup_stage_answers_everything_without_a_compile(artifact):
+    """Before the background warm-up compiled anything, every request is answered by the one-row
+    shapes (a batch in chunks of one row), with the same answers as a fully compiled server."""
+    rec = Recommender.load(artifact, max_batch=4, length_buckets=(2, 4))
+    server = Server(rec, ServerConfig(max_batch_size=4))
+    first, rest = server.warmup_plan()
+    assert len(first) == 3 and len(rest) == 2 * 3 + 3 * 2
+    server.warmup(first)
+    rec.shapes.only_compiled = True
+    compiled = _compiled(rec)
+    assert compiled == (1, 1, 1)
+    early = _requests_of_every_shape(rec, SessionStore(rec))
+    assert _compiled(rec) == compiled
+    server.warmup(rest)
+    late = _requests_of_every_shape(rec, SessionStore(rec))
+    for a, b in zip(early, late):
+        for x, y in zip(a, b):
+            if hasattr(x, "items"):
+                assert x.items == y.items and x.scores == pytest.approx(y.scores, rel=1e-5, abs=1e-5)
+            else:
+                assert x.scores == pytest.approx(y.scores, rel=1e-5, abs=1e-5)
 
 
 def test_writes_of_one_event_loop_step_leave_as_one():
@@ -315,36 +509,64 @@ def test_writes_of_one_event_loop_step_leave_as_one():
     assert writes == [b"HTTP/1.1 200 OK\r\n\r\n{}", b"last"] and closed and extra == "extra:peername"
 
 
-def test_the_command_serves_and_stops_cleanly_on_sigterm(artifact, tmp_path):
+def _start_command(artifact, *args):
+    """`python -m cprec.serve` on a free port: (process, url, its output up to "ready on")."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
-    proc = subprocess.Popen([sys.executable, "-m", "cprec.serve", str(artifact), "--port", str(port),
-                             "--max-batch-size", "4", "--batch-timeout-ms", "3000"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "cprec.serve", str(artifact), "--port", str(port), *args],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    while not any("ready on" in line for line in lines):
+        line = proc.stdout.readline()
+        if not line:
+            proc.kill()
+            raise AssertionError("".join(lines))
+        lines.append(line)
+    return proc, f"http://127.0.0.1:{port}", lines
+
+
+def test_the_command_serves_stops_cleanly_on_sigterm_and_keeps_its_sessions(artifact, tmp_path):
+    sessions = tmp_path / "sessions"
+    proc, url, lines = _start_command(artifact, "--max-batch-size", "4", "--batch-timeout-ms", "3000",
+                                      "--session-dir", str(sessions))
     try:
-        lines = []
-        while not any("ready on" in line for line in lines):
-            line = proc.stdout.readline()
-            assert line, "".join(lines)
-            lines.append(line)
-        assert f"http://127.0.0.1:{port}" in lines[-1] and "80 items" not in lines[0] and "79 items" in lines[0]
-        url = f"http://127.0.0.1:{port}"
+        assert url in lines[-1] and "80 items" not in lines[0] and "79 items" in lines[0]
+        before = _post(url, "/v1/sessions/kept/events", {"items": _raw([3, 9]), "n": 6}).json()
         results = []
         threads = [threading.Thread(target=lambda: results.append(_post(url, "/v1/recommend", {"history": ["movie-3"]})))
-                   for _ in range(3)]
+                   for _ in range(4)]
         for t in threads:
             t.start()
-        time.sleep(1.0)  # the requests reach the server and wait for their batch (3 s from the first)
+        time.sleep(1.0)  # one request computes at once, the others wait for their batch (3 s from the first)
         proc.send_signal(signal.SIGTERM)
         for t in threads:
             t.join(timeout=60)
-        assert [r.status_code for r in results] == [200, 200, 200]
+        assert [r.status_code for r in results] == [200] * 4
+        assert proc.wait(timeout=60) == 0 and (sessions / "sessions.npz").is_file()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    proc, url, lines = _start_command(artifact, "--no-warmup", "--session-dir", str(sessions))
+    try:
+        assert "1 sessions loaded" in lines[0]
+        after = _post(url, "/v1/sessions/kept/events", {"items": [], "n": 6}).json()
+        assert after["session"] == "cached" and after["items"] == before["items"]
+        proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_corrupt_session_file_is_a_one_line_error_and_stays(artifact, tmp_path):
+    (tmp_path / "sessions.npz").write_bytes(b"not a session file")
+    out = subprocess.run([sys.executable, "-m", "cprec.serve", str(artifact), "--session-dir", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("error:") and "session file" in out.stderr
+    assert (tmp_path / "sessions.npz").read_bytes() == b"not a session file"
 
 
 @pytest.mark.parametrize("widths", ["16,x", "0,4"])

@@ -18,6 +18,7 @@ from cprec.serve.stablehlo import SIGNATURE_FILE, export_recommend, load_signatu
 V, D, L = 80, 8, 10
 HISTORIES = [[3, 5, 7], [40, 41, 2, 2, 13, 58, 59, 1, 30, 31, 32, 33, 77], [20], [79, 78, 70, 60, 50, 12, 11]]
 BUDGETS = [None, 1, 0, None]
+E = 5  # fewer than two histories' distinct items: the exclusion policy is tested beyond E
 
 # Needs jax, numpy and safetensors only; prints {artifact: [[raw ids], ...]} per batch of HISTORIES.
 FRESH_PROCESS = textwrap.dedent("""
@@ -71,7 +72,7 @@ def _save(out: pathlib.Path, softmax: str, dtype: str, batch_sizes=(4,)) -> path
     params = jax.tree.map(lambda x: np.asarray(x) * 3 + 0.3 * rng.standard_normal(x.shape).astype(np.float32), params)
     return save_artifact(out, model_kwargs=model_kwargs_of(model), max_len=L, params=params,
                          item_ids=[None] + _raw(range(1, V)), item_counts=np.arange(V)[::-1].copy(), dtype=dtype,
-                         manifest={}, extra=lambda d, a: export_recommend(d, a, batch_sizes, n=20))
+                         manifest={}, extra=lambda d, a: export_recommend(d, a, batch_sizes, n=20, max_exclude=E))
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +109,7 @@ def test_signature_describes_the_files(artifacts):
     art = artifacts[("tree", "int8")]
     sig = load_signature(art)
     assert sig["batch_sizes"] == [4] and sig["n"] == 20 and sig["max_len"] == L
-    assert sig["num_tail_clusters"] == 3
+    assert sig["num_tail_clusters"] == 3 and sig["max_exclude"] == E and Recommender.load(art).max_exclude == E
     manifest = json.loads((art / "manifest.json").read_text())
     for name in [*sig["files"].values(), SIGNATURE_FILE]:
         assert (art / name).is_file() and manifest["files"][name] == (art / name).stat().st_size

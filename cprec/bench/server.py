@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import shutil
 import signal
@@ -101,11 +102,15 @@ def _free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, artifact: str, args: list[str]) -> None:
+    """`python -m cprec.serve` on a free port, ready; ``checkout``: run that checkout's cprec instead."""
+
+    def __init__(self, artifact: str, args: list[str], checkout: str | None = None) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "cprec.serve", artifact, "--port", str(self.port), *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        env = None if checkout is None else {**os.environ, "PYTHONPATH": str(pathlib.Path(checkout).resolve())}
+        self.proc = subprocess.Popen([sys.executable, "-m", "cprec.serve", str(pathlib.Path(artifact).resolve()),
+                                      "--port", str(self.port), *args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, cwd=checkout, env=env)
         start, lines = time.perf_counter(), []
         while True:
             line = self.proc.stdout.readline()

@@ -1,13 +1,16 @@
 """Interleaved A/B of server settings: several servers side by side, `wrk` against each in turn.
 
     python -m cprec.bench.server_ab exports/cprec-demo --variant none="--length-buckets none" --variant auto=""
+    python -m cprec.bench.server_ab exports/c1m --variant new="" --variant old@/tmp/old-checkout=""
 
 Every variant runs both batched and unbatched (the settings of ``cprec.bench.server``) with its
-extra command-line arguments. All servers are started first (one after another, so their warm-ups
+extra command-line arguments; a variant named NAME@DIR runs the cprec of the checkout in DIR (an
+A/B of two versions of the server). All servers are started first (one after another, so their warm-ups
 do not compete), then each round measures every server once with stateless /v1/recommend
 requests at one concurrency: on a shared machine the rounds see the same background load, which
 separate benchmark runs do not. Prints and saves the median requests/s per server and the batched
-over unbatched ratio per variant (bench_results/server-ab-<artifact>-<platform>.json).
+over unbatched ratio per variant, and the median p50 latency per server
+(bench_results/server-ab-<artifact>-<platform>.json).
 """
 from __future__ import annotations
 
@@ -40,7 +43,8 @@ def run(args) -> dict:
             for name, extra in variants.items():
                 for setting, flags in SETTINGS.items():
                     print(f"[ab] starting {name} {setting}", flush=True)
-                    servers[f"{name} {setting}"] = ServerProcess(args.artifact, [*flags, *extra])
+                    checkout = name.partition("@")[2]
+                    servers[f"{name} {setting}"] = ServerProcess(args.artifact, [*flags, *extra], checkout or None)
             for r in range(args.rounds):
                 row = {}
                 for key, server in servers.items():
@@ -54,10 +58,12 @@ def run(args) -> dict:
                 server.stop()
     med = {k: statistics.median(r[k]["requests_per_s"] for r in res["rounds"]) for k in servers}
     res["median_requests_per_s"] = med
+    res["median_p50_ms"] = {k: statistics.median(r[k]["p50_ms"] for r in res["rounds"]) for k in servers}
     res["batched_over_unbatched"] = {v: med[f"{v} batched"] / med[f"{v} unbatched"] for v in variants}
     for v in variants:
         print(f"[ab] {v}: batched {med[f'{v} batched']:,.0f} req/s, unbatched {med[f'{v} unbatched']:,.0f} req/s, "
-              f"{res['batched_over_unbatched'][v]:.2f}x (median of {args.rounds})", flush=True)
+              f"{res['batched_over_unbatched'][v]:.2f}x; p50 {res['median_p50_ms'][f'{v} batched']:.2f} ms batched, "
+              f"{res['median_p50_ms'][f'{v} unbatched']:.2f} ms unbatched (median of {args.rounds})", flush=True)
     return res
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import pathlib
 import signal
 import sys
 import time
@@ -12,7 +14,7 @@ import uvicorn
 from cprec.errors import CprecError, exit_on_user_error
 from cprec.serve.http import uvicorn_config
 from cprec.serve.recommender import Recommender
-from cprec.serve.server import Server, ServerConfig
+from cprec.serve.server import SESSIONS_FILE, Server, ServerConfig
 
 
 class GracefulServer(uvicorn.Server):
@@ -48,16 +50,25 @@ def _parser() -> argparse.ArgumentParser:
                    help="how long the first request of a batch waits for others")
     p.add_argument("--sessions", type=int, default=d.sessions, help="cached sessions (least recently used out)")
     p.add_argument("--session-bytes", type=int, default=d.session_bytes, help="bytes of cached sessions at most")
+    p.add_argument("--session-dir", default=None, metavar="DIR",
+                   help=f"keep the sessions across restarts: saved to DIR/{SESSIONS_FILE} (atomically) when the "
+                        "server stops on SIGTERM / SIGINT, loaded from it at start")
     p.add_argument("--context", choices=("window", "stream"), default="window",
                    help="what a stateless /v1/recommend reads of a history (sessions always stream)")
     p.add_argument("--length-buckets", default="auto", metavar="auto|none|W,W,...",
                    help="history widths a stateless batch is encoded at (auto: 16, 32, ... up to the context; "
                         "none: always the whole context, one compiled width, a faster start)")
     p.add_argument("--no-warmup", action="store_true", help="answer at once and compile shapes on first use")
-    p.add_argument("--compile-cache", default=None, metavar="DIR",
+    p.add_argument("--compile-cache", default="auto", metavar="DIR|auto|none",
                    help="keep compiled programs in DIR (jax's persistent cache): a restart of the same model "
-                        "skips most of the warm-up's compilation")
+                        f"skips most compilation; auto (default): {default_compile_cache()}; none: off")
     return p
+
+
+def default_compile_cache() -> str:
+    """The persistent compilation cache's default directory: the user's cache directory."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "cprec", "jax-compile")
 
 
 def _length_buckets(text: str) -> str | None | list[int]:
@@ -75,27 +86,46 @@ def main(argv: list[str] | None = None) -> int:
     with exit_on_user_error():
         if args.max_batch_size < 1 or args.batch_timeout_ms < 0 or args.sessions < 1:
             raise CprecError("--max-batch-size and --sessions must be >= 1 and --batch-timeout-ms >= 0")
-        if args.compile_cache:
+        cache = default_compile_cache() if args.compile_cache == "auto" else args.compile_cache
+        if cache != "none":
             import jax
 
-            jax.config.update("jax_compilation_cache_dir", args.compile_cache)
+            jax.config.update("jax_compilation_cache_dir", cache)
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         rec = Recommender.load(args.artifact, context=args.context, max_batch=args.max_batch_size,
                                length_buckets=_length_buckets(args.length_buckets))
         config = ServerConfig(max_batch_size=args.max_batch_size, batch_timeout_ms=args.batch_timeout_ms,
-                              sessions=args.sessions, session_bytes=args.session_bytes, warmup=not args.no_warmup)
+                              sessions=args.sessions, session_bytes=args.session_bytes, warmup=not args.no_warmup,
+                              session_dir=args.session_dir)
         server = Server(rec, config)  # its start-up freezes the long-lived objects out of the gc's way
+        loaded = _load_sessions(server, args.session_dir)
         m = rec.artifact.manifest
         print(f"cprec.serve: {args.artifact} ({rec.num_items - 1:,} items, {m.get('param_count', 0):,} parameters, "
               f"{m.get('dtype')}, {m.get('total_bytes', 0):,} bytes); batches of up to {args.max_batch_size} "
-              f"within {args.batch_timeout_ms:g} ms; compiling...", flush=True)
+              f"within {args.batch_timeout_ms:g} ms{loaded}; compiling...", flush=True)
     uv = GracefulServer(uvicorn_config(server.app, host=args.host, port=args.port, log_level="warning",
                                        timeout_graceful_shutdown=30))
     uv.on_started = lambda: print(f"cprec.serve: ready on http://{args.host}:{args.port} in "
-                                  f"{time.perf_counter() - start:.1f} s", flush=True)
+                                  f"{time.perf_counter() - start:.1f} s ({server.compiling} shapes left to compile "
+                                  "in the background)", flush=True)
     uv.run()
     print("cprec.serve: stopped", flush=True)
-    return 0
+    return 1 if getattr(server, "save_error", None) else 0
+
+
+def _load_sessions(server: Server, session_dir: str | None) -> str:
+    """Loads DIR/sessions.npz if there is one (a CprecError, before anything is written, if it is not
+    this model's); a short note for the start-up line."""
+    if not session_dir:
+        return ""
+    directory = pathlib.Path(session_dir)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CprecError(f"--session-dir {directory} cannot be created ({e})") from None
+    path = directory / SESSIONS_FILE
+    count = server.store.load(path) if path.exists() else 0
+    return f"; {count:,} sessions loaded from {path}"
 
 
 if __name__ == "__main__":

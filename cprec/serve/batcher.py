@@ -3,14 +3,19 @@
     batcher = Batcher(run_batch, max_batch_size=256, timeout_s=0.002, name="recommend")
     result = await batcher.submit(request)          # from any number of concurrent handlers
 
-Requests wait in a queue until ``max_batch_size`` of them are there or ``timeout_s`` has passed
-since the first one arrived (its arrival, not when the worker got free: requests that queued up
-while the last batch computed have waited already, so the worker goes on at once); the batch then
-runs as ``run_batch(list of requests)`` on a worker thread (never on the event loop, so the loop
-keeps accepting and queueing the next batch while the model computes). ``run_batch`` returns one
-result per request; an exception for one request (an ``Exception`` instance in its place) fails
-that request alone. If ``run_batch`` raises, each request of the batch is retried alone, so one
-bad request never fails the others.
+A request that finds the worker idle (nothing computing, nothing queued) is computed at once,
+with whatever arrived in the same event-loop step: batching costs a quiet server no latency.
+Requests that arrive while a batch computes queue up and form the next batch (up to
+``max_batch_size``); ``timeout_s`` only bounds how long such a partial batch waits for more,
+counted from its first request's arrival, so after a computation longer than it the next batch
+goes at once. A batch runs as ``run_batch(list of requests)`` on a worker thread (never on the
+event loop, so the loop keeps accepting and queueing the next batch while the model computes).
+``run_batch`` returns one result per request; an exception for one request (an ``Exception``
+instance in its place) fails that request alone. If ``run_batch`` raises, each request of the
+batch is retried alone, so one bad request never fails the others. Any other exception while
+handling a batch (e.g. in ``on_batch``) fails that batch's requests, and the batcher goes on with
+the next one: it never stops serving. A request cancelled before its batch is formed (its client
+went away: see ``Server``) is left out of it, never computed.
 
 One worker thread per batcher: batches of one kind run one after another (the model's compute
 uses every core anyway), while the event loop fills the next batch.
@@ -34,6 +39,8 @@ class Batcher:
         self.on_batch = on_batch  # called with (name, batch size) for every batch run (metrics)
         self._queue: asyncio.Queue | None = None
         self._waiting = 0  # submitted and not yet handed to the worker (queued or in the batch being collected)
+        self.computed = 0  # requests handed to run_batch since start (tests, metrics)
+        self._busy = False  # a batch is computing
         self._task: asyncio.Task | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"cprec-{name}")
 
@@ -64,13 +71,17 @@ class Batcher:
         if self._queue is None:
             raise RuntimeError(f"batcher {self.name} is not started")
         future = asyncio.get_running_loop().create_future()
+        idle = not self._busy and self._waiting == 0  # nothing computing, nothing queued
         self._waiting += 1
-        await self._queue.put((request, future, time.perf_counter()))
+        self._queue.put_nowait((request, future, time.perf_counter(), idle))
         return await future
 
-    async def _collect(self) -> list[tuple[Any, asyncio.Future, float]]:
+    async def _collect(self) -> list[tuple[Any, asyncio.Future, float, bool]]:
         batch = [await self._queue.get()]
-        deadline = batch[0][2] + self.timeout_s  # from the first request's arrival
+        # A request that found the worker idle goes at once with what is there; a batch that queued
+        # behind a computation may wait for more until the timeout from its first request's arrival.
+        _, _, arrival, idle = batch[0]
+        deadline = arrival + (0.0 if idle else self.timeout_s)
         while len(batch) < self.max_batch_size:
             try:
                 batch.append(self._queue.get_nowait())
@@ -91,24 +102,33 @@ class Batcher:
         while True:
             batch = await self._collect()
             self._waiting -= len(batch)
-            live = [(r, f) for r, f, _ in batch if not f.cancelled()]  # a client that left costs nothing
+            live = [(r, f) for r, f, *_ in batch if not f.done()]  # a request whose client left is not computed
             try:
                 if live:
-                    results = await loop.run_in_executor(self._executor, self._run_isolated, [r for r, _ in live])
+                    self.computed += len(live)
+                    self._busy = True
+                    try:
+                        results = await loop.run_in_executor(self._executor, self._run_isolated, [r for r, _ in live])
+                    finally:
+                        self._busy = False
                     for (_, future), result in zip(live, results):
-                        if future.cancelled():
+                        if future.done():
                             continue
                         if isinstance(result, BaseException):
                             future.set_exception(result)
                         else:
                             future.set_result(result)
+            except Exception as e:  # outside run_batch's own isolation: this batch fails, the batcher goes on
+                for _, future in live:
+                    if not future.done():
+                        future.set_exception(e)
             finally:
                 for _ in batch:
                     self._queue.task_done()
 
     def _run_isolated(self, requests: list[Any]) -> list[Any]:
         if self.on_batch is not None:
-            self.on_batch(self.name, len(requests))
+            self.on_batch(self.name, len(requests))  # an exception here fails the batch (see _loop)
         try:
             results = list(self.run_batch(requests))
             if len(results) != len(requests):

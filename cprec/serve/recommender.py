@@ -13,7 +13,13 @@ calls. Imports the model package only (never training or evaluation).
 from __future__ import annotations
 
 import collections
+import hashlib
+import json
+import math
+import os
+import pathlib
 import threading
+import zipfile
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -29,14 +35,18 @@ from cprec.serve.incremental import (append_many, encode_state, encode_suffix, p
 from cprec.serve.quantize import dequantize_tree
 
 CONTEXTS = ("window", "stream")
+# Items a request or a session excludes with exclude_seen: its E most recent distinct ones (one
+# compiled exclusion width; the StableHLO export takes the same). An artifact may set its own E
+# (manifest "max_exclude"); this is the default.
+MAX_EXCLUDE = 128
 
 
 def default_encoder_rows() -> int | None:
     """Rows per pass of the conv stack inside one jitted call (None: the whole batch at once).
 
     On CPU the stack over [B*T, d] slows down per row once a batch's activations outgrow the
-    caches: on the 1M-item preset, 256 windows of 50 in one pass took 1.5x the time of four
-    passes of 64 (README, "Server benchmark"). A GPU wants the whole batch.
+    caches, so a big batch is encoded in chunks of 64 rows (measured in docs/serving.md, "HTTP
+    server benchmark"). A GPU wants the whole batch.
     """
     return 64 if jax.default_backend() == "cpu" else None
 
@@ -63,6 +73,42 @@ def in_row_chunks(fn: Callable, x: jax.Array, rows: int | None) -> Any:
     return jax.tree.map(lambda a: a.reshape(b, *a.shape[2:]), out)
 
 
+class Shapes:
+    """The shapes each kind of jitted call ("recommend", "advance", "score", "top") has compiled.
+
+    With ``only_compiled`` (a server warming up the rest in the background), a call takes the
+    cheapest compiled shape that holds it (more rows, a wider history, a larger n or more
+    candidates: the answers are the same, padding is never returned), and a batch with more rows
+    than any compiled shape runs in chunks of the largest: no request waits on a compile that a
+    compiled shape could have spared. Only a shape that no compiled one holds compiles on use.
+    """
+
+    def __init__(self) -> None:
+        self.only_compiled = False
+        self._done: dict[str, frozenset[tuple[int, ...]]] = {}
+        self._lock = threading.Lock()
+
+    def fit(self, kind: str, want: tuple[int, ...]) -> tuple[int, ...]:
+        done = self._done.get(kind, frozenset())
+        if not self.only_compiled or want in done:
+            return want
+        fits = [s for s in done if all(a >= b for a, b in zip(s, want))]
+        return min(fits, key=lambda s: (math.prod(s), s)) if fits else want
+
+    def rows_step(self, kind: str, largest: int) -> int:
+        """Rows per chunk of a batch: ``largest``, or with ``only_compiled`` the most any compiled shape holds."""
+        done = self._done.get(kind)
+        return max(s[0] for s in done) if self.only_compiled and done else largest
+
+    def note(self, kind: str, shape: tuple[int, ...]) -> None:
+        if shape not in self._done.get(kind, ()):
+            with self._lock:
+                self._done[kind] = self._done.get(kind, frozenset()) | {shape}
+
+    def compiled(self, kind: str) -> frozenset[tuple[int, ...]]:
+        return self._done.get(kind, frozenset())
+
+
 class RequestError(CprecError, ValueError):
     """A request the model cannot answer as asked (e.g. n outside [1, number of items])."""
 
@@ -72,6 +118,7 @@ class Recommendation(NamedTuple):
     scores: list[float]  # their log-probabilities
     exact: bool  # False only when max_clusters stopped a cluster that could have changed the list
     unknown_items: list  # history ids the model does not know (skipped)
+    session: str | None = None  # session events: "cached", "new" (no cached state) or "rebuilt" (from a history)
 
 
 class Scores(NamedTuple):
@@ -83,6 +130,16 @@ def bucket(size: int, smallest: int = 1, largest: int | None = None) -> int:
     """The padded size of a dimension: the next power of two >= size (and >= smallest), capped at largest."""
     b = max(smallest, 1 << max(0, int(size) - 1).bit_length())
     return b if largest is None else min(b, largest)
+
+
+def recent_distinct(ids: Iterable[int], limit: int, start: dict | None = None) -> dict:
+    """The ``limit`` most recent distinct ids of ``start`` (a previous result) followed by ``ids``,
+    as a dict in recency order (oldest first): the exclusion policy of sessions and requests alike."""
+    newest = list(dict.fromkeys(reversed(list(ids))))[:limit]  # newest first
+    if start and len(newest) < limit:
+        taken = set(newest)
+        newest += [i for i in reversed(start) if i not in taken][:limit - len(newest)]
+    return dict.fromkeys(reversed(newest))
 
 
 def left_padded(rows: Sequence[Sequence[int]], width: int, num_rows: int | None = None) -> np.ndarray:
@@ -101,6 +158,33 @@ class ItemIds:
     def __init__(self, raw_ids: Sequence) -> None:
         self.raw = list(raw_ids)
         self._index = {raw: i for i, raw in enumerate(self.raw) if i > 0}
+        self._sorted: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}
+
+    def _sorted_index(self, kind: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """(sorted raw ids, their internal ids) when every raw id is of numpy kind 'i' or 'U' (else None);
+        built on first use."""
+        if kind not in self._sorted:
+            index = None
+            if kind in "iU" and self.raw[1:]:
+                keys = np.asarray(self.raw[1:])
+                if keys.dtype.kind == kind:
+                    order = np.argsort(keys, kind="stable")
+                    index = keys[order], (order + 1).astype(np.int32)
+            self._sorted[kind] = index
+        return self._sorted[kind]
+
+    def lookup_array(self, raw_ids: Sequence) -> np.ndarray:
+        """[M] int32 internal ids, 0 (padding) where unknown: one vectorised search when the ids are all
+        integers or all strings like the catalogue's, else ``lookup``."""
+        arr = np.asarray(raw_ids) if len(raw_ids) else np.zeros((0,), np.int64)
+        index = self._sorted_index(arr.dtype.kind) if arr.ndim == 1 and arr.dtype.kind in "iU" else None
+        if index is not None and arr.dtype.kind == "U" and not all(isinstance(r, str) for r in raw_ids):
+            index = None  # numpy made text of some integers: look those up as they are
+        if index is None:
+            return np.asarray([0 if i is None else i for i in self.lookup(raw_ids)], np.int32)
+        keys, ids = index
+        pos = np.minimum(np.searchsorted(keys, arr), len(keys) - 1)
+        return np.where(keys[pos] == arr, ids[pos], 0).astype(np.int32)
 
     def lookup(self, raw_ids: Sequence) -> list[int | None]:
         """The internal id of each raw id, None where unknown."""
@@ -124,7 +208,7 @@ class Recommender:
 
     ``context``: what a stateless ``recommend`` reads of a history. 'window' (default): the last
     L items, left-padded, as the model was trained and evaluated; 'stream': everything in the
-    receptive field, as a ``Session`` does (see the README for which scores better).
+    receptive field, as a ``Session`` does (docs/serving.md says which scores better).
     ``encoder_rows``: rows per pass of the conv stack within a batch ("auto": 64 on CPU, the whole
     batch on GPU; see ``default_encoder_rows``); results do not depend on it.
     ``length_buckets``: the widths a batch of histories is encoded at, the smallest that holds its
@@ -132,14 +216,20 @@ class Recommender:
     length). The positions before a history are padding, whose activations are the same for every
     row and computed once at load, so a batch of 20-item histories encodes 32 positions instead of
     50, with the same results (up to float32 rounding).
+    ``max_exclude``: E, how many of a history's most recent distinct items ``exclude_seen`` excludes
+    (default: the artifact's manifest ``max_exclude``, else ``MAX_EXCLUDE``); a session keeps only
+    those E in ``seen``. Every batch passes exactly E exclusion slots: one compiled shape.
     """
 
     def __init__(self, artifact: Artifact, context: str = "window", max_batch: int = 256,
                  encoder_rows: int | None | str = "auto",
-                 length_buckets: Sequence[int] | None | str = "auto") -> None:
+                 length_buckets: Sequence[int] | None | str = "auto", max_exclude: int | None = None) -> None:
         if context not in CONTEXTS:
             raise RequestError(f"context={context!r} is unknown; valid choices: {', '.join(CONTEXTS)}")
         self.artifact, self.context, self.max_batch = artifact, context, max_batch
+        self.max_exclude = int(artifact.manifest.get("max_exclude", MAX_EXCLUDE) if max_exclude is None else max_exclude)
+        if self.max_exclude < 1:
+            raise RequestError(f"max_exclude={self.max_exclude} is invalid: give 1 or more")
         self.encoder_rows = default_encoder_rows() if encoder_rows == "auto" else encoder_rows
         self.model: NextItNet = artifact.model()
         self.ids = ItemIds(artifact.item_ids)
@@ -174,9 +264,15 @@ class Recommender:
         self._append_fn = jax.jit(self._append)
         self._append_top_fn = jax.jit(self._append_top, static_argnums=7)
         self._state_fn = jax.jit(self._state)
+        self.shapes = Shapes()
 
     @classmethod
     def load(cls, path: str, **kwargs: Any) -> "Recommender":
+        """The artifact in ``path``; its StableHLO signature's E (``max_exclude``), if it has one, is
+        the default exclusion width, so that both paths answer alike."""
+        signature = pathlib.Path(path) / "stablehlo.json"
+        if kwargs.get("max_exclude") is None and signature.is_file():
+            kwargs["max_exclude"] = json.loads(signature.read_text()).get("max_exclude")
         return cls(load_artifact(path), **kwargs)
 
     # -- jitted pieces: parameters (possibly quantised) are arguments, dequantised inside ----------
@@ -204,8 +300,9 @@ class Recommender:
         """Encode and top-n in one call: one dispatch per batch, the hidden states never leave the device."""
         return self._top(params, stats, self._hidden(params, histories), exclude, budget, n)
 
-    def _score(self, params, h, candidates):
-        return self.model.apply({"params": dequantize_tree(params)}, h, candidates,
+    def _score(self, params, histories, candidates):
+        """Encode and score candidates [B, M] in one call (only the head and the candidates' clusters)."""
+        return self.model.apply({"params": dequantize_tree(params)}, self._hidden(params, histories), candidates,
                                 method=lambda m, *a: m.head.score(*a))
 
     def _append(self, params, packed, items, mask):
@@ -217,6 +314,15 @@ class Recommender:
 
     def _unpack(self, packed):
         return jax.vmap(self._unravel)(packed)
+
+    def fingerprint(self) -> str:
+        """What a saved session state is valid for: the model's configuration, its items and export,
+        and its padding state (a function of the embedding and every conv layer's weights)."""
+        m = self.artifact.manifest
+        about = [self.artifact.model_kwargs, self.num_items, m.get("created"), m.get("files")]
+        digest = hashlib.sha256(json.dumps(about, sort_keys=True, default=str).encode())
+        digest.update(np.ascontiguousarray(self._padding_packed).tobytes())
+        return digest.hexdigest()[:32]
 
     def unpack_state(self, packed: np.ndarray) -> dict:
         """A packed session state [B, S] as the incremental state pytree (numpy; see incremental.py)."""
@@ -271,12 +377,13 @@ class Recommender:
         known, unknown = zip(*(self.ids.internal(h) for h in histories)) if histories else ((), ())
         budgets = _per_row(max_clusters, len(known), "max_clusters")
         excluding = _per_row(exclude_seen, len(known), "exclude_seen")
-        seen = [sorted(set(k)) if x else [] for k, x in zip(known, excluding)]
+        seen = [list(recent_distinct(k, self.max_exclude)) if x else [] for k, x in zip(known, excluding)]
 
-        def encode_and_rank(start, stop, rows, e, b, n_pad):
-            x = left_padded(known[start:stop], self.history_width(known[start:stop]), rows)
+        def encode_and_rank(start, stop, rows, width, e, b, n_pad):
+            x = left_padded(known[start:stop], width, rows)
             return self._recommend_fn(self.params, self.stats, x, e, b, n_pad)
-        results = self._ranked(len(known), n, seen, budgets, encode_and_rank)
+        results = self._ranked(len(known), n, seen, budgets, encode_and_rank, "recommend",
+                               lambda start, stop: self.history_width(known[start:stop]))
         return [Recommendation(items, scores, exact, list(u)) for (items, scores, exact), u in zip(results, unknown)]
 
     def hidden(self, histories: Sequence[Sequence[int]]) -> np.ndarray:
@@ -291,24 +398,28 @@ class Recommender:
     def top(self, hidden: np.ndarray, n: int, exclude: Sequence[Sequence[int]],
             budgets: Sequence[int | None]) -> list[tuple[list, list[float], bool]]:
         """Top-n (raw ids, scores, exact) from hidden states, with per-row exclusions and budgets."""
-        def rank(start, stop, rows, e, b, n_pad):
+        def rank(start, stop, rows, width, e, b, n_pad):
             hp = np.zeros((rows, hidden.shape[1]), np.float32)
             hp[:stop - start] = hidden[start:stop]
             return self._top_fn(self.params, self.stats, hp, e, b, n_pad)
-        return self._ranked(len(hidden), n, exclude, budgets, rank)
+        return self._ranked(len(hidden), n, exclude, budgets, rank, "top", lambda start, stop: 0)
 
     def _ranked(self, count: int, n: int, exclude: Sequence[Sequence[int]], budgets: Sequence[int | None],
-                run: Callable) -> list[tuple[list, list[float], bool]]:
-        """Top-n of ``count`` rows in chunks of at most max_batch: ``run(start, stop, rows, exclude, budget,
-        n_pad)`` is the jitted call for rows [start, stop) padded to ``rows``."""
+                run: Callable, kind: str, width: Callable[[int, int], int]) -> list[tuple[list, list[float], bool]]:
+        """Top-n of ``count`` rows in chunks: ``run(start, stop, rows, width, exclude, budget, n_pad)`` is
+        the jitted call for rows [start, stop) padded to a (rows, width, n_pad) shape of ``kind``
+        (``Shapes.fit``); ``width(start, stop)`` is the history width those rows need."""
         n = self.check_n(n)
-        n_pad = self._n_bucket(n)
         results = []
-        for start in range(0, count, self.max_batch):
-            stop = min(start + self.max_batch, count)
-            rows = bucket(stop - start, largest=self.max_batch)
+        step = self.shapes.rows_step(kind, self.max_batch)
+        for start in range(0, count, step):
+            stop = min(start + step, count)
+            shape = self.shapes.fit(kind, (bucket(stop - start, largest=self.max_batch), width(start, stop),
+                                           self._n_bucket(n)))
+            rows, w, n_pad = shape
             e, b = self._top_inputs(exclude[start:stop], budgets[start:stop], rows)
-            results += self._decode(run(start, stop, rows, e, b, n_pad), stop - start, n)
+            results += self._decode(run(start, stop, rows, w, e, b, n_pad), stop - start, n)
+            self.shapes.note(kind, shape)
         return results
 
     def _n_bucket(self, n: int) -> int:
@@ -316,10 +427,13 @@ class Recommender:
 
     def _top_inputs(self, exclude: Sequence[Sequence[int]], budgets: Sequence[int | None],
                     rows: int) -> tuple[np.ndarray, np.ndarray]:
-        """(exclude [rows, E] padded with -1, budget [rows]) for the jitted top-n."""
-        # One exclusion width up to 64 ids (a server compiles it once); wider lists round up to a power of 2.
-        e = np.full((rows, bucket(max((len(x) for x in exclude), default=0), smallest=64)), -1, np.int32)
+        """(exclude [rows, E] padded with -1, budget [rows]) for the jitted top-n: always E = max_exclude
+        columns, so no request's history widens (and recompiles) its batch."""
+        e = np.full((rows, self.max_exclude), -1, np.int32)
         for r, ids in enumerate(exclude):
+            if len(ids) > self.max_exclude:
+                raise RequestError(f"{len(ids)} items to exclude; at most max_exclude={self.max_exclude} (the most "
+                                   "recent distinct ones)")
             e[r, :len(ids)] = ids
         # Padding rows (past the requests) get no tail cluster: whatever an empty history's early
         # stop would expand, no request needs it (and rows never change each other's answers).
@@ -342,15 +456,63 @@ class Recommender:
 
     def score(self, history: Sequence, candidates: Sequence) -> Scores:
         """Exact log-probabilities of the next item being each candidate (raw ids), the history
-        encoded once and only the head and the candidates' clusters normalised."""
-        known, unknown = self.ids.internal(history)
-        h = self.hidden([known])
-        internal = self.ids.lookup(candidates)
-        unknown = [*unknown, *(c for c, i in zip(candidates, internal) if i is None)]
-        cand = np.zeros((1, bucket(len(candidates), smallest=8)), np.int32)  # id 0 (padding) scores -inf
-        cand[0, :len(internal)] = [0 if i is None else i for i in internal]
-        out = np.asarray(self._score_fn(self.params, h, cand))[0]
-        return Scores([float(out[j]) if i is not None else None for j, i in enumerate(internal)], list(unknown))
+        encoded once and only the head and the candidates' clusters normalised (``score_many``)."""
+        return self.score_many([history], [candidates])[0]
+
+    def candidate_width(self, count: int) -> int:
+        """The padded candidate count a request of ``count`` candidates is scored at (a power of two >= 8)."""
+        return bucket(count, smallest=8)
+
+    def score_many(self, histories: Sequence[Sequence], candidates: Sequence[Sequence]) -> list[Scores]:
+        """``score`` of each (history, candidates) pair: one jitted call (encode + scores) per batch
+        of rows with the same ``candidate_width``, so a long candidate list widens no other row."""
+        if len(histories) != len(candidates):
+            raise RequestError(f"{len(candidates)} candidate lists for {len(histories)} histories")
+        known, unknown = zip(*(self.ids.internal(h) for h in histories)) if histories else ((), ())
+        internal = [self.ids.lookup_array(c) for c in candidates]
+        groups: dict[int, list[int]] = {}
+        for r, c in enumerate(internal):
+            groups.setdefault(self.candidate_width(len(c)), []).append(r)
+        out: list[Scores | None] = [None] * len(histories)
+        step = self.shapes.rows_step("score", self.max_batch)
+        for m, members in groups.items():
+            for start in range(0, len(members), step):
+                chunk = members[start:start + step]
+                hist = [known[r] for r in chunk]
+                shape = self.shapes.fit("score", (bucket(len(chunk), largest=self.max_batch), self.history_width(hist), m))
+                rows, width, m_pad = shape
+                x = left_padded(hist, width, rows)
+                cand = np.zeros((rows, m_pad), np.int32)  # id 0 (padding) scores -inf
+                for k, r in enumerate(chunk):
+                    cand[k, :len(internal[r])] = internal[r]
+                scores = np.asarray(self._score_fn(self.params, x, cand))
+                for k, r in enumerate(chunk):
+                    ids = internal[r]
+                    values = scores[k, :len(ids)].astype(object)
+                    missing = np.flatnonzero(ids == 0)
+                    values[missing] = None
+                    out[r] = Scores(values.tolist(), [*unknown[r], *(candidates[r][j] for j in missing)])
+                self.shapes.note("score", shape)
+        return out
+
+    def compile_shape(self, kind: str, shape: tuple[int, ...]) -> None:
+        """Compiles (and runs once on padding) the jitted call of ``kind`` at ``shape``: (rows, history
+        width, n_pad) for "recommend", (rows, events width, n_pad) for "advance", (rows, history
+        width, candidates) for "score"; then ``shapes`` holds it."""
+        rows, width, last = shape
+        e, b = self._top_inputs([], [], rows)
+        ones = np.ones((rows, width), np.int32)
+        if kind == "recommend":
+            out = self._recommend_fn(self.params, self.stats, ones, e, b, last)
+        elif kind == "advance":
+            packed = np.repeat(self._padding_packed, rows, axis=0)
+            out = self._append_top_fn(self.params, self.stats, packed, ones, ones > 0, e, b, last)
+        elif kind == "score":
+            out = self._score_fn(self.params, ones, np.ones((rows, last), np.int32))
+        else:
+            raise ValueError(f"unknown kind of call {kind!r}")
+        jax.block_until_ready(out)
+        self.shapes.note(kind, shape)
 
     def session(self, history: Sequence = ()) -> "Session":
         """A user's cached state: each ``append`` costs O(layers), not O(L x layers)."""
@@ -369,42 +531,66 @@ class Recommender:
             x = left_padded([known[r] for r in chunk], self.receptive_field, bucket(len(chunk), largest=self.max_batch))
             for r, row in zip(chunk, _rows(self._state_fn(self.params, x), len(chunk))):
                 packed[r] = row
-        return [Session(self, row, set(k), list(u)) for row, k, u in zip(packed, known, unknown)]
+        return [Session(self, row, recent_distinct(k, self.max_exclude), list(u)[-self.max_exclude:])
+                for row, k, u in zip(packed, known, unknown)]
 
-    def append_sessions(self, sessions: Sequence["Session"], items: Sequence[Sequence]) -> list[list]:
-        """Appends each session's new events (raw ids, oldest first) in batched calls; returns each
-        one's unknown ids (skipped). Sessions with nothing known to append are left as they were."""
+    def appended(self, sessions: Sequence["Session"], items: Sequence[Sequence]) -> list["Session"]:
+        """New sessions: each one's events (raw ids, oldest first) appended, in batched calls. The
+        given sessions are left as they were (a caller commits the new ones once all succeeded)."""
         known, unknown = self._known_events(sessions, items)
+        new = [s.noted(k, u) for s, k, u in zip(sessions, known, unknown)]
         todo = [r for r, k in enumerate(known) if k]
         for start in range(0, len(todo), self.max_batch):
             chunk = todo[start:start + self.max_batch]
             stacked, x = self._stacked([sessions[r] for r in chunk], [known[r] for r in chunk])
-            new, _ = self._append_fn(self.params, stacked, x, x > 0)
-            self._store(sessions, chunk, new)
-        self._note(sessions, known, unknown)
-        return [list(u) for u in unknown]
+            packed, _ = self._append_fn(self.params, stacked, x, x > 0)
+            self._store(new, chunk, packed)
+        return new
 
-    def advance(self, sessions: Sequence["Session"], items: Sequence[Sequence], n: int = 20,
-                exclude_seen: bool | Sequence[bool] = True,
-                max_clusters: int | Sequence[int | None] | None = None) -> list[Recommendation]:
-        """Appends each session's new events and recommends its top-n from the new state: one jitted
-        call per batch of sessions (what a session-event request needs; see ``recommend``)."""
+    def append_sessions(self, sessions: Sequence["Session"], items: Sequence[Sequence]) -> list[list]:
+        """Appends each session's new events (raw ids, oldest first) in place, once all are computed;
+        returns each one's unknown ids (skipped). Sessions with nothing known to append keep their state."""
+        new = self.appended(sessions, items)
+        for s, n in zip(sessions, new):
+            s.assign(n)
+        return [self.ids.internal(x)[1] for x in items]
+
+    def advanced(self, sessions: Sequence["Session"], items: Sequence[Sequence], n: int = 20,
+                 exclude_seen: bool | Sequence[bool] = True, max_clusters: int | Sequence[int | None] | None = None,
+                 ) -> tuple[list["Session"], list[Recommendation]]:
+        """New sessions with each one's events appended, and each one's top-n from its new state: one
+        jitted call per batch of sessions. Pure: the given sessions are left as they were."""
         n = self.check_n(n)
         budgets = _per_row(max_clusters, len(sessions), "max_clusters")
         excluding = _per_row(exclude_seen, len(sessions), "exclude_seen")
         known, unknown = self._known_events(sessions, items)
-        self._note(sessions, known, unknown)
+        new = [s.noted(k, u) for s, k, u in zip(sessions, known, unknown)]
         results = []
-        for start in range(0, len(sessions), self.max_batch):
-            chunk = list(range(start, min(start + self.max_batch, len(sessions))))
-            stacked, x = self._stacked([sessions[r] for r in chunk], [known[r] for r in chunk])
-            seen = [sorted(sessions[r].seen) if excluding[r] else [] for r in chunk]
-            e, b = self._top_inputs(seen, budgets[start:start + self.max_batch], x.shape[0])
-            new, out = self._append_top_fn(self.params, self.stats, stacked, x, x > 0, e, b, self._n_bucket(n))
-            self._store(sessions, chunk, new)
+        step = self.shapes.rows_step("advance", self.max_batch)
+        for start in range(0, len(sessions), step):
+            chunk = list(range(start, min(start + step, len(sessions))))
+            shape = self.shapes.fit("advance", (bucket(len(chunk), largest=self.max_batch),
+                                                self._events_width([known[r] for r in chunk]), self._n_bucket(n)))
+            rows, width, n_pad = shape
+            stacked, x = self._stacked([sessions[r] for r in chunk], [known[r] for r in chunk], rows, width)
+            seen = [list(new[r].seen) if excluding[r] else [] for r in chunk]
+            e, b = self._top_inputs(seen, [budgets[r] for r in chunk], rows)
+            packed, out = self._append_top_fn(self.params, self.stats, stacked, x, x > 0, e, b, n_pad)
+            self._store(new, chunk, packed)
             results += self._decode(out, len(chunk), n)
-        return [Recommendation(items_, scores, exact, list(s.unknown_items))
-                for (items_, scores, exact), s in zip(results, sessions)]
+            self.shapes.note("advance", shape)
+        return new, [Recommendation(items_, scores, exact, list(s.unknown_items))
+                     for (items_, scores, exact), s in zip(results, new)]
+
+    def advance(self, sessions: Sequence["Session"], items: Sequence[Sequence], n: int = 20,
+                exclude_seen: bool | Sequence[bool] = True,
+                max_clusters: int | Sequence[int | None] | None = None) -> list[Recommendation]:
+        """``advanced``, then the given sessions take their new states (all of them, only once every
+        batch succeeded): what a session-event request needs (see ``recommend``)."""
+        new, recs = self.advanced(sessions, items, n, exclude_seen, max_clusters)
+        for s, x in zip(sessions, new):
+            s.assign(x)
+        return recs
 
     def recommend_sessions(self, sessions: Sequence["Session"], n: int = 20, exclude_seen: bool | Sequence[bool] = True,
                            max_clusters: int | Sequence[int | None] | None = None) -> list[Recommendation]:
@@ -414,7 +600,7 @@ class Recommender:
         if not sessions:
             return []
         hidden = np.concatenate([s.packed for s in sessions])[:, self._h_columns]
-        seen = [sorted(s.seen) if x else [] for s, x in zip(sessions, excluding)]
+        seen = [list(s.seen) if x else [] for s, x in zip(sessions, excluding)]
         return [Recommendation(items, scores, exact, list(s.unknown_items)) for (items, scores, exact), s in
                 zip(self.top(hidden, n, seen, budgets), sessions)]
 
@@ -423,24 +609,23 @@ class Recommender:
             raise RequestError(f"{len(items)} lists of items for {len(sessions)} sessions")
         return tuple(zip(*(self.ids.internal(x) for x in items))) if items else ((), ())
 
-    def _stacked(self, sessions: Sequence["Session"], known: Sequence[Sequence[int]]) -> tuple[Any, np.ndarray]:
-        """The sessions' states as one bucketed batch (padding rows: the empty state) and their events
-        [rows, T] left-padded with 0 (masked: a row without events keeps its state)."""
-        rows = bucket(len(sessions), largest=self.max_batch)
+    @staticmethod
+    def _events_width(known: Sequence[Sequence[int]]) -> int:
+        return bucket(max((len(k) for k in known), default=1))
+
+    def _stacked(self, sessions: Sequence["Session"], known: Sequence[Sequence[int]], rows: int | None = None,
+                 width: int | None = None) -> tuple[Any, np.ndarray]:
+        """The sessions' states as one bucketed batch of ``rows`` (padding rows: the empty state) and
+        their events [rows, width] left-padded with 0 (masked: a row without events keeps its state)."""
+        rows = bucket(len(sessions), largest=self.max_batch) if rows is None else rows
         states = [s.packed for s in sessions] + [self._padding_packed] * (rows - len(sessions))
         stacked = states[0] if rows == 1 else np.concatenate(states)
-        return stacked, left_padded(known, bucket(max((len(k) for k in known), default=1)), rows)
+        return stacked, left_padded(known, self._events_width(known) if width is None else width, rows)
 
     @staticmethod
     def _store(sessions: Sequence["Session"], chunk: Sequence[int], new: Any) -> None:
         for r, row in zip(chunk, _rows(new, len(chunk))):
             sessions[r].packed = row
-
-    @staticmethod
-    def _note(sessions: Sequence["Session"], known: Sequence, unknown: Sequence) -> None:
-        for session, k, u in zip(sessions, known, unknown):
-            session.seen.update(k)
-            session.unknown_items.extend(u)
 
 
 def _per_row(value: Any, rows: int, name: str) -> list:
@@ -458,15 +643,25 @@ def _rows(packed: Any, count: int) -> list[np.ndarray]:
 
 
 class Session:
-    """One user's incremental state (batch 1) and the items seen so far."""
+    """One user's incremental state (batch 1), the most recent distinct items seen (at most the
+    recommender's ``max_exclude``, oldest first) and the latest unknown ids (as many at most)."""
 
-    def __init__(self, rec: Recommender, packed: np.ndarray, seen: set[int], unknown: list) -> None:
+    def __init__(self, rec: Recommender, packed: np.ndarray, seen: dict[int, None], unknown: list) -> None:
         self.rec, self.packed, self.seen, self.unknown_items = rec, packed, seen, list(unknown)
 
     @property
     def state(self) -> dict:
         """The incremental state (queues, count, h; batch 1), unpacked from ``packed``."""
         return self.rec.unpack_state(self.packed)
+
+    def noted(self, known: Sequence[int], unknown: Sequence) -> "Session":
+        """A new session with these events' items seen and unknown ids noted (the same state array)."""
+        limit = self.rec.max_exclude
+        return Session(self.rec, self.packed, recent_distinct(known, limit, self.seen) if known else self.seen,
+                       [*self.unknown_items, *unknown][-limit:])
+
+    def assign(self, other: "Session") -> None:
+        self.packed, self.seen, self.unknown_items = other.packed, other.seen, other.unknown_items
 
     def append(self, items: Sequence) -> list:
         """Appends events (raw ids, oldest first); returns the unknown ones, which are skipped."""
@@ -477,13 +672,22 @@ class Session:
 
     @property
     def nbytes(self) -> int:
-        return int(self.packed.nbytes) + 28 * len(self.seen)  # the seen set: about one int object per item
+        # the seen dict and unknown list: about one int object and one slot per item
+        return int(self.packed.nbytes) + 64 * (len(self.seen) + len(self.unknown_items))
+
+
+SESSIONS_FORMAT = "cprec-sessions"
 
 
 class SessionStore:
     """Sessions by user id, least recently used first out, bounded by entries and bytes.
 
-    Thread-safe: every method holds one lock (a server's batch thread and its event loop share it).
+    Thread-safe, and transactional: ``advance`` reads the sessions it needs under the lock,
+    computes without it, and commits every new state only once the whole computation succeeded,
+    so a failed batch changes nothing (its retry never applies an event twice), and ``delete``,
+    ``len`` or a save never wait on a computation. Batches are expected from one thread at a time
+    (a server's batch worker): two concurrent ``advance`` calls for the same user would each
+    commit their own result, the later one winning.
     """
 
     def __init__(self, rec: Recommender, max_entries: int = 100_000, max_bytes: int = 1 << 30) -> None:
@@ -502,57 +706,128 @@ class SessionStore:
     def get(self, user: Hashable) -> Session:
         """The user's session (a new empty one if none), now the most recently used."""
         with self._lock:
-            session = self._sessions.pop(user, None)
+            session = self._sessions.get(user)
             if session is None:
                 session = self.rec.session()
-            else:
-                self.nbytes -= session.nbytes
-            return self._put(user, session)
+            self._commit({user: session})
+            return session
 
     def append(self, user: Hashable, items: Sequence) -> Session:
+        """Appends the user's events (computed outside the lock, then committed); returns the new session."""
         with self._lock:
-            session = self.get(user)
-            self.nbytes -= session.nbytes
-            session.append(items)
-            self.nbytes += session.nbytes
-            self._evict(keep=user)
-            return session
+            session = self._sessions.get(user) or self.rec.session()
+        [new] = self.rec.appended([session], [items])
+        with self._lock:
+            self._commit({user: new})
+        return new
 
     def advance(self, users: Sequence[Hashable], items: Sequence[Sequence], n: int = 20,
                 exclude_seen: bool | Sequence[bool] = True,
-                max_clusters: int | Sequence[int | None] | None = None) -> list[Recommendation]:
-        """Appends each user's events and recommends from the new state, batched (``Recommender.advance``).
+                max_clusters: int | Sequence[int | None] | None = None,
+                histories: Sequence[Sequence | None] | None = None) -> list[Recommendation]:
+        """Appends each user's events and recommends from the new state, batched (``Recommender.advanced``).
 
         A user who appears k times is served in k successive rounds, in order, so no event is lost.
+        ``histories`` (one per request, None for none): for a user with no cached session, the
+        history (raw ids) to rebuild its state from before appending; each result's ``session``
+        says "cached", "new" (no cached session and no history: an empty start) or "rebuilt".
+        Nothing is committed unless every round succeeded.
         """
         budgets = _per_row(max_clusters, len(users), "max_clusters")
         excluding = _per_row(exclude_seen, len(users), "exclude_seen")
-        if len(items) != len(users):
-            raise RequestError(f"{len(items)} lists of items for {len(users)} users")
+        histories = [None] * len(users) if histories is None else list(histories)
+        if len(items) != len(users) or len(histories) != len(users):
+            raise RequestError(f"{len(items)} lists of items and {len(histories)} histories for {len(users)} users")
         self.rec.check_n(n)
+        with self._lock:  # bookkeeping only: which users have a cached session
+            work = {u: self._sessions[u] for u in dict.fromkeys(users) if u in self._sessions}
+        status = ["cached"] * len(users)
+        first: dict[Hashable, int] = {}
+        for r, u in enumerate(users):
+            if u not in work and u not in first:
+                first[u] = r
+                status[r] = "new" if histories[r] is None else "rebuilt"
+        rebuild = [r for r in first.values() if histories[r] is not None]
+        for r, s in zip(rebuild, self.rec.sessions([histories[r] for r in rebuild])):
+            work[users[r]] = s
+        empty = None
+        for u in first:
+            if u not in work:
+                empty = empty or self.rec.session()
+                work[u] = empty  # never mutated: every round makes new sessions
         results: list[Recommendation | None] = [None] * len(users)
         pending = list(range(len(users)))
+        while pending:
+            taken, later, in_round = [], [], set()
+            for r in pending:
+                (later if users[r] in in_round else taken).append(r)
+                in_round.add(users[r])
+            new, out = self.rec.advanced([work[users[r]] for r in taken], [items[r] for r in taken], n,
+                                         [excluding[r] for r in taken], [budgets[r] for r in taken])
+            for r, s, rec in zip(taken, new, out):
+                work[users[r]] = s
+                results[r] = rec._replace(session=status[r])
+            pending = later
         with self._lock:
-            while pending:
-                taken, later, in_round = [], [], set()
-                for r in pending:
-                    if users[r] in in_round:
-                        later.append(r)
-                    else:
-                        in_round.add(users[r])
-                        taken.append(r)
-                sessions = [self.get(users[r]) for r in taken]
-                # A small store may already have evicted some of them again: count only the kept ones.
-                kept = [self._sessions.get(users[r]) is s for r, s in zip(taken, sessions)]
-                self.nbytes -= sum(s.nbytes for s, k in zip(sessions, kept) if k)
-                out = self.rec.advance(sessions, [items[r] for r in taken], n, [excluding[r] for r in taken],
-                                       [budgets[r] for r in taken])
-                self.nbytes += sum(s.nbytes for s, k in zip(sessions, kept) if k)
-                for r, rec in zip(taken, out):
-                    results[r] = rec
-                self._evict(keep=users[taken[-1]])
-                pending = later
+            self._commit(work)
         return results
+
+    def save(self, path: str | pathlib.Path) -> int:
+        """Writes every cached session (least recently used first) to ``path`` atomically: a
+        temporary file, synced, renamed over it. Returns how many."""
+        path = pathlib.Path(path)
+        with self._lock:
+            entries = list(self._sessions.items())
+        sessions = [s for _, s in entries]
+        meta = {"format": SESSIONS_FORMAT, "version": 1, "model": self.rec.fingerprint(),
+                "users": [u for u, _ in entries], "unknown_items": [s.unknown_items for s in sessions]}
+        width = self.rec._padding_packed.shape[1]
+        arrays = {
+            "meta": np.frombuffer(json.dumps(meta).encode(), np.uint8),
+            "packed": np.concatenate([s.packed for s in sessions]) if sessions else np.zeros((0, width), np.float32),
+            "seen": np.fromiter((i for s in sessions for i in s.seen), np.int64),
+            "seen_counts": np.asarray([len(s.seen) for s in sessions], np.int64),
+        }
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return len(entries)
+
+    def load(self, path: str | pathlib.Path) -> int:
+        """Adds the sessions saved in ``path`` (by ``save``); returns how many. A file that is not a
+        session file of this model raises a one-line CprecError and changes nothing."""
+        path = pathlib.Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(bytes(z["meta"]))
+                packed, seen, counts = z["packed"], z["seen"], z["seen_counts"]
+            if not isinstance(meta, dict) or meta.get("format") != SESSIONS_FORMAT:
+                raise ValueError("no cprec session header")
+            users, unknown = meta["users"], meta["unknown_items"]
+            if not (packed.ndim == 2 and packed.shape[0] == len(users) == len(unknown) == len(counts)
+                    and int(counts.sum()) == len(seen)):
+                raise ValueError("inconsistent sizes")
+        except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:
+            raise CprecError(f"{path} is not a readable cprec session file ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:120]}); move it away to start without sessions") from None
+        if meta.get("model") != self.rec.fingerprint() or packed.shape[1] != self.rec._padding_packed.shape[1]:
+            raise CprecError(f"{path} holds the sessions of another model (or another export of it); move it away "
+                             "to start without sessions, or serve the model that wrote it")
+        limit, bounds = self.rec.max_exclude, np.cumsum(counts)
+        loaded = {}
+        for r, user in enumerate(users):
+            ids = seen[bounds[r] - counts[r]:bounds[r]].tolist()
+            loaded[user] = Session(self.rec, packed[r:r + 1].astype(np.float32), dict.fromkeys(ids[-limit:]),
+                                   list(unknown[r])[-limit:])
+        with self._lock:
+            self._commit(loaded)
+        return len(loaded)
 
     def delete(self, user: Hashable) -> bool:
         with self._lock:
@@ -561,11 +836,16 @@ class SessionStore:
                 self.nbytes -= session.nbytes
             return session is not None
 
-    def _put(self, user: Hashable, session: Session) -> Session:
-        self._sessions[user] = session
-        self.nbytes += session.nbytes
-        self._evict(keep=user)
-        return session
+    def _commit(self, sessions: dict[Hashable, Session]) -> None:
+        """Puts the sessions in (replacing the users' old ones) as the most recently used, in order;
+        then evicts the least recently used beyond the bounds. Call with the lock held."""
+        for user, session in sessions.items():
+            old = self._sessions.pop(user, None)
+            if old is not None:
+                self.nbytes -= old.nbytes
+            self._sessions[user] = session
+            self.nbytes += session.nbytes
+        self._evict(keep=next(reversed(sessions), None))
 
     def _evict(self, keep: Hashable | None = None) -> None:
         while self._sessions and (len(self._sessions) > self.max_entries or self.nbytes > self.max_bytes):

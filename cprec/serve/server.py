@@ -9,15 +9,21 @@ Endpoints (JSON in and out, raw item ids as in the dataset):
   ``{"results": [...]}``.
 - ``POST /v1/score`` ``{"history": [...], "candidates": [...]}`` -> ``{"scores", "unknown_items"}``
   (null for an unknown candidate).
-- ``POST /v1/sessions/{id}/events`` ``{"items": [...], "n": 20, ...}``: appends to the user's
-  cached session (created empty on first use) and returns fresh recommendations;
-  ``DELETE /v1/sessions/{id}``.
-- ``GET /healthz`` (200 once every bucket shape is compiled), ``GET /metrics`` (Prometheus text).
+- ``POST /v1/sessions/{id}/events`` ``{"items": [...], "n": 20, "history": [...]?, ...}``: appends
+  to the user's cached session and returns fresh recommendations, with ``"session"``: "cached",
+  "new" (no cached session: evicted, deleted, never seen or lost in a restart without
+  ``--session-dir``; the state starts empty) or "rebuilt" (no cached session, so the optional
+  ``history``, the events before these, was encoded first); ``DELETE /v1/sessions/{id}``.
+- ``GET /healthz`` (200 once the first shapes are compiled; ``compiling``: how many more the
+  background warm-up has left), ``GET /metrics`` (Prometheus text).
 
 Every history of a request is one entry of a ``Batcher`` queue (``cprec/serve/batcher.py``): a
-batch runs as one call of the ``Recommender`` on a worker thread, padded to its bucket sizes
-(compiled at start-up), while the event loop fills the next one. Bad input is a 4xx with
+batch runs as one call of the ``Recommender`` on a worker thread, padded to a compiled shape
+(``warmup_plan``), while the event loop fills the next one. Bad input is a 4xx with
 ``{"error": "..."}``; a failure while computing one request is a 500 for that request alone.
+Session batches are transactional (``SessionStore.advance``): a failed one changes no session.
+DELETE, /healthz and /metrics never wait on a computation. A request whose client disconnects
+while it waits for its batch is dropped from the queue, never computed.
 """
 from __future__ import annotations
 
@@ -25,6 +31,9 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
+import pathlib
+import sys
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -51,7 +60,9 @@ class ServerConfig:
     max_candidates: int = 100_000
     max_batch_request: int = 1_024  # histories in one {"histories": [...]} request
     max_body_bytes: int = 4 << 20
-    warmup: bool = True  # compile every bucket shape before /healthz answers ok
+    warmup: bool = True  # compile the first shapes before listening, the rest in the background (see warmup_plan)
+    background_warmup: bool = True  # False: only the first shapes (tests)
+    session_dir: str | None = None  # sessions saved there at shutdown (SESSIONS_FILE), loaded by the command
 
 
 class BadRequest(Exception):
@@ -121,7 +132,24 @@ async def _json_object(request: Request, limit: int) -> dict:
 
 def _recommendation(r, n: int) -> dict:
     """A Recommendation as JSON, its first n items (the batch ran at its largest n)."""
-    return {"items": r.items[:n], "scores": r.scores[:n], "exact": r.exact, "unknown_items": r.unknown_items}
+    out = {"items": r.items[:n], "scores": r.scores[:n], "exact": r.exact, "unknown_items": r.unknown_items}
+    if r.session is not None:
+        out["session"] = r.session
+    return out
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready (its queued request is dropped)."""
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has gone (the body is read: the next ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+SESSIONS_FILE = "sessions.npz"
+SCORE_CANDIDATES = 256  # candidates per /v1/score request compiled at start-up (more: compiled on first use)
 
 
 # -- the application -------------------------------------------------------------------------------
@@ -133,6 +161,7 @@ class Server:
         self.rec, self.config = rec, config
         self.store = SessionStore(rec, max_entries=config.sessions, max_bytes=config.session_bytes)
         self.ready = False
+        self.compiling = 0  # shapes of the warm-up not compiled yet (the background's)
         self.fail_items: set = set()  # fault injection (tests): a request holding one of these ids fails in its batch
         timeout = config.batch_timeout_ms / 1e3
         self.batch_sizes = Histogram("cprec_batch_size", "Requests per computed batch.", BATCH_BUCKETS, ("batcher",))
@@ -150,7 +179,8 @@ class Server:
             Gauge("cprec_sessions_cached", "Sessions in the store.", lambda: {(): len(self.store)}),
             Gauge("cprec_session_bytes", "Bytes of the cached sessions.", lambda: {(): self.store.nbytes}),
             Gauge("cprec_sessions_evicted", "Sessions evicted since start.", lambda: {(): self.store.evicted}),
-            Gauge("cprec_ready", "1 once every bucket shape is compiled.", lambda: {(): float(self.ready)}),
+            Gauge("cprec_ready", "1 once the first shapes are compiled (answering).", lambda: {(): float(self.ready)}),
+            Gauge("cprec_compiling", "Shapes the background warm-up has left.", lambda: {(): float(self.compiling)}),
         ]
         self._metrics = [self.requests, self.errors, self.latency, self.batch_sizes, *gauges]
         routes = [
@@ -167,33 +197,75 @@ class Server:
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app):
+        self.save_error = None
         for b in self.batchers.values():
             b.start()
+        first, rest = self.warmup_plan()
+        self.compiling = len(first) + len(rest) * self.config.background_warmup if self.config.warmup else 0
+        self._stopping = threading.Event()
+        background = None
         if self.config.warmup:
-            await asyncio.get_running_loop().run_in_executor(None, self.warmup)
-        # Everything alive now (the item id maps, jax's traces and compiled executables of every
-        # bucket) lives as long as the server: move it out of reach of the cyclic collector, whose
-        # full passes over it would otherwise stall every request in flight for 0.1-0.5 s.
+            await asyncio.get_running_loop().run_in_executor(None, self.warmup, first)
+            self.rec.shapes.only_compiled = True  # from now on no request waits on an avoidable compile
+            if self.config.background_warmup:
+                background = threading.Thread(target=self.warmup, args=(rest,), name="cprec-warmup", daemon=True)
+        # Everything alive now (the item id maps, jax's traces and compiled executables) lives as
+        # long as the server: move it out of reach of the cyclic collector, whose full passes over
+        # it would otherwise stall every request in flight (docs/serving.md, "Tail latency").
         gc.collect()
         gc.freeze()
         self.ready = True
+        if background is not None:
+            background.start()
         try:
             yield
         finally:
+            self._stopping.set()
+            if background is not None:  # it stops after its current shape (not left running at exit)
+                await asyncio.get_running_loop().run_in_executor(None, background.join)
             for b in self.batchers.values():
-                await b.stop()
+                await b.stop()  # every event in flight is committed first
+            if self.config.session_dir:
+                path = pathlib.Path(self.config.session_dir) / SESSIONS_FILE
+                try:
+                    count = self.store.save(path)
+                    print(f"cprec.serve: saved {count:,} sessions to {path}", flush=True)
+                except OSError as e:
+                    self.save_error = f"cannot save the sessions to {path} ({e}); the previous file is unchanged"
+                    print(f"error: {self.save_error}", file=sys.stderr, flush=True)
 
-    def warmup(self) -> None:
-        """Compiles every batch bucket of recommend (at every history width) and of session events
-        for the default request shape."""
+    def warmup_plan(self) -> tuple[list[tuple[str, tuple]], list[tuple[str, tuple]]]:
+        """(shapes compiled before the server listens, the rest, compiled in the background, most
+        useful first), as (kind, shape) for ``Recommender.compile_shape``.
+
+        First: one row of each endpoint at the full history width (n up to 32, up to
+        ``SCORE_CANDIDATES`` candidates): every request can be answered at once, a batch in chunks
+        of one row. Then the batch buckets (powers of two) at the full width, then the narrower
+        widths. While they compile, a call takes the cheapest compiled shape that holds it
+        (``Shapes.fit``); a shape none holds (n above 32, more candidates, several events per
+        session request) compiles on first use.
+        """
         rec = self.rec
         sizes = sorted({bucket(b, largest=self.config.max_batch_size) for b in
                         (1 << k for k in range(self.config.max_batch_size.bit_length() + 1))})
-        item = rec.ids.raw[1]
-        for b in sizes:
-            for width in rec.length_buckets:
-                rec.recommend([[item] * width] * b, n=20)
-            rec.advance(rec.sessions([[]] * b), [[item]] * b, n=20)
+        full, n_pad, m = rec.length_buckets[-1], rec._n_bucket(20), rec.candidate_width(SCORE_CANDIDATES)
+        per_size = [[("recommend", (b, full, n_pad)), ("advance", (b, 1, n_pad)), ("score", (b, full, m))]
+                    for b in sizes]
+        narrow = [("recommend", (b, w, n_pad)) for b in sizes for w in rec.length_buckets[:-1]]
+        return per_size[0], [*(x for group in per_size[1:] for x in group), *narrow]
+
+    def warmup(self, shapes: list[tuple[str, tuple]] | None = None) -> None:
+        """Compiles ``shapes`` (default: the whole ``warmup_plan``) one after another; stops early once
+        the server stops."""
+        if shapes is None:
+            first, rest = self.warmup_plan()
+            shapes = first + rest
+        for kind, shape in shapes:
+            if getattr(self, "_stopping", None) is not None and self._stopping.is_set():
+                return
+            self.rec.compile_shape(kind, shape)
+            self.compiling = max(0, getattr(self, "compiling", 0) - 1)
+        gc.freeze()  # what the compilations left is as long-lived as the rest (see _lifespan)
 
     # -- batch functions (worker threads) --
 
@@ -213,19 +285,19 @@ class Server:
         return [_recommendation(r, n) for r, n in zip(recs, ns)]
 
     def _score_batch(self, requests: list[tuple]) -> list:
-        out = []
-        for history, candidates in requests:
+        """One ``Recommender.score_many`` for the batch (one call per candidate width in it)."""
+        for history, _ in requests:
             self._check_injected_failure(history)
-            s = self.rec.score(history, candidates)
-            out.append({"scores": s.scores, "unknown_items": s.unknown_items})
-        return out
+        histories, candidates = zip(*requests)
+        return [{"scores": s.scores, "unknown_items": s.unknown_items}
+                for s in self.rec.score_many(list(histories), list(candidates))]
 
     def _session_batch(self, requests: list[tuple]) -> list:
         """One ``SessionStore.advance`` for the batch at its largest n, each answer cut to its own n."""
         for _, items, *_ in requests:
             self._check_injected_failure(items)
-        users, items, ns, excluding, budgets = zip(*requests)
-        recs = self.store.advance(list(users), list(items), max(ns), list(excluding), list(budgets))
+        users, items, ns, excluding, budgets, histories = zip(*requests)
+        recs = self.store.advance(list(users), list(items), max(ns), list(excluding), list(budgets), list(histories))
         return [_recommendation(r, n) for r, n in zip(recs, ns)]
 
     # -- handlers --
@@ -239,6 +311,8 @@ class Server:
                 response = await handler(request)
             except BadRequest as e:
                 response = JSON({"error": str(e)}, status_code=e.status)
+            except ClientGone:
+                response = JSON({"error": "the client disconnected"}, status_code=499)
             except RequestError as e:
                 response = JSON({"error": str(e)}, status_code=422)
             except HTTPException as e:
@@ -270,24 +344,41 @@ class Server:
                 raise BadRequest(f"'histories' has {len(histories):,} histories; at most "
                                  f"{self.config.max_batch_request:,} per request", 413)
             parsed = [_ids({"history": h}, "history", self.config.max_history) for h in histories]
-            results = await asyncio.gather(*(self.batchers["recommend"].submit((h, n, exclude, budget))
-                                             for h in parsed))
+            batcher = self.batchers["recommend"]
+            results = await self._submit(request, asyncio.gather(*(batcher.submit((h, n, exclude, budget))
+                                                                   for h in parsed)))
             return JSON({"results": results})
         history = _ids(body, "history", self.config.max_history)
-        return JSON(await self.batchers["recommend"].submit((history, n, exclude, budget)))
+        return JSON(await self._submit(request, self.batchers["recommend"].submit((history, n, exclude, budget))))
 
     async def score(self, request: Request) -> Response:
         body = await _json_object(request, self.config.max_body_bytes)
         history = _ids(body, "history", self.config.max_history)
         candidates = _ids(body, "candidates", self.config.max_candidates)
-        return JSON(await self.batchers["score"].submit((history, candidates)))
+        return JSON(await self._submit(request, self.batchers["score"].submit((history, candidates))))
 
     async def session_events(self, request: Request) -> Response:
         body = await _json_object(request, self.config.max_body_bytes)
         items = _ids(body, "items", self.config.max_history, allow_empty=True)
+        history = _ids(body, "history", self.config.max_history, allow_empty=True) if "history" in body else None
         n, exclude, budget = _options(body, self.rec)
         user = request.path_params["user"]
-        return JSON(await self.batchers["sessions"].submit((user, items, n, exclude, budget)))
+        return JSON(await self._submit(request, self.batchers["sessions"].submit((user, items, n, exclude, budget,
+                                                                                    history))))
+
+    async def _submit(self, request: Request, submitted) -> Any:
+        """The result of a batcher submission, or ClientGone once the client disconnects first: its
+        request is then cancelled, and one still queued is left out of its batch."""
+        job = asyncio.ensure_future(submitted)
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait((job, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not job.done():
+            job.cancel()
+            raise ClientGone
+        return job.result()
 
     async def session_delete(self, request: Request) -> Response:
         user = request.path_params["user"]
@@ -298,7 +389,8 @@ class Server:
     async def healthz(self, request: Request) -> Response:
         if not self.ready:
             return JSON({"status": "starting"}, status_code=503)
-        return JSON({"status": "ok", "items": self.rec.num_items, "sessions": len(self.store)})
+        return JSON({"status": "ok", "items": self.rec.num_items, "sessions": len(self.store),
+                     "compiling": self.compiling})
 
     async def metrics(self, request: Request) -> Response:
         return PlainTextResponse(render(self._metrics), media_type="text/plain; version=0.0.4")

@@ -14,8 +14,9 @@ A process with jax and safetensors (and no cprec) recommends with:
 - ``histories`` int32 [B, L]: internal ids (the index of a raw id in items.json), most recent
   last, left-padded with 0; the last L = ``max_len`` items, as ``Recommender`` reads them
   (``context="window"``, the default).
-- ``exclude`` int32 [B, E] with E = ``max_exclude`` (64 by default): ids never to recommend (the
-  history's items for ``exclude_seen``; its E most recent distinct ones if it has more), -1 for none.
+- ``exclude`` int32 [B, E] with E = ``max_exclude`` (128 by default, set at export): ids never to
+  recommend, -1 for none. ``exclude_seen`` is the history's E most recent distinct items: the
+  policy of ``Recommender`` (which reads E from this signature) and of its sessions.
 - ``max_clusters`` int32 [B]: tail clusters each row may expand; ``num_tail_clusters`` is exact.
 - Returns log-probabilities [B, n] (best first), internal ids [B, n] and ``exact`` [B] bool; an
   entry whose score is -inf is no item (fewer than n left). Any n' <= n is the first n' columns.
@@ -42,11 +43,11 @@ from safetensors import safe_open
 from cprec.model.nextitnet import NextItNet
 from cprec.serve.artifact import PARAMS_FILE, Artifact, params_from_tensors
 from cprec.serve.quantize import dequantize_tree
+from cprec.serve.recommender import MAX_EXCLUDE
 
 SIGNATURE_FILE = "stablehlo.json"
 BATCH_SIZES = (1, 8, 64, 256)
 TOP_N = 20
-MAX_EXCLUDE = 64
 PLATFORMS = ("cpu", "cuda")
 
 
