@@ -48,13 +48,16 @@ def main(argv: list[str] | None = None) -> int:
             raw_dir = pathlib.Path(args.raw_dir)
             if raw_dir.resolve() != (dataset.REPO_ROOT / "data" / "raw").resolve():
                 cfg.path = str(download.download(cfg.name, raw_dir))
-            elif not any((dataset.REPO_ROOT / p).is_file() for p in dataset.DEFAULT_PATHS[cfg.name]):
+            elif not any(p.is_file() for p in [dataset.REPO_ROOT / p for p in dataset.DEFAULT_PATHS[cfg.name]]
+                         + dataset.data_path_files(cfg.name)):  # nor a copy on $CPREC_DATA_PATH
                 download.download(cfg.name, raw_dir)
         data = dataset.load_dataset(cfg)
     m = data.meta
     print(
         f"{m['name']}: {m['num_users']:,} users, {m['num_items'] - 1:,} items (+1 padding), "
         f"{m['num_events']:,} events, {m['num_train_windows']:,} training windows of {m['max_len'] + 1}\n"
+        f"split: {m.get('split', 'leave_one_out')} ({m.get('num_val_users', m['num_users']):,} validation users, "
+        f"{m.get('num_test_users', m['num_users']):,} test users)\n"
         f"source: {m['source']}\ncache:  {m['cache_dir']}"
     )
     return 0

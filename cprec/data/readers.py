@@ -243,7 +243,7 @@ def _parse_field(text: str, kind: str, where: str) -> float:
 
 @contextlib.contextmanager
 def _gc_paused() -> Iterator[None]:
-    """Millions of short-lived row lists would trigger the cyclic GC over and over (8x slower)."""
+    """Millions of short-lived row lists would trigger the cyclic GC over and over, each pass scanning them all."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:

@@ -13,6 +13,7 @@ from cprec.errors import ConfigError
 from cprec.model.conv import causal_conv
 from cprec.model.embedding import BlockwiseEmbedding
 from cprec.model.full_softmax import FullSoftmax
+from cprec.model.sampled_softmax import Negatives, SampledSoftmax
 from cprec.model.sharing import conv_sharing_index
 from cprec.model.tree_softmax import BlockwiseSoftmax
 
@@ -61,7 +62,7 @@ class NextItNet(nn.Module):
     sharing: str = "none"
     kernel_size: int = 3
     embedding: str = "full"  # 'full' | 'blockwise'
-    softmax: str = "full"  # 'full' | 'tree'
+    softmax: str = "full"  # 'full' | 'sampled' (the full table, trained on sampled negatives) | 'tree'
     cutoffs: tuple[int, ...] = ()  # cluster boundaries ending with V (block-wise parts)
     ranks: tuple[int, ...] = ()  # per-cluster ranks, ranks[0] == dim
     capacities: tuple[int, ...] | None = None  # static tail-cluster token capacities (tree softmax)
@@ -88,7 +89,8 @@ class NextItNet(nn.Module):
                                          tied_to=tied, tie_projections=self.tie_projections and tied is not None,
                                          projection=self.output_projection)
         else:
-            self.head = FullSoftmax(self.dim, self.num_items, tied_to=tied, projection=self.output_projection)
+            head = SampledSoftmax if self.softmax == "sampled" else FullSoftmax
+            self.head = head(self.dim, self.num_items, tied_to=tied, projection=self.output_projection)
 
     def encode(self, inputs: jax.Array, train: bool = False) -> jax.Array:
         """[B, T] item ids -> [B, T, dim] hidden states (causal)."""
@@ -97,11 +99,17 @@ class NextItNet(nn.Module):
             x = self.drop(x, deterministic=not train)
         return self.stack(x)
 
-    def loss(self, inputs: jax.Array, targets: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
-        """Mean NLL of every non-padding target of the window, and the target count."""
+    def loss(self, inputs: jax.Array, targets: jax.Array, train: bool = False,
+             negatives: Negatives | None = None) -> tuple[jax.Array, jax.Array]:
+        """Mean NLL of every non-padding target of the window, and the target count.
+
+        ``negatives``: the sampled softmax's candidates (per-token fields in the order of
+        ``targets.reshape(-1)``); without them every output layer computes its exact loss.
+        """
         h = self.encode(inputs, train)
         mask = target_mask(inputs, targets)
-        return self.head.loss(h.reshape(-1, self.dim), targets.reshape(-1), mask.reshape(-1))
+        extra = () if negatives is None else (negatives,)
+        return self.head.loss(h.reshape(-1, self.dim), targets.reshape(-1), mask.reshape(-1), *extra)
 
     def last_log_prob(self, inputs: jax.Array) -> jax.Array:
         """[B, T] -> [B, V] log-probabilities of the next item after the last position."""
@@ -130,9 +138,9 @@ def check_tying(embedding: str, softmax: str, tie_embeddings: bool) -> None:
     ``tie_projections`` is a sub-option of tied CpRec and has no effect elsewhere (untied, or a
     full model, which has no projections), so that an ablation can untie a tied preset with one key.
     """
-    if tie_embeddings and (embedding, softmax) not in (("full", "full"), ("blockwise", "tree")):
+    if tie_embeddings and (embedding, softmax) not in (("full", "full"), ("full", "sampled"), ("blockwise", "tree")):
         raise ConfigError(
-            f"config.model.tie_embeddings=True needs embedding/softmax full/full or blockwise/tree (tables of the "
+            f"config.model.tie_embeddings=True needs embedding/softmax full/full, full/sampled or blockwise/tree (tables of the "
             f"same shapes), got {embedding}/{softmax}; set model.tie_embeddings=False")
 
 

@@ -1,17 +1,16 @@
 """How many rows one loss-and-gradient pass of the train step covers (gradient accumulation).
 
-On CPU the train step is bound by memory traffic, not by its matmuls: at d=64 a batch of
-256 windows x 50 positions makes every activation 3.3 MB, so each of the ~40 elementwise passes
-per residual block (pad, concatenate, LayerNorm, ReLU and their gradients) streams from DRAM.
-Splitting the batch into micro-batches whose activations stay in cache, and summing their
-gradients in a `lax.scan`, computes the same gradient (sums of the same per-token terms, in
-another order) 1.7x faster at d=64 and 1.35x at d=256 on the 2-core CPU this was written on
-(`python -m cprec.bench.nextitnet`). Accelerators want the whole batch at once, so the automatic
-choice splits on CPU only.
+On CPU the train step is bound by memory traffic, not by its matmuls: a whole batch's activations
+(B x L x d floats per layer) outgrow the caches, so each of the many elementwise passes per residual
+block (pad, concatenate, LayerNorm, ReLU and their gradients) streams from DRAM. Splitting the
+batch into micro-batches whose activations stay in cache, and summing their gradients in a
+`lax.scan`, computes the same gradient (sums of the same per-token terms, in another order)
+faster (docs/benchmarks.md, `python -m cprec.bench.nextitnet`). Accelerators want the whole batch
+at once, so the automatic choice splits on CPU only.
 
 A full softmax over a large catalogue is the other reason to split, on every platform: it
-materialises [positions, V] logits and their gradient, 25 GB for 64 windows of 50 at V = 1M.
-The automatic choice also caps a micro-batch's logits at a memory budget when it knows V.
+materialises [positions, V] logits and their gradient (B x L x V floats twice). The automatic
+choice also caps a micro-batch's logits at a memory budget when it knows V.
 """
 from __future__ import annotations
 
