@@ -17,9 +17,10 @@ from cprec.errors import ConfigError
 from cprec.model.budget import check_budget
 from cprec.model.nextitnet import check_tying
 from cprec.model.sharing import SHARING_SCHEMES
+from cprec.model.sampled_softmax import SAMPLERS
 
 EMBEDDINGS = ("full", "blockwise")
-SOFTMAXES = ("full", "tree")
+SOFTMAXES = ("full", "sampled", "tree")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -35,7 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.kernel_size = 3
     c.model.sharing = "none"  # see cprec.model.sharing.SHARING_SCHEMES
     c.model.embedding = "full"  # 'full' | 'blockwise'
-    c.model.softmax = "full"  # 'full' | 'tree'
+    c.model.softmax = "full"  # 'full' | 'sampled' (full table, sampled-softmax training) | 'tree'
     # Cluster cutoffs: absolute item counts, or fractions of V; V itself is appended.
     c.model.cutoffs = ()
     c.model.ranks = ()  # explicit per-cluster ranks; empty = derive from rank_decay
@@ -51,6 +52,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.tie_embeddings = False
     c.model.tie_projections = False  # tied CpRec: the tail clusters' projections too (no effect untied)
     c.model.output_projection = False  # h' = W h + b (d x d, with bias) before the output layer
+    # Sampled softmax (model.softmax='sampled', cprec/model/sampled_softmax.py): negatives per step,
+    # shared by every token, from 'uniform' or 'unigram' (training counts ** sampler_alpha), each
+    # candidate's logit corrected by log(S Q); in_batch_negatives adds the batch's other targets.
+    c.model.num_negatives = 1024
+    c.model.sampler = "unigram"
+    c.model.sampler_alpha = 0.75
+    c.model.in_batch_negatives = False
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 256  # windows of L+1 items per step
@@ -76,6 +84,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.clip_norm = 1.0  # global-norm clipping; <= 0 disables
     c.optim.warmup_steps = 0
     c.optim.schedule = "constant"  # 'constant' | 'cosine'
+    # Lazy Adam for the item tables of a sampled-softmax model: only the rows a step touches (its
+    # inputs, targets and negatives) are updated (cprec/train/sparse_tables.py). Needs
+    # model.softmax='sampled', model.embedding='full', optim.name='adam', no table weight decay.
+    c.optim.sparse_tables = False
 
     c.eval = ml_collections.ConfigDict()
     c.eval.ks = (5, 10, 20)
@@ -132,6 +144,12 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     if not 0.0 <= m.dropout < 1.0:
         _fail("model.dropout", m.dropout, "must be in [0, 1)")
     check_tying(m.embedding, m.softmax, m.tie_embeddings)
+    if m.softmax == "sampled":
+        if m.num_negatives < 1:
+            _fail("model.num_negatives", m.num_negatives, "must be >= 1 with the sampled softmax")
+        _choice("model.sampler", m.sampler, SAMPLERS)
+        if m.sampler_alpha < 0:
+            _fail("model.sampler_alpha", m.sampler_alpha, "must be >= 0 (0 = uniform over trained items)")
     if str(m.budget):
         check_budget(m.budget)
         if m.embedding == "full" and m.softmax == "full":
@@ -162,6 +180,12 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
             _fail(f"optim.{key}", o[key], "must be >= 0")
     if o.warmup_steps < 0:
         _fail("optim.warmup_steps", o.warmup_steps, "must be >= 0")
+    if o.sparse_tables and (m.softmax != "sampled" or m.embedding != "full"):
+        _fail("optim.sparse_tables", o.sparse_tables, f"needs model.softmax=sampled and model.embedding=full (got "
+              f"{m.softmax} / {m.embedding}): only then does a step touch few rows of every item table")
+    if o.sparse_tables and (o.name != "adam" or o.table_weight_decay > 0):
+        _fail("optim.sparse_tables", o.sparse_tables, f"is a lazy Adam: needs optim.name=adam and "
+              f"optim.table_weight_decay=0 (got {o.name}, {o.table_weight_decay})")
     if e.topk_n < 1 or any(int(b) < 1 for b in e.topk_batches):
         _fail("eval.topk_n", e.topk_n, "top-n size and eval.topk_batches must be >= 1")
     if e.batch_size < 1:

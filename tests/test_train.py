@@ -259,19 +259,20 @@ def _wrap_train_step(monkeypatch, before=None, after=None) -> None:
     """Runs ``before(state)`` ahead of and ``after(state, metrics)`` behind every jitted train step of the next runs."""
     import cprec.train.loop as loop
 
-    real = loop.make_train_step
+    def wrap(real):
+        def make(*args, **kwargs):
+            step = real(*args, **kwargs)
 
-    def make(*args, **kwargs):
-        step = real(*args, **kwargs)
+            def wrapped(state, batch):
+                if before:
+                    before(state)
+                out = step(state, batch)
+                return after(*out) if after else out
+            return wrapped
+        return make
 
-        def wrapped(state, batch):
-            if before:
-                before(state)
-            out = step(state, batch)
-            return after(*out) if after else out
-        return wrapped
-
-    monkeypatch.setattr(loop, "make_train_step", make)
+    for name in ("make_train_step", "make_sparse_train_step"):  # the dense step, and optim.sparse_tables'
+        monkeypatch.setattr(loop, name, wrap(getattr(loop, name)))
 
 
 def _interrupted_after(monkeypatch, steps: int) -> None:
@@ -288,11 +289,16 @@ def _validated_steps(workdir):
     return [line["step"] for line in lines if "val/ndcg@10" in line], [line["step"] for line in lines if "train/loss" in line]
 
 
-@pytest.mark.parametrize("stop_at,eval_every", [(11, 6), (5, 1)])
-def test_a_resumed_run_does_what_an_uninterrupted_one_does(tiny, tmp_path, monkeypatch, stop_at, eval_every):
+@pytest.mark.parametrize("stop_at,eval_every,softmax,sparse", [(11, 6, "full", False), (5, 1, "full", False),
+                                                                (7, 6, "sampled", False), (7, 6, "sampled", True)])
+def test_a_resumed_run_does_what_an_uninterrupted_one_does(tiny, tmp_path, monkeypatch, stop_at, eval_every, softmax,
+                                                           sparse):
     # (11, 6): resumed one step before the end, whose first step is the last; it must still validate,
     # checkpoint and select. (5, 1): validation every step, the first after the resume included.
-    config = tiny()
+    # Sampled: the resumed steps draw the negatives the uninterrupted run drew; sparse: and the lazy
+    # Adam's table moments come back from the checkpoint.
+    config = tiny(softmax=softmax, num_negatives=8)
+    config.optim.sparse_tables = sparse
     config.train.eval_every, config.train.checkpoint_every, config.train.log_every = eval_every, 1, 1
     whole = train_and_evaluate(config, tmp_path / "whole")
     with monkeypatch.context() as m:

@@ -53,8 +53,9 @@ def provenance() -> dict[str, str]:
             "date": datetime.datetime.now(datetime.timezone.utc).date().isoformat()}
 
 
-def save_results(name: str, payload: dict) -> pathlib.Path:
-    return write_json(RESULTS_DIR / f"{name}-{jax.devices()[0].platform}.json",
+def save_results(name: str, payload: dict, path: str | pathlib.Path | None = None) -> pathlib.Path:
+    """Writes ``bench_results/<name>-<platform>.json`` (or ``path``) with the command, date and device."""
+    return write_json(path or RESULTS_DIR / f"{name}-{jax.devices()[0].platform}.json",
                       {**provenance(), "device": device_info(), **payload})
 
 

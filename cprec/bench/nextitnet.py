@@ -71,6 +71,7 @@ def main() -> None:
                         f"'{_WHOLE}': the whole batch in one pass)")
     p.add_argument("--steps", type=int, default=10, help="train steps per timed run")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", default=None, help="JSON path (default bench_results/nextitnet-<platform>.json)")
     args = p.parse_args()
 
     config = base_config()
@@ -90,7 +91,8 @@ def main() -> None:
                   f" | {row['achieved_flops'] / 1e9:6.1f} GFLOP/s = {100 * row['fraction_of_peak']:5.1f}% of matmul peak",
                   flush=True)
     path = save_results("nextitnet", {"data": args.data, "num_items": int(data.num_items), "batch_size": args.batch,
-                                      "max_len": int(data.max_len), "matmul_peak_flops": peak, "rows": rows})
+                                      "max_len": int(data.max_len), "matmul_peak_flops": peak, "rows": rows},
+                        args.out)
     print(f"saved {path}")
 
 

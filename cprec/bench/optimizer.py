@@ -2,6 +2,7 @@
 
   python -m cprec.bench.optimizer                                  # 1M items: CpRec's preset and NextItNet
   python -m cprec.bench.optimizer --config experiments/cprec.py:synthetic30k --baseline-batch 256
+  python -m cprec.bench.optimizer --config experiments/nextitnet.py:synthetic1m   # the sampled-softmax baseline
 
 Decides whether a row-sparse ("lazy") Adam for the item tables would pay: Adam updates every row
 of every table each step, and the gradient of an embedding lookup is a dense [V, d] table that is
@@ -33,10 +34,12 @@ import numpy as np
 from cprec.bench.common import RESULTS_DIR, finish, load_average
 from cprec.bench.tree_softmax import zipf_counts
 from cprec.config import load_config_file, validate_config
-from cprec.model.builder import build_model, count_params, init_params, uncompressed_config
+from cprec.model.builder import build_model, clustered, count_params, init_params, uncompressed_config
 from cprec.model.param_groups import decay_group, param_path
 from cprec.timing import median_seconds
+from cprec.train.loop import make_training
 from cprec.train.micro_batch import num_micro_batches
+from cprec.train.sampling import Sampler
 from cprec.train.step import loss_capacities, make_batch_grads, make_optimizer, make_train_step, new_train_state
 
 
@@ -58,6 +61,7 @@ def bench_model(config, counts: np.ndarray, repeats: int) -> dict:
     params = init_params(model, 0)
     tx = make_optimizer(config, 1000)
     micro = num_micro_batches(config, num_items=num_items)
+    sampler = Sampler.from_config(config, counts)
     batch = zipf_windows(counts, config.train.batch_size, config.data.max_len + 1, 0)
     rng = jax.random.PRNGKey(0)
     row = {"params": count_params(params), "batch_size": int(config.train.batch_size), "micro_batches": micro,
@@ -71,17 +75,20 @@ def bench_model(config, counts: np.ndarray, repeats: int) -> dict:
         print(f"  {name:22s} {1e3 * seconds:10.1f} ms   ({time.perf_counter() - t0:.0f} s with compilation)", flush=True)
 
     def norm_of(frozen):
-        grads = make_batch_grads(model, micro, frozen)
+        grads = make_batch_grads(model, micro, frozen, sampler)
         return jax.jit(lambda p, b: jnp.sqrt(sum(jnp.vdot(g, g) for g in jax.tree.leaves(grads(p, b, rng)[2]))))
 
-    step = make_train_step(model, tx, 0, micro)
+    step = make_train_step(model, tx, 0, micro, sampler)
     holder = {"state": new_train_state(params, tx)}
 
     def one_step():
         holder["state"], metrics = step(holder["state"], batch)
         return metrics["loss"]
 
-    timed("step", one_step)
+    if sampler is not None and config.model.embedding == "full" and config.optim.name == "adam":
+        _sparse_ab(config, model, counts, micro, batch, row, repeats, lambda: one_step())
+    else:
+        timed("step", one_step)
     params = holder["state"]["params"]
     grads_all, grads_frozen = norm_of(None), norm_of(is_input_table)
     timed("grads", lambda: grads_all(params, batch))
@@ -109,6 +116,33 @@ def bench_model(config, counts: np.ndarray, repeats: int) -> dict:
     return row
 
 
+def _sparse_ab(config, model, counts, micro, batch, row, repeats: int, dense_step) -> None:
+    """Times the dense step and the row-sparse (lazy Adam) one of a sampled-softmax model, interleaved:
+    ``step_s`` (dense), ``step_sparse_tables_s`` and their ratio."""
+    sparse_config = config.copy_and_resolve_references()
+    sparse_config.optim.sparse_tables = True
+    state, step = make_training(sparse_config, model, counts, 1000, micro)
+    holder = {"state": state}
+
+    def sparse_step():
+        holder["state"], metrics = step(holder["state"], batch)
+        return metrics["loss"]
+
+    dense, sparse = [], []
+    for fn in (dense_step, sparse_step):  # compile both first
+        jax.block_until_ready(fn())
+    for _ in range(repeats):
+        for fn, out in ((dense_step, dense), (sparse_step, sparse)):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            out.append(time.perf_counter() - t0)
+    row["step_s"], row["step_sparse_tables_s"] = float(np.median(dense)), float(np.median(sparse))
+    row["sparse_tables_speedup"] = row["step_s"] / row["step_sparse_tables_s"]
+    print(f"  step (dense Adam)      {1e3 * row['step_s']:10.1f} ms\n"
+          f"  step (sparse tables)   {1e3 * row['step_sparse_tables_s']:10.1f} ms   "
+          f"({row['sparse_tables_speedup']:.2f}x, interleaved, medians of {repeats})", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="experiments/cprec.py:synthetic1m",
@@ -124,7 +158,7 @@ def main() -> None:
     config = load_config_file(args.config)
     validate_config(config)
     counts = zipf_counts(args.items or int(config.data.num_items) + 1, 1.0)
-    models = {"cprec": config}
+    models = {"cprec" if clustered(config) else f"nextitnet-{config.model.softmax}": config}
     if args.baseline_batch > 0:
         base = uncompressed_config(config)
         base.train.batch_size = args.baseline_batch

@@ -8,7 +8,8 @@ from cprec.model.embedding import BlockwiseEmbedding
 from cprec.model.full_softmax import FullSoftmax
 from cprec.model.nextitnet import NextItNet
 from cprec.model.output import OutputLayer
+from cprec.model.sampled_softmax import Negatives, SampledSoftmax
 from cprec.model.tree_softmax import BlockwiseSoftmax
 
-__all__ = ["BlockwiseEmbedding", "BlockwiseSoftmax", "FullSoftmax", "NextItNet", "OutputLayer", "build_model",
-           "init_params"]
+__all__ = ["BlockwiseEmbedding", "BlockwiseSoftmax", "FullSoftmax", "Negatives", "NextItNet", "OutputLayer",
+           "SampledSoftmax", "build_model", "init_params"]

@@ -286,7 +286,7 @@ def tree_cluster_stats(outs: Sequence[jax.Array]) -> ClusterStats:
 def _weight_stats(w: jax.Array) -> tuple[jax.Array, ...]:
     # One variadic reduction for max / min / sum along the items (a single read of W), and the
     # column norms as a sum of the d_j rows: XLA's CPU reduction over the short leading axis of a
-    # [16, 800k] array runs about 5x slower than these contiguous passes.
+    # wide [d_j, k_j] array strides across memory, these passes read it contiguously.
     lo = jnp.asarray(-jnp.inf, w.dtype)
     w_max, w_min, w_sum = lax.reduce((w, w, w), (lo, -lo, jnp.zeros((), w.dtype)),
                                      lambda a, b: (jnp.maximum(a[0], b[0]), jnp.minimum(a[1], b[1]), a[2] + b[2]),
@@ -507,8 +507,8 @@ class BlockwiseSoftmax(InputProjection, nn.Module):
     ``capacities``: static token capacity of each tail cluster in ``loss`` (e.g. from
     ``cprec.model.clusters.cluster_token_capacities`` and the training item counts). None (the default)
     assumes nothing about the frequencies: each call routes a cluster's tokens into the smallest
-    of 64, 128, 256, ... rows that holds them (one ``lax.switch``, rematerialised): 0.91x the speed
-    of tuned capacities at 1M items; capacities save the recompute and compile fewer branches.
+    of 64, 128, 256, ... rows that holds them (one ``lax.switch``, rematerialised): a little slower
+    than tuned capacities, which save the recompute and compile fewer branches (docs/benchmarks.md).
 
     Tied (``tied_to`` a ``BlockwiseEmbedding`` with the same clusters; Baevski and Auli's adaptive
     input/softmax tying, fairseq's ``tie_adaptive_weights``): the head's item columns are the

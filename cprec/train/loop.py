@@ -7,8 +7,11 @@ resumes from the latest checkpoint; a finished run is not retrained.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import pathlib
+import shlex
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -32,7 +35,9 @@ from cprec.runtime.parallel import DataParallel, initialize_distributed
 from cprec.train.batching import WindowBatcher
 from cprec.train.metric_writer import MetricWriter
 from cprec.train.micro_batch import num_micro_batches
-from cprec.train.step import loss_capacities, make_optimizer, make_train_step, new_train_state
+from cprec.train.sampling import Sampler
+from cprec.train.sparse_tables import make_sparse_train_step, new_sparse_state
+from cprec.train.step import learning_rate, loss_capacities, make_optimizer, make_train_step, new_train_state
 
 
 class TrainingDiverged(CprecError):
@@ -82,7 +87,7 @@ def _format_eta(seconds: float) -> str:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
     """Trains, evaluates on validation periodically and on test at the end; returns the test metrics."""
     validate_config(config)
-    keep_freed_memory()  # about 2x faster steps on CPU; see cprec/runtime/allocator.py
+    keep_freed_memory()  # faster steps on CPU: freed buffers are reused, not returned (cprec/runtime/allocator.py)
     initialize_distributed()  # before any computation: joins the hosts of a multi-task SLURM job
     workdir = pathlib.Path(workdir)
     if workdir.exists() and not workdir.is_dir():
@@ -119,8 +124,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         total_steps = int(config.train.num_steps)
     else:
         total_steps = int(config.train.num_epochs * batcher.steps_per_epoch)
-    tx = make_optimizer(config, total_steps)
-    state = new_train_state(init_params(model, config.seed), tx)
+    state, train_step = make_training(config, model, data.item_counts, total_steps, micro_batches)
 
     with contextlib.ExitStack() as closing:  # closing the checkpointers finishes their async saves, even on errors
         ckpt = Checkpointer(workdir, config.train.keep_checkpoints)
@@ -139,7 +143,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             _write_run_header(writer, config, data, report)
         validator = _Validator(config, data, model, parallel)
         progress = _Progress(total_steps, batcher.steps_per_epoch, ckpt.directory, writer)
-        train_step = make_train_step(model, tx, config.seed, micro_batches)
         state = _train(config.train, state, start, total_steps, train_step, batcher, parallel, ckpt, best,
                        progress, validator, writer)
         params = best.params() if best.step else state["params"]
@@ -148,9 +151,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         test = _test(config, data, model, params, validator, best, total_steps, writer)
         writer.hparams(_hparams(config), {f"hparam/test_{k}": v for k, v in test.items()} | {
             "hparam/params_total": report["params/total"]})
-    write_json(results_path, {"step": total_steps, "test": test, "test_params": tested, "report": report},
-               sort_keys=True)
+    # The command and date a results/ table cites (results/README.md).
+    provenance = {"command": " ".join(["python", *map(shlex.quote, sys.argv)]),
+                  "date": datetime.datetime.now(datetime.timezone.utc).date().isoformat()}
+    write_json(results_path, {"step": total_steps, "test": test, "test_params": tested, "report": report,
+                              **provenance}, sort_keys=True)
     return test
+
+
+def make_training(config: ml_collections.ConfigDict, model: NextItNet, item_counts: np.ndarray, total_steps: int,
+              micro_batches: int) -> tuple[dict, Callable]:
+    """The initial train state and the jitted step: the optax optimizer over every parameter, or with
+    ``optim.sparse_tables`` a lazy Adam for the item tables and the optax optimizer for the rest."""
+    sampler = Sampler.from_config(config, item_counts)
+    params = init_params(model, config.seed)
+    if not config.optim.sparse_tables:
+        tx = make_optimizer(config, total_steps)
+        return new_train_state(params, tx), make_train_step(model, tx, config.seed, micro_batches, sampler)
+    dense_tx = make_optimizer(config, total_steps, clip=False)  # the step clips every gradient at once
+    lr = learning_rate(config, total_steps)
+    step = make_sparse_train_step(model, config, dense_tx, lr if callable(lr) else (lambda count: lr), sampler,
+                                  micro_batches)
+    return new_sparse_state(params, dense_tx), step
 
 
 def itstime(done: int, every: int, total_steps: int) -> bool:

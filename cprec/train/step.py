@@ -15,16 +15,24 @@ from cprec.model.clusters import cluster_token_capacities
 from cprec.model.nextitnet import NextItNet
 from cprec.model.param_groups import decay_group, param_path
 from cprec.train.micro_batch import micro_batch_rows
+from cprec.train.sampling import Sampler
 
 
-def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+def learning_rate(config: ml_collections.ConfigDict, total_steps: int) -> optax.ScalarOrSchedule:
+    """``optim.lr`` with its schedule: a constant, or a function of the 0-based update count."""
     o = config.optim
     if o.schedule == "cosine":
-        lr = optax.warmup_cosine_decay_schedule(0.0, o.lr, max(o.warmup_steps, 1), max(total_steps, o.warmup_steps + 1))
-    elif o.warmup_steps > 0:
-        lr = optax.linear_schedule(0.0, o.lr, o.warmup_steps)
-    else:
-        lr = o.lr
+        return optax.warmup_cosine_decay_schedule(0.0, o.lr, max(o.warmup_steps, 1), max(total_steps, o.warmup_steps + 1))
+    if o.warmup_steps > 0:
+        return optax.linear_schedule(0.0, o.lr, o.warmup_steps)
+    return o.lr
+
+
+def make_optimizer(config: ml_collections.ConfigDict, total_steps: int, clip: bool = True) -> optax.GradientTransformation:
+    """The config's optax optimizer; ``clip=False`` leaves out the global-norm clipping (for a caller
+    that clips over more gradients than this optimizer sees)."""
+    o = config.optim
+    lr = learning_rate(config, total_steps)
     decay = weight_decay(o.weight_decay, o.table_weight_decay)
     if o.name == "adam":  # L2: the decay joins the gradient before Adam's scaling (PyTorch's Adam(weight_decay))
         opt = optax.chain(*decay, optax.adam(lr)) if decay else optax.adam(lr)  # the same state as before decay existed
@@ -32,7 +40,7 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax
         opt = optax.chain(optax.scale_by_adam(), *decay, optax.scale_by_learning_rate(lr))
     else:
         opt = optax.chain(*decay, optax.sgd(lr))
-    if o.clip_norm > 0:
+    if o.clip_norm > 0 and clip:
         opt = optax.chain(optax.clip_by_global_norm(o.clip_norm), opt)
     return opt
 
@@ -49,25 +57,36 @@ def weight_decay(dense_rate: float, table_rate: float) -> list[optax.GradientTra
             for group, rate in (("dense", dense_rate), ("table", table_rate)) if rate > 0]
 
 
-def make_batch_grads(model: NextItNet, micro_batches: int = 1, frozen: Callable[[str], bool] | None = None):
-    """``(params, batch, rng) -> (summed NLL, target count, summed gradient)`` of a [B, L+1] window batch.
+def sampling_key(step_rng: jax.Array) -> jax.Array:
+    """The sampled softmax's key of a step: folded from the step's key far from the micro-batch indices
+    that the dropout keys are folded with; runs without sampling keep the dropout keys they always had."""
+    return jax.random.fold_in(step_rng, 1 << 30)
+
+
+def make_batch_grads(model: NextItNet, micro_batches: int = 1, frozen: Callable[[str], bool] | None = None,
+                     sampler: Sampler | None = None, pairs: bool = False):
+    """``(params, batch, rng[, drawn]) -> (summed NLL, target count, summed gradient)`` of a [B, L+1] window batch.
 
     With ``micro_batches`` = n > 1 the gradient is accumulated over n micro-batches of B/n rows in
     a ``lax.scan`` (see cprec/train/micro_batch.py for why): the same sums over all the batch's targets,
     added in another order. Micro-batch i holds rows i, i+n, i+2n, ..., so every micro-batch takes
     the same share of each device's rows under data parallelism. ``frozen(name)``: parameters held
     constant (no gradient; zeros in the result); a benchmark's knob, training freezes nothing.
+    ``sampler``: the sampled softmax's; its negatives are drawn once per batch from ``rng`` (or given
+    as ``drawn``) and shared by every micro-batch, so the gradient does not depend on the micro-batch
+    count. ``pairs``: each row of the batch is [inputs, targets] of T each, instead of a window of T + 1.
     """
-    def loss_sum(params, batch, rng):
-        mean, count = model.apply(
-            {"params": params}, batch[:, :-1], batch[:, 1:], True, rngs={"dropout": rng}, method=NextItNet.loss
-        )
+    def loss_sum(params, batch, rng, drawn):
+        x, y = (batch[:, :batch.shape[1] // 2], batch[:, batch.shape[1] // 2:]) if pairs else (batch[:, :-1], batch[:, 1:])
+        negatives = None if drawn is None else sampler.negatives(drawn, y)
+        mean, count = model.apply({"params": params}, x, y, True, negatives, rngs={"dropout": rng},
+                                  method=NextItNet.loss)
         count = count.astype(jnp.float32)
         return mean * count, count
 
-    def grads_of(params, batch, rng):
+    def grads_of(params, batch, rng, drawn):
         if frozen is None:
-            (total, count), grads = jax.value_and_grad(loss_sum, has_aux=True)(params, batch, rng)
+            (total, count), grads = jax.value_and_grad(loss_sum, has_aux=True)(params, batch, rng, drawn)
             return total, count, grads
         leaves, tree = jax.tree_util.tree_flatten_with_path(params)
         keep = [frozen(param_path(path)) for path, _ in leaves]
@@ -76,21 +95,23 @@ def make_batch_grads(model: NextItNet, micro_batches: int = 1, frozen: Callable[
         def of_free(free):
             it = iter(free)
             full = [lax.stop_gradient(x) if k else next(it) for (_, x), k in zip(leaves, keep)]
-            return loss_sum(jax.tree.unflatten(tree, full), batch, rng)
+            return loss_sum(jax.tree.unflatten(tree, full), batch, rng, drawn)
 
         (total, count), g_free = jax.value_and_grad(of_free, has_aux=True)(free)
         it = iter(g_free)
         grads = [jnp.zeros_like(x) if k else next(it) for (_, x), k in zip(leaves, keep)]
         return total, count, jax.tree.unflatten(tree, grads)
 
-    def batch_grads(params, batch, rng):
+    def batch_grads(params, batch, rng, drawn=None):
+        if sampler is not None and drawn is None:
+            drawn = sampler.draw(sampling_key(rng))
         if micro_batches == 1:
-            return grads_of(params, batch, rng)
+            return grads_of(params, batch, rng, drawn)
         chunks = batch.reshape(-1, micro_batches, batch.shape[1]).transpose(1, 0, 2)
 
         def accumulate(acc, chunk_and_index):
             chunk, i = chunk_and_index
-            return jax.tree.map(jnp.add, acc, grads_of(params, chunk, jax.random.fold_in(rng, i))), None
+            return jax.tree.map(jnp.add, acc, grads_of(params, chunk, jax.random.fold_in(rng, i), drawn)), None
 
         zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
         return lax.scan(accumulate, zero, (chunks, jnp.arange(micro_batches)))[0]
@@ -98,10 +119,11 @@ def make_batch_grads(model: NextItNet, micro_batches: int = 1, frozen: Callable[
     return batch_grads
 
 
-def make_train_step(model: NextItNet, tx: optax.GradientTransformation, seed: int, micro_batches: int = 1):
+def make_train_step(model: NextItNet, tx: optax.GradientTransformation, seed: int, micro_batches: int = 1,
+                    sampler: Sampler | None = None):
     """One jitted step on a [B, L+1] window batch (``make_batch_grads``, then ``tx``); the state is donated."""
     base_rng = jax.random.PRNGKey(seed)
-    batch_grads = make_batch_grads(model, micro_batches)
+    batch_grads = make_batch_grads(model, micro_batches, sampler=sampler)
 
     def step(state: dict[str, Any], batch: jax.Array):
         rng = jax.random.fold_in(base_rng, state["step"])  # the same step gets the same randomness on resume
