@@ -3,6 +3,7 @@ import json
 import re
 import pathlib
 
+import numpy as np
 import pytest
 
 from cprec.report.add_run import add_run
@@ -81,6 +82,35 @@ def test_add_puts_a_runs_results_json_in_a_table(tmp_path):
     rows = load_table("t", results)["rows"]
     assert [r["run"] for r in rows] == ["old", "mine"]  # the run's row replaced, not duplicated
     assert "| mine | 5,000 | 0.6123 |" in render_table(load_table("t", results))
+
+
+def test_add_a_sweep_of_seeds_gives_their_mean_and_spread(tmp_path):
+    results = _table(tmp_path, [])
+    spec = json.loads((results / "t.json").read_text())
+    spec["columns"].append({"keys": ["test/hr@10", "test/hr@10_std"], "label": "HR@10", "format": "{:.3f}", "sep": " ± "})
+    spec["columns"].append({"key": "popularity/test_hr@10", "label": "popularity HR@10", "format": "{:.3f}"})
+    (results / "t.json").write_text(dump_table(spec))
+    sweep = tmp_path / "runs" / "sweep"
+    for seed, hr in enumerate((0.10, 0.20, 0.60)):
+        trial = sweep / f"{seed}_seed={seed}"
+        trial.mkdir(parents=True)
+        (trial / "config.json").write_text(json.dumps({"seed": seed}))
+        (trial / "results.json").write_text(json.dumps({"step": 5, "test": {"hr@10": hr}, "report": {"params/total": 7}}))
+        (trial / "metrics.jsonl").write_text(json.dumps({"step": 0, "popularity/test_hr@10": 0.05}) + "\n")
+    (sweep / "3_unfinished").mkdir()
+    row = add_run(sweep, "t", {"run": "three seeds"}, results)
+    assert row["test/hr@10"] == pytest.approx(0.3) and row["test/hr@10_std"] == pytest.approx(np.std([0.1, 0.2, 0.6], ddof=1))
+    assert row["popularity/test_hr@10"] == pytest.approx(0.05) and "(3 trials)" in row["_source"]
+    assert "| three seeds | 7 |  |  | 0.300 ± 0.265 | 0.050 |" in render_table(load_table("t", results))
+    with pytest.raises(ResultFileError, match="1 finished trial"):
+        add_run(_one_trial(tmp_path), "t", {"run": "x"}, results)
+
+
+def _one_trial(tmp_path: pathlib.Path) -> pathlib.Path:
+    sweep = tmp_path / "runs" / "lonely"
+    (sweep / "0").mkdir(parents=True)
+    (sweep / "0" / "results.json").write_text(json.dumps({"step": 1, "test": {}}))
+    return sweep
 
 
 def test_the_plots_render(tmp_path):
