@@ -49,14 +49,15 @@ def steps(out: pathlib.Path, tiny: bool) -> list[tuple[str, list[str], int]]:
     tests += ["tests/test_sampled_softmax.py", "-k", "config_errors"] if tiny else list(TEST_FILES)
     bench = [py, "-m", "cprec.bench.nextitnet", "--data", "synthetic", "--out", str(out / "train_bench.json")]
     bench += ["--dims", "16", "--batch", "8", "--steps", "2", "--repeats", "1"] if tiny else ["--dims", "64,256"]
-    run = [py, "run.py", "--config.eval.batch_size=256"] + (_TINY_DATA if tiny else [])
+    def run(spec: str, name: str) -> list[str]:  # --config first: the overrides apply to it
+        return [py, "run.py", "--config", spec, "--workdir", str(out / "runs" / name),
+                "--config.eval.batch_size=256"] + (_TINY_DATA if tiny else [])
+
     return [
         ("tests", tests, 150 if tiny else 200),
         ("train_bench", bench, 120 if tiny else 90),
-        ("full_1m", run + ["--config", "experiments/nextitnet.py:synthetic1m,softmax=full",
-                           "--workdir", str(out / "runs" / "full_1m")], 240 if tiny else 200),
-        ("sampled_1m", run + ["--config", "experiments/nextitnet.py:synthetic1m",
-                              "--workdir", str(out / "runs" / "sampled_1m")], 240 if tiny else 100),
+        ("full_1m", run("experiments/nextitnet.py:synthetic1m,softmax=full", "full_1m"), 240 if tiny else 200),
+        ("sampled_1m", run("experiments/nextitnet.py:synthetic1m", "sampled_1m"), 240 if tiny else 100),
     ]
 
 
