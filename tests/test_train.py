@@ -343,33 +343,49 @@ def test_a_run_killed_before_its_first_checkpoint_logs_each_step_once(tiny, tmp_
     assert jsonl == whole_jsonl and board == whole_board
 
 
+def _validation_scores(monkeypatch, score) -> None:
+    """Makes validation report ndcg@10 = score(step) (the selection metric); the rest as computed."""
+    import cprec.train.loop as loop
+
+    real = loop._Validator.__call__
+    monkeypatch.setattr(loop._Validator, "__call__", lambda self, split, params, step: {
+        **real(self, split, params, step), **({"ndcg@10": score(step)} if split == "val" else {})})
+
+
+def _best_steps(workdir) -> list[int]:
+    return sorted(int(p.name) for p in (workdir / "best").iterdir() if p.name.isdigit())
+
+
+def _killed_and_resumed(config, workdir, monkeypatch, stop_at: int, before, after) -> list[int]:
+    """Runs ``config`` until killed before step ``stop_at`` + 1 with validation scores ``before(step)``,
+    then resumes it with ``after(step)``; returns the steps best/ held at the kill."""
+    with monkeypatch.context() as m:
+        _interrupted_after(m, stop_at)
+        _validation_scores(m, before)
+        with pytest.raises(_Interrupt):
+            train_and_evaluate(config, workdir)
+    kept = _best_steps(workdir)
+    _validation_scores(monkeypatch, after)
+    train_and_evaluate(config, workdir)
+    return kept
+
+
 def test_a_resumed_run_keeps_the_better_of_a_replayed_best_step(tiny, tmp_path, monkeypatch):
     # Checkpoints at 4 and 8, validation every 2: best/ holds step 10 when the run is killed before
     # step 11; the resumed run replays 9-12 and validates step 10 again, scoring it higher.
-    import cprec.train.loop as loop
+    from cprec.eval.pretrained import load_run
+    from cprec.runtime.checkpointing import Checkpointer
 
     config = tiny()
     config.train.eval_every, config.train.checkpoint_every, config.train.log_every = 2, 4, 2
-    real = loop._Validator.__call__
-    with monkeypatch.context() as m:
-        _interrupted_after(m, 10)
-        m.setattr(loop._Validator, "__call__", lambda self, split, params, step: {
-            **real(self, split, params, step), "ndcg@10": step / 100 if split == "val" else 0.0})
-        with pytest.raises(_Interrupt):
-            train_and_evaluate(config, tmp_path / "run")
-    assert sorted(p.name for p in (tmp_path / "run" / "best").iterdir() if p.name.isdigit()) == ["10"]
     replayed = {10: 0.5, 12: 0.2}  # the replay of step 10 scores higher than the 0.10 saved; 12 lower
-    monkeypatch.setattr(loop._Validator, "__call__", lambda self, split, params, step: {
-        **real(self, split, params, step), "ndcg@10": replayed.get(step, step / 100) if split == "val" else 0.0})
-    train_and_evaluate(config, tmp_path / "run")
-    assert sorted(p.name for p in (tmp_path / "run" / "best").iterdir() if p.name.isdigit()) == ["10"]
+    assert _killed_and_resumed(config, tmp_path / "run", monkeypatch, 10, lambda step: step / 100,
+                               lambda step: replayed.get(step, step / 100)) == [10]
+    assert _best_steps(tmp_path / "run") == [10]
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["test/selected_step"] == 10
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["test_params"] == {"source": "best", "step": 10}
-    from cprec.eval.pretrained import load_run
-    from cprec.runtime.checkpointing import Checkpointer
-
     ckpt = Checkpointer(tmp_path / "run", None, subdir="best", read_only=True)
     try:
         saved = ckpt.restore(10, {"score": jnp.zeros(()), "step": jnp.zeros((), jnp.int32)}, partial=True)
@@ -383,20 +399,9 @@ def test_a_replayed_lower_step_that_scores_higher_replaces_a_later_best(tiny, tm
     # Validation every step, checkpoints at 4 and 8: killed before step 12, best/ holds step 11 (0.11).
     # The resume replays from 8 and step 9 now scores 0.9: it must be saved although it lies below the
     # kept step (the checkpoint manager alone skips such a save silently), and step 11 removed.
-    import cprec.train.loop as loop
-
     config = tiny()
     config.train.eval_every, config.train.checkpoint_every, config.train.log_every = 1, 4, 2
-    real = loop._Validator.__call__
-    with monkeypatch.context() as m:
-        _interrupted_after(m, 11)
-        m.setattr(loop._Validator, "__call__", lambda self, split, params, step: {
-            **real(self, split, params, step), "ndcg@10": step / 100})
-        with pytest.raises(_Interrupt):
-            train_and_evaluate(config, tmp_path / "run")
-    assert sorted(p.name for p in (tmp_path / "run" / "best").iterdir() if p.name.isdigit()) == ["11"]
-    monkeypatch.setattr(loop._Validator, "__call__", lambda self, split, params, step: {
-        **real(self, split, params, step), "ndcg@10": 0.9 if step == 9 else 0.0})
-    train_and_evaluate(config, tmp_path / "run")
-    assert sorted(p.name for p in (tmp_path / "run" / "best").iterdir() if p.name.isdigit()) == ["9"]
+    assert _killed_and_resumed(config, tmp_path / "run", monkeypatch, 11, lambda step: step / 100,
+                               lambda step: 0.9 if step == 9 else 0.0) == [11]
+    assert _best_steps(tmp_path / "run") == [9]
     assert json.loads((tmp_path / "run" / "results.json").read_text())["test_params"] == {"source": "best", "step": 9}
