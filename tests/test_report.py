@@ -6,7 +6,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from cprec.report.add_run import add_run
+from cprec.report.add_run import add_run, run_values
 from cprec.report.markers import render_docs, render_text, table_names
 from cprec.report.paths import RESULTS, ROOT, doc_files
 from cprec.report.table import REQUIRED, ResultFileError, dump_table, load_table, render_table
@@ -96,11 +96,14 @@ def test_add_a_sweep_of_seeds_gives_their_mean_and_spread(tmp_path):
         trial.mkdir(parents=True)
         (trial / "config.json").write_text(json.dumps({"seed": seed}))
         (trial / "results.json").write_text(json.dumps({"step": 5, "test": {"hr@10": hr}, "report": {"params/total": 7}}))
-        (trial / "metrics.jsonl").write_text(json.dumps({"step": 0, "popularity/test_hr@10": 0.05}) + "\n")
+        (trial / "metrics.jsonl").write_text(json.dumps({"step": 0, "popularity/test_hr@10": 0.05}) + "\n" + json.dumps(
+            {"step": 4, "train/tokens_per_sec": 900.0}) + "\n" + json.dumps({"step": 5, "train/tokens_per_sec": 1000.0}) + "\n")
     (sweep / "3_unfinished").mkdir()
     row = add_run(sweep, "t", {"run": "three seeds"}, results)
     assert row["test/hr@10"] == pytest.approx(0.3) and row["test/hr@10_std"] == pytest.approx(np.std([0.1, 0.2, 0.6], ddof=1))
     assert row["popularity/test_hr@10"] == pytest.approx(0.05) and "(3 trials)" in row["_source"]
+    assert add_run(sweep / "0_seed=0", "t", {"run": "one"}, results) and run_values(sweep / "0_seed=0")[
+        "train_tokens_s"] == 1000.0  # the last logged throughput (an average since the compiled step)
     assert "| three seeds | 7 |  |  | 0.300 ± 0.265 | 0.050 |" in render_table(load_table("t", results))
     with pytest.raises(ResultFileError, match="1 finished trial"):
         add_run(_one_trial(tmp_path), "t", {"run": "x"}, results)
