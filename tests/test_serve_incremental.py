@@ -2,7 +2,6 @@
 import functools
 import types
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -94,15 +93,6 @@ def test_receptive_field_is_exact():
         x[0, -1 - back] = x[0, -1 - back] % 39 + 1
         h = model.apply({"params": params}, x, method=NextItNet.encode)[:, -1]
         assert bool(jnp.any(jnp.abs(h - h0) > 1e-4)) == moves
-
-
-def test_layer_norm_matches_flax():
-    x = jax.random.normal(jax.random.PRNGKey(1), (5, 8)) * 3 + 1
-    ln = nn.LayerNorm(epsilon=1e-6)
-    p = ln.init(jax.random.PRNGKey(2), x)["params"]
-    p = {"scale": p["scale"] + jax.random.normal(jax.random.PRNGKey(3), (8,)),
-         "bias": p["bias"] + jax.random.normal(jax.random.PRNGKey(4), (8,))}
-    np.testing.assert_allclose(inc._layer_norm(x, p), ln.apply({"params": p}, x), rtol=1e-6, atol=1e-6)
 
 
 def test_window_pass_is_the_stack(setup):

@@ -46,24 +46,30 @@ def run(args) -> dict:
                     checkout = name.partition("@")[2]
                     servers[f"{name} {setting}"] = ServerProcess(args.artifact, [*flags, *extra], checkout or None)
             for r in range(args.rounds):
-                row = {}
-                for key, server in servers.items():
-                    out = wrk(server.url, script, args.concurrency, args.duration)
-                    row[key] = out
-                    print(f"[ab] round {r} {key}: {out['requests_per_s']:,.0f} req/s, p99 {out['p99_ms']:.1f} ms, "
-                          f"failed {out['failed']}", flush=True)
-                res["rounds"].append(row)
+                for c in args.concurrency:
+                    row = {}
+                    for key, server in servers.items():
+                        out = wrk(server.url, script, c, args.duration)
+                        row[key] = out
+                        print(f"[ab] round {r} c={c} {key}: {out['requests_per_s']:,.0f} req/s, p50 "
+                              f"{out['p50_ms']:.2f} ms, p99 {out['p99_ms']:.1f} ms, failed {out['failed']}", flush=True)
+                    res["rounds"].append(row)
         finally:
             for server in servers.values():
                 server.stop()
-    med = {k: statistics.median(r[k]["requests_per_s"] for r in res["rounds"]) for k in servers}
-    res["median_requests_per_s"] = med
-    res["median_p50_ms"] = {k: statistics.median(r[k]["p50_ms"] for r in res["rounds"]) for k in servers}
-    res["batched_over_unbatched"] = {v: med[f"{v} batched"] / med[f"{v} unbatched"] for v in variants}
-    for v in variants:
-        print(f"[ab] {v}: batched {med[f'{v} batched']:,.0f} req/s, unbatched {med[f'{v} unbatched']:,.0f} req/s, "
-              f"{res['batched_over_unbatched'][v]:.2f}x; p50 {res['median_p50_ms'][f'{v} batched']:.2f} ms batched, "
-              f"{res['median_p50_ms'][f'{v} unbatched']:.2f} ms unbatched (median of {args.rounds})", flush=True)
+    res["ready_s"] = {k: s.ready_s for k, s in servers.items()}
+    res["by_concurrency"] = {}
+    for c in args.concurrency:
+        rounds = [row for row in res["rounds"] if next(iter(row.values()))["concurrency"] == c]
+        med = {k: statistics.median(r[k]["requests_per_s"] for r in rounds) for k in servers}
+        p50 = {k: statistics.median(r[k]["p50_ms"] for r in rounds) for k in servers}
+        ratio = {v: med[f"{v} batched"] / med[f"{v} unbatched"] for v in variants}
+        res["by_concurrency"][c] = {"median_requests_per_s": med, "median_p50_ms": p50, "batched_over_unbatched": ratio,
+                                    "failed": sum(r[k]["failed"] for r in rounds for k in servers)}
+        for v in variants:
+            print(f"[ab] c={c} {v}: batched {med[f'{v} batched']:,.0f} req/s, unbatched {med[f'{v} unbatched']:,.0f} "
+                  f"req/s, {ratio[v]:.2f}x; p50 {p50[f'{v} batched']:.2f} ms batched, {p50[f'{v} unbatched']:.2f} ms "
+                  f"unbatched (median of {args.rounds})", flush=True)
     return res
 
 
@@ -72,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("artifact", help="an export directory (python -m cprec.export)")
     p.add_argument("--variant", action="append", required=True, metavar='NAME="ARGS"',
                    help="a named set of extra server arguments (repeat for each variant)")
-    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[64])
     p.add_argument("--duration", type=int, default=8, help="seconds per measurement")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", default=None)

@@ -29,29 +29,21 @@ Serving is deterministic: no dropout anywhere.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cprec.model.conv import padded_conv_fast, tap_matmul
-from cprec.model.nextitnet import LAYER_NORM_EPSILON, NextItNet
-from cprec.model.sharing import conv_sharing_index
+from cprec.model.conv import padded_conv_fast
+from cprec.model.nextitnet import NextItNet, conv_layers
 
 State = dict[str, Any]
 
 
-def _conv_layers(model: NextItNet) -> tuple[tuple[int, int], ...]:
-    """(dilation, unique kernel index) per conv layer, in the stack's order."""
-    _, index = conv_sharing_index(model.sharing, len(model.dilations))
-    dilations = [d for r in model.dilations for d in (r, 2 * r)]
-    return tuple(zip(dilations, index))
-
-
 def _queue_lengths(model: NextItNet) -> tuple[int, ...]:
-    return tuple((model.kernel_size - 1) * d for d, _ in _conv_layers(model))
+    return tuple((model.kernel_size - 1) * d for d, _ in conv_layers(model.dilations, model.sharing))
 
 
 def _count_period(model: NextItNet) -> int:
@@ -64,11 +56,6 @@ def receptive_field(model: NextItNet) -> int:
     return 1 + sum(_queue_lengths(model))
 
 
-def _layer_norm(y: jax.Array, p: dict[str, jax.Array]) -> jax.Array:
-    """The stack's LayerNorm with the parameters ``p`` of one layer (``ln_{b}_{j}``)."""
-    return nn.LayerNorm(epsilon=LAYER_NORM_EPSILON).apply({"params": p}, y)
-
-
 def _embed_ids(module: NextItNet, ids: jax.Array) -> jax.Array:
     return module.embed(ids)
 
@@ -79,33 +66,13 @@ def _embed(model: NextItNet, params: Any, ids: jax.Array) -> jax.Array:
 
 
 def _window(
-    model: NextItNet, params: Any, x: jax.Array, prefixes: tuple[jax.Array, ...] | None
+    model: NextItNet, params: Any, x: jax.Array, prefixes: tuple[jax.Array, ...] | None, conv: Callable = padded_conv_fast
 ) -> tuple[jax.Array, list[jax.Array]]:
-    """The residual stack over a whole window, with a chosen left context per conv layer.
-
-    ``x``: [B, T, C] embeddings. ``prefixes``: per conv layer the [B, (k-1)*d, C] inputs before the
-    window, in position order; ``None`` means zeros, i.e. exactly ``ResidualStack``. Returns the
-    [B, T, C] outputs and, per conv layer, its [B, (k-1)*d + T, C] prefixed inputs.
-    """
-    stack = params["stack"]
-    k, c = model.kernel_size, model.dim
-    batch = x.shape[0]
-    layers = _conv_layers(model)
-    inputs = []
-    for b in range(len(model.dilations)):
-        y = x
-        for j in range(2):
-            layer = 2 * b + j
-            dilation, u = layers[layer]
-            pad = (k - 1) * dilation
-            pre = jnp.zeros((batch, pad, c), y.dtype) if prefixes is None else prefixes[layer]
-            yp = jnp.concatenate([pre, y], axis=1)
-            inputs.append(yp)
-            # The backend's faster conv: equal to encode's up to float rounding (tests/test_conv.py).
-            z = padded_conv_fast(yp, stack["kernels"][u], stack["biases"][u], dilation)
-            y = jax.nn.relu(_layer_norm(z, stack[f"ln_{b}_{j}"]))
-        x = x + y
-    return x, inputs
+    """``ResidualStack.window`` over [B, T, C] embeddings with a left context per conv layer (None:
+    zeros); ``conv``: by default the backend's faster one, equal to encode's up to float rounding
+    (tests/test_conv.py). Returns the [B, T, C] outputs and each conv layer's [B, (k-1)*d + T, C]
+    prefixed inputs."""
+    return model.apply({"params": params}, x, prefixes, method=lambda m, x, pre: m.stack.window(x, pre, conv))
 
 
 def padding_row(model: NextItNet, params: Any) -> State:
@@ -144,7 +111,8 @@ def window_prefixes(model: NextItNet, padded: tuple[jax.Array, ...], suffix: int
     return tuple(inp[:, start:start + s] for inp, s in zip(padded, _queue_lengths(model)))
 
 
-def encode_suffix(model: NextItNet, params: Any, histories: jax.Array, prefixes: tuple[jax.Array, ...]) -> jax.Array:
+def encode_suffix(model: NextItNet, params: Any, histories: jax.Array, prefixes: tuple[jax.Array, ...],
+                  conv: Callable = padded_conv_fast) -> jax.Array:
     """``encode`` of a long left-padded window from its last positions only: ``histories`` [B, T'] are
     the window's last T' ids (every earlier one padding) and ``prefixes`` = ``window_prefixes(...,
     T')``; returns the [B, T', C] outputs of those positions, equal to ``encode``'s last T'.
@@ -154,7 +122,7 @@ def encode_suffix(model: NextItNet, params: Any, histories: jax.Array, prefixes:
     """
     batch = histories.shape[0]
     prefixes = tuple(jnp.broadcast_to(q, (batch,) + q.shape[1:]) for q in prefixes)
-    return _window(model, params, _embed(model, params, histories), prefixes)[0]
+    return _window(model, params, _embed(model, params, histories), prefixes, conv)[0]
 
 
 def initial_state(model: NextItNet, params: Any, batch_size: int, row: State | None = None) -> State:
@@ -175,33 +143,26 @@ def append(
     Jit it with ``jax.jit(functools.partial(append, model))``: the model is static, params and
     state are pytrees of fixed shapes, so it compiles once per batch size.
     """
-    stack = params["stack"]
     k = model.kernel_size
     items = jnp.asarray(items, jnp.int32)
     mask = jnp.ones(items.shape, bool) if mask is None else jnp.asarray(mask, bool)
     count = state["count"]
     rows = jnp.arange(items.shape[0])
-    layers = _conv_layers(model)
-    x = _embed(model, params, items)  # [B, C]
+    layers = conv_layers(model.dilations, model.sharing)
+
+    def taps(layer: int) -> list[jax.Array]:
+        # Tap i reads position count - s + i*dilation, i.e. slot (count + i*dilation) mod s (the
+        # stack adds the current input as the last tap).
+        q, dilation = state["queues"][layer], layers[layer][0]
+        return [q[rows, (count + i * dilation) % q.shape[1]] for i in range(k - 1)]
+    x, inputs = model.apply({"params": params}, _embed(model, params, items), taps,
+                            method=lambda m, x, t: m.stack.step(x, t))
     queues = []
-    for b in range(len(model.dilations)):
-        y = x
-        for j in range(2):
-            layer = 2 * b + j
-            dilation, u = layers[layer]
-            q = state["queues"][layer]
-            s = q.shape[1]
-            # Tap i reads position count - s + i*dilation, i.e. slot (count + i*dilation) mod s; the
-            # last tap is the current input itself.
-            taps = [q[rows, (count + i * dilation) % s] for i in range(k - 1)] + [y]
-            if s:
-                slot = count % s  # the oldest entry (tap 0), no longer needed after this step
-                queues.append(q.at[rows, slot].set(jnp.where(mask[:, None], y, q[rows, slot])))
-            else:
-                queues.append(q)
-            z = tap_matmul(taps, stack["kernels"][u], stack["biases"][u])
-            y = jax.nn.relu(_layer_norm(z, stack[f"ln_{b}_{j}"]))
-        x = x + y
+    for q, y in zip(state["queues"], inputs):
+        if q.shape[1]:
+            slot = count % q.shape[1]  # the oldest entry (tap 0), no longer needed after this step
+            q = q.at[rows, slot].set(jnp.where(mask[:, None], y, q[rows, slot]))
+        queues.append(q)
     h = jnp.where(mask[:, None], x, state["h"])
     new_count = (count + mask.astype(count.dtype)) % _count_period(model)
     return {"queues": tuple(queues), "count": new_count, "h": h}, h

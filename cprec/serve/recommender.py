@@ -28,6 +28,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from cprec.errors import CprecError
+from cprec.model.conv import padded_conv_fast
 from cprec.model.nextitnet import NextItNet
 from cprec.serve.artifact import Artifact, load_artifact
 from cprec.serve.incremental import (append_many, encode_state, encode_suffix, padding_row, padding_window,
@@ -71,6 +72,33 @@ def in_row_chunks(fn: Callable, x: jax.Array, rows: int | None) -> Any:
         return fn(x)
     out = jax.lax.map(fn, x.reshape(b // rows, rows, *x.shape[1:]))
     return jax.tree.map(lambda a: a.reshape(b, *a.shape[2:]), out)
+
+
+def recommend_program(model: NextItNet, params: Any, stats: Any, histories: jax.Array, exclude: jax.Array,
+                      max_clusters: jax.Array, n: int, padded_window: tuple, encoder_rows: int | None = None,
+                      conv: Callable = padded_conv_fast) -> tuple[jax.Array, ...]:
+    """The one recommend computation (pure; ``Recommender`` jits it, ``stablehlo.py`` exports it):
+    histories [B, T] (the last T ids of an L-item window, left-padded with 0) -> the hidden state
+    after the last item -> the head's exact top-n with exclusions [B, E] (-1: none) and per-row
+    cluster budgets [B]. Returns (scores, ids, expanded, exact).
+
+    ``params`` as stored (int8 tables dequantised inside); ``stats``: the early stop's cluster
+    statistics; ``padded_window``: ``padding_window(model, params, L)``, the left context of the
+    window's padding positions; ``encoder_rows``: rows per pass of the conv stack
+    (``in_row_chunks``); ``conv``: the conv kernel (``padded_conv_fast`` on this backend, or the
+    portable ``padded_conv``).
+    """
+    p = dequantize_tree(params)
+    h = window_hidden(model, p, histories, padded_window, encoder_rows, conv)
+    return model.apply({"params": p}, h, n, stats, exclude, max_clusters, method=lambda m, *a: m.head.recommend(*a))
+
+
+def window_hidden(model: NextItNet, params: Any, histories: jax.Array, padded_window: tuple,
+                  encoder_rows: int | None = None, conv: Callable = padded_conv_fast) -> jax.Array:
+    """h [B, d] after each row's last item; histories [B, T], the last T ids of an L-item window
+    (every earlier position padding, whose left context ``padded_window`` holds)."""
+    prefixes = window_prefixes(model, padded_window, histories.shape[1])
+    return in_row_chunks(lambda x: encode_suffix(model, params, x, prefixes, conv)[:, -1], histories, encoder_rows)
 
 
 class Shapes:
@@ -282,14 +310,8 @@ class Recommender:
         ``length_buckets`` (the window's earlier positions are padding)."""
         p = dequantize_tree(params)
         if self.context == "window":
-            prefixes = window_prefixes(self.model, self._padded_window, histories.shape[1])
-
-            def rows(x):
-                return encode_suffix(self.model, p, x, prefixes)[:, -1]
-        else:
-            def rows(x):
-                return encode_state(self.model, p, x, self._padding)[1]
-        return in_row_chunks(rows, histories, self.encoder_rows)
+            return window_hidden(self.model, p, histories, self._padded_window, self.encoder_rows)
+        return in_row_chunks(lambda x: encode_state(self.model, p, x, self._padding)[1], histories, self.encoder_rows)
 
     def _top(self, params, stats, h, exclude, budget, n):
         p = dequantize_tree(params)
@@ -298,6 +320,9 @@ class Recommender:
 
     def _recommend(self, params, stats, histories, exclude, budget, n):
         """Encode and top-n in one call: one dispatch per batch, the hidden states never leave the device."""
+        if self.context == "window":
+            return recommend_program(self.model, params, stats, histories, exclude, budget, n, self._padded_window,
+                                     self.encoder_rows)
         return self._top(params, stats, self._hidden(params, histories), exclude, budget, n)
 
     def _score(self, params, histories, candidates):

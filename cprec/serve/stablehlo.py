@@ -42,8 +42,9 @@ from safetensors import safe_open
 
 from cprec.model.nextitnet import NextItNet
 from cprec.serve.artifact import PARAMS_FILE, Artifact, params_from_tensors
-from cprec.serve.quantize import dequantize_tree
-from cprec.serve.recommender import MAX_EXCLUDE
+from cprec.model.conv import padded_conv
+from cprec.serve.incremental import padding_window
+from cprec.serve.recommender import MAX_EXCLUDE, recommend_program
 
 SIGNATURE_FILE = "stablehlo.json"
 BATCH_SIZES = (1, 8, 64, 256)
@@ -51,18 +52,16 @@ TOP_N = 20
 PLATFORMS = ("cpu", "cuda")
 
 
-def recommend_fn(model: NextItNet, stats: Any, n: int, quantized: dict[str, int]) -> Callable:
+def recommend_fn(model: NextItNet, stats: Any, n: int, quantized: dict[str, int], padded_window: tuple) -> Callable:
     """(tensors, histories [B, L], exclude [B, E], max_clusters [B]) -> (scores, ids, exact).
 
-    ``tensors``: params.safetensors' flat dict. The computation ``Recommender`` runs for a window
-    context: encode, the hidden state after the last item, the head's exact top-n with exclusions
-    and budgets.
+    ``tensors``: params.safetensors' flat dict. ``recommend_program``, the computation
+    ``Recommender`` runs for a window context, with the portable conv (the matmul form: the same
+    program suits CPU and GPU) and the whole batch in one pass.
     """
     def fn(tensors, histories, exclude, max_clusters):
-        params = dequantize_tree(params_from_tensors(tensors, quantized))
-        h = model.apply({"params": params}, histories, method=NextItNet.encode)[:, -1]
-        scores, ids, _, exact = model.apply({"params": params}, h, n, stats, exclude, max_clusters,
-                                            method=lambda m, *a: m.head.recommend(*a))
+        scores, ids, _, exact = recommend_program(model, params_from_tensors(tensors, quantized), stats, histories,
+                                                  exclude, max_clusters, n, padded_window, None, padded_conv)
         return scores, ids, exact
     return fn
 
@@ -88,7 +87,8 @@ def export_recommend(directory: pathlib.Path, artifact: Artifact, batch_sizes: S
     float_params = artifact.float_params()
     stats = jax.jit(lambda p: model.apply({"params": p}, method=NextItNet.serving_stats))(float_params)
     stats = jax.tree.map(np.asarray, stats)
-    fn = jax.jit(recommend_fn(model, stats, n, quantized))
+    padded = jax.tree.map(np.asarray, jax.jit(lambda p: padding_window(model, p, max_len))(float_params))
+    fn = jax.jit(recommend_fn(model, stats, n, quantized, padded))
     files = {}
     for b in sorted(set(int(b) for b in batch_sizes)):
         args = (specs, jax.ShapeDtypeStruct((b, max_len), np.int32), jax.ShapeDtypeStruct((b, max_exclude), np.int32),
