@@ -3,6 +3,7 @@ import json
 import re
 
 import numpy as np
+import pytest
 
 from cprec.eval.evaluate import eval_users
 from cprec.train import train_and_evaluate
@@ -26,6 +27,15 @@ def test_training_evaluates_the_subset(tiny, tmp_path, capsys):
     # Every metric is a mean over 20 users, so HR@K is a multiple of 1/20.
     assert all(abs(test[f"hr@{k}"] * 20 - round(test[f"hr@{k}"] * 20)) < 1e-6 for k in (5, 10, 20))
     assert json.loads((tmp_path / "run" / "config.json").read_text())["eval"]["num_users"] == 20
+    # The popularity baseline is scored on the same 20 users.
+    from cprec.data import load_dataset
+    from cprec.eval.evaluate import eval_splits
+    from cprec.eval.metrics import popularity_ranks, rank_metrics
+
+    data = load_dataset(config.data, verbose=False)
+    expected = rank_metrics(popularity_ranks(data.item_counts, eval_splits(data, 20)["test"][1]), (5, 10, 20))
+    logged = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert {k: logged[f"popularity/test_{k}"] for k in expected} == pytest.approx(expected)
 
 
 def test_training_and_evaluation_under_the_temporal_split(tiny, tmp_path, capsys):

@@ -221,7 +221,9 @@ def _write_run_header(writer: MetricWriter, config: ml_collections.ConfigDict, d
                       report: dict[str, float]) -> None:
     writer.text("config", "```\n" + config.to_json_best_effort(indent=2) + "\n```")
     writer.text("data", "```\n" + json.dumps(data.meta, indent=2, default=str) + "\n```")
-    pop = rank_metrics(popularity_ranks(data.item_counts, np.asarray(data.test_targets)), config.eval.ks)
+    # On the users the models are tested on (a fixed subset with eval.num_users), so the rows compare.
+    _, targets = eval_splits(data, config.eval.num_users)["test"]
+    pop = rank_metrics(popularity_ranks(data.item_counts, np.asarray(targets)), config.eval.ks)
     writer.scalars(0, {**report, **{f"popularity/test_{k}": v for k, v in pop.items()}})
     print("popularity baseline (test): " + ", ".join(f"{k} {v:.4f}" for k, v in pop.items()))
 
