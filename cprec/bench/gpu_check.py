@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         try:
             done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=limit)
-            status, text = ("passed" if done.returncode == 0 else f"failed ({done.returncode})"), done.stdout + done.stderr
+            status = "passed" if done.returncode == 0 else f"failed ({done.returncode})"
+            text = done.stdout + done.stderr
         except subprocess.TimeoutExpired as e:
             status = f"timed out after {limit} s"
             text = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")

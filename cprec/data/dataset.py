@@ -366,8 +366,9 @@ def _validate(c: ml_collections.ConfigDict) -> None:
         if not 0.0 < float(c[key]) < 1.0:
             raise ConfigError(f"config.data.{key}={c[key]!r} is invalid: must be in (0, 1)")
     if float(c.valid_fraction) + float(c.test_fraction) >= 1.0:
-        raise ConfigError(f"config.data.valid_fraction + test_fraction = {float(c.valid_fraction) + float(c.test_fraction)} "
-                          "is invalid: must be < 1 (some events must be left to train on)")
+        held_out = float(c.valid_fraction) + float(c.test_fraction)
+        raise ConfigError(f"config.data.valid_fraction + test_fraction = {held_out} is invalid: must be < 1 "
+                          "(some events must be left to train on)")
 
 
 def _logger(verbose: bool):

@@ -63,7 +63,8 @@ def eval_users(num_users: int, limit: int) -> np.ndarray:
     return np.sort(np.random.default_rng(0).choice(num_users, size=limit, replace=False))
 
 
-def eval_splits(data: SequenceDataset, num_users: int, verbose: bool = False) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def eval_splits(data: SequenceDataset, num_users: int,
+                verbose: bool = False) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The validation and test (inputs, targets) to score: every row, or a fixed subset of `num_users` rows
     of each split (the same users in both under leave-one-out, where each user has one row per split)."""
     splits = {"val": (data.val_inputs, data.val_targets), "test": (data.test_inputs, data.test_targets)}

@@ -198,8 +198,8 @@ def check_tying(embedding: str, softmax: str, tie_embeddings: bool) -> None:
     """
     if tie_embeddings and (embedding, softmax) not in (("full", "full"), ("full", "sampled"), ("blockwise", "tree")):
         raise ConfigError(
-            f"config.model.tie_embeddings=True needs embedding/softmax full/full, full/sampled or blockwise/tree (tables of the "
-            f"same shapes), got {embedding}/{softmax}; set model.tie_embeddings=False")
+            f"config.model.tie_embeddings=True needs embedding/softmax full/full, full/sampled or blockwise/tree "
+            f"(tables of the same shapes), got {embedding}/{softmax}; set model.tie_embeddings=False")
 
 
 def target_mask(inputs, targets):

@@ -62,7 +62,8 @@ class SampledSoftmax(FullSoftmax):
         parts = [positive[:, None], jnp.where(negatives.ids[None, :] == targets[:, None], -jnp.inf, sampled)]
         count = jnp.sum(mask.astype(jnp.int32))
         if negatives.target_log_share is not None:
-            # Each real target of the call is a candidate; its expected count among them is its share times their number.
+            # Each real target of the call is a candidate; its expected count among them is its
+            # share of the training targets times their number.
             in_batch = hp @ target_rows.T - (negatives.target_log_share + jnp.log(jnp.maximum(count, 1)))[None, :]
             hit = (targets[None, :] == targets[:, None]) | ~mask[None, :]  # the token's own item, and padding
             parts.append(jnp.where(hit, -jnp.inf, in_batch))

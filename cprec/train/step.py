@@ -22,13 +22,15 @@ def learning_rate(config: ml_collections.ConfigDict, total_steps: int) -> optax.
     """``optim.lr`` with its schedule: a constant, or a function of the 0-based update count."""
     o = config.optim
     if o.schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, o.lr, max(o.warmup_steps, 1), max(total_steps, o.warmup_steps + 1))
+        return optax.warmup_cosine_decay_schedule(0.0, o.lr, max(o.warmup_steps, 1),
+                                                  max(total_steps, o.warmup_steps + 1))
     if o.warmup_steps > 0:
         return optax.linear_schedule(0.0, o.lr, o.warmup_steps)
     return o.lr
 
 
-def make_optimizer(config: ml_collections.ConfigDict, total_steps: int, clip: bool = True) -> optax.GradientTransformation:
+def make_optimizer(config: ml_collections.ConfigDict, total_steps: int,
+                   clip: bool = True) -> optax.GradientTransformation:
     """The config's optax optimizer; ``clip=False`` leaves out the global-norm clipping (for a caller
     that clips over more gradients than this optimizer sees)."""
     o = config.optim
@@ -77,7 +79,8 @@ def make_batch_grads(model: NextItNet, micro_batches: int = 1, frozen: Callable[
     count. ``pairs``: each row of the batch is [inputs, targets] of T each, instead of a window of T + 1.
     """
     def loss_sum(params, batch, rng, drawn):
-        x, y = (batch[:, :batch.shape[1] // 2], batch[:, batch.shape[1] // 2:]) if pairs else (batch[:, :-1], batch[:, 1:])
+        half = batch.shape[1] // 2
+        x, y = (batch[:, :half], batch[:, half:]) if pairs else (batch[:, :-1], batch[:, 1:])
         negatives = None if drawn is None else sampler.negatives(drawn, y)
         mean, count = model.apply({"params": params}, x, y, True, negatives, rngs={"dropout": rng},
                                   method=NextItNet.loss)
