@@ -143,7 +143,7 @@ def test_score_equals_the_full_log_prob(served):
     np.testing.assert_allclose(out.scores[:-1], lp[0, cands], rtol=1e-5, atol=1e-5)
     assert out.scores[-1] is None and out.unknown_items == ["unknown"]
     # Batched: rows of different candidate widths, each equal to the full log-prob of its history.
-    many = [_raw(cands), ["ghost", *_raw(range(1, V))], _raw([5])]
+    many = [_raw(cands), ["ghost", *_raw(range(1, V))], _raw([5] + list(range(1, V)) * 9)]  # 532 candidates
     got = rec.score_many([_raw(h) for h in HISTORIES], many)
     _, _, lps = _reference_top(art.model(), art.params, HISTORIES, 1, False)
     for r, (g, c) in enumerate(zip(got, many)):

@@ -341,6 +341,28 @@ def test_a_request_that_finds_the_worker_idle_goes_at_once():
     assert result == 7 and spans[0] - start < 0.5  # not the 5 s timeout
 
 
+def test_right_after_a_batch_of_several_an_idle_worker_waits_for_company():
+    sizes = []
+
+    async def go():
+        from cprec.serve.batcher import Batcher
+
+        batcher = Batcher(lambda reqs: sizes.append(len(reqs)) or reqs, max_batch_size=10, timeout_s=0.3, name="t")
+        batcher.start()
+        await asyncio.gather(batcher.submit(0), batcher.submit(1))  # a batch of two: clients are concurrent
+        later = asyncio.create_task(batcher.submit(2))  # finds the worker idle, but the server is busy
+        await asyncio.sleep(0.1)
+        await asyncio.gather(later, batcher.submit(3))
+        await asyncio.sleep(0.4)  # quiet again: a lone request goes at once
+        start = time.perf_counter()
+        await batcher.submit(4)
+        lone_s = time.perf_counter() - start
+        await batcher.stop()
+        return lone_s
+    lone_s = asyncio.run(go())
+    assert sizes == [2, 2, 1] and lone_s < 0.2
+
+
 def test_an_exception_outside_the_compute_fails_its_batch_and_the_batcher_goes_on(served):
     running, _ = served
     batcher = running.server.batchers["recommend"]

@@ -3,8 +3,12 @@
     batcher = Batcher(run_batch, max_batch_size=256, timeout_s=0.002, name="recommend")
     result = await batcher.submit(request)          # from any number of concurrent handlers
 
-A request that finds the worker idle (nothing computing, nothing queued) is computed at once,
-with whatever arrived in the same event-loop step: batching costs a quiet server no latency.
+A request that finds the worker idle (nothing computing, nothing queued) on a quiet server (the
+last batch held one request, or ended more than ``timeout_s`` ago) is computed at once, with
+whatever arrived in the same event-loop step: batching costs a quiet server no latency. Right
+after a batch of several requests, concurrent clients are answering and sending again, so a
+request that finds the worker idle then waits for them up to ``timeout_s`` (without it, under
+load, each batch would split into a lone first request and the rest).
 Requests that arrive while a batch computes queue up and form the next batch (up to
 ``max_batch_size``); ``timeout_s`` only bounds how long such a partial batch waits for more,
 counted from its first request's arrival, so after a computation longer than it the next batch
@@ -14,8 +18,9 @@ event loop, so the loop keeps accepting and queueing the next batch while the mo
 instance in its place) fails that request alone. If ``run_batch`` raises, each request of the
 batch is retried alone, so one bad request never fails the others. Any other exception while
 handling a batch (e.g. in ``on_batch``) fails that batch's requests, and the batcher goes on with
-the next one: it never stops serving. A request cancelled before its batch is formed (its client
-went away: see ``Server``) is left out of it, never computed.
+the next one: it never stops serving. A request cancelled before its batch is formed, or whose
+``gone()`` (given to ``submit``: its client disconnected) is true then, is left out of it, never
+computed (the latter fails with ``ClientGone``).
 
 One worker thread per batcher: batches of one kind run one after another (the model's compute
 uses every core anyway), while the event loop fills the next batch.
@@ -27,6 +32,10 @@ import concurrent.futures
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
+
+
+class ClientGone(Exception):
+    """The request's client disconnected before its batch was formed: it was not computed."""
 
 
 class Batcher:
@@ -41,6 +50,7 @@ class Batcher:
         self._waiting = 0  # submitted and not yet handed to the worker (queued or in the batch being collected)
         self.computed = 0  # requests handed to run_batch since start (tests, metrics)
         self._busy = False  # a batch is computing
+        self._last_size, self._last_end = 0, 0.0  # the last computed batch: requests, when it ended
         self._task: asyncio.Task | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"cprec-{name}")
 
@@ -66,21 +76,24 @@ class Batcher:
             self._task = None
         self._executor.shutdown(wait=True)
 
-    async def submit(self, request: Any) -> Any:
-        """The result of `request`, computed in some batch; raises what computing it raised."""
+    async def submit(self, request: Any, gone: Callable[[], bool] | None = None) -> Any:
+        """The result of `request`, computed in some batch; raises what computing it raised.
+        ``gone``: tells whether the client has left (checked as the batch forms, no task per request)."""
         if self._queue is None:
             raise RuntimeError(f"batcher {self.name} is not started")
         future = asyncio.get_running_loop().create_future()
-        idle = not self._busy and self._waiting == 0  # nothing computing, nothing queued
+        now = time.perf_counter()
+        quiet = self._last_size <= 1 or now - self._last_end > self.timeout_s
+        idle = quiet and not self._busy and self._waiting == 0  # nothing computing, nothing queued
         self._waiting += 1
-        self._queue.put_nowait((request, future, time.perf_counter(), idle))
+        self._queue.put_nowait((request, future, now, idle, gone))
         return await future
 
-    async def _collect(self) -> list[tuple[Any, asyncio.Future, float, bool]]:
+    async def _collect(self) -> list[tuple[Any, asyncio.Future, float, bool, Callable | None]]:
         batch = [await self._queue.get()]
-        # A request that found the worker idle goes at once with what is there; a batch that queued
-        # behind a computation may wait for more until the timeout from its first request's arrival.
-        _, _, arrival, idle = batch[0]
+        # A request that found the worker idle on a quiet server goes at once with what is there;
+        # any other batch may wait for more until the timeout from its first request's arrival.
+        _, _, arrival, idle, _ = batch[0]
         deadline = arrival + (0.0 if idle else self.timeout_s)
         while len(batch) < self.max_batch_size:
             try:
@@ -102,7 +115,10 @@ class Batcher:
         while True:
             batch = await self._collect()
             self._waiting -= len(batch)
-            live = [(r, f) for r, f, *_ in batch if not f.done()]  # a request whose client left is not computed
+            for _, f, _, _, gone in batch:  # a request whose client left is not computed
+                if gone is not None and not f.done() and gone():
+                    f.set_exception(ClientGone("the client disconnected before its batch was formed"))
+            live = [(r, f) for r, f, *_ in batch if not f.done()]
             try:
                 if live:
                     self.computed += len(live)
@@ -111,6 +127,7 @@ class Batcher:
                         results = await loop.run_in_executor(self._executor, self._run_isolated, [r for r, _ in live])
                     finally:
                         self._busy = False
+                        self._last_size, self._last_end = len(live), time.perf_counter()
                     for (_, future), result in zip(live, results):
                         if future.done():
                             continue

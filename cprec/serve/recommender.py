@@ -211,8 +211,20 @@ class ItemIds:
         if index is None:
             return np.asarray([0 if i is None else i for i in self.lookup(raw_ids)], np.int32)
         keys, ids = index
+        if keys.dtype.kind == "i" and keys[0] >= 0 and keys[-1] < 4 * len(keys) + 1024:
+            dense = self._dense_index(keys, ids)  # dense non-negative ids: one gather, no binary search
+            inside = (arr >= 0) & (arr < len(dense))
+            return np.where(inside, dense[np.where(inside, arr, 0)], 0).astype(np.int32)
         pos = np.minimum(np.searchsorted(keys, arr), len(keys) - 1)
         return np.where(keys[pos] == arr, ids[pos], 0).astype(np.int32)
+
+    def _dense_index(self, keys: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """[max raw id + 1] int32: the internal id of every raw integer id, 0 where none."""
+        if getattr(self, "_dense", None) is None:
+            dense = np.zeros(int(keys[-1]) + 1, np.int32)
+            dense[keys] = ids
+            self._dense = dense
+        return self._dense
 
     def lookup(self, raw_ids: Sequence) -> list[int | None]:
         """The internal id of each raw id, None where unknown."""

@@ -35,7 +35,7 @@ import pathlib
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from starlette.applications import Starlette
@@ -44,7 +44,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from cprec.serve.batcher import Batcher
+from cprec.serve.batcher import Batcher, ClientGone
 from cprec.serve.http import JSON, parse_json
 from cprec.serve.metrics import BATCH_BUCKETS, LATENCY_BUCKETS_S, Counter, Gauge, Histogram, render
 from cprec.serve.recommender import Recommender, RequestError, SessionStore, bucket
@@ -138,14 +138,11 @@ def _recommendation(r, n: int) -> dict:
     return out
 
 
-class ClientGone(Exception):
-    """The client disconnected before its answer was ready (its queued request is dropped)."""
-
-
-async def _disconnected(request: Request) -> None:
-    """Returns once the client has gone (the body is read: the next ASGI message is the disconnect)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+def _client_gone(request: Request) -> Callable[[], bool] | None:
+    """Whether the request's client has disconnected, read from uvicorn's request cycle (its
+    ``disconnected`` flag, set when the connection is lost); None under a server without one."""
+    cycle = getattr(request.receive, "__self__", None)
+    return (lambda: cycle.disconnected) if hasattr(cycle, "disconnected") else None
 
 
 SESSIONS_FILE = "sessions.npz"
@@ -344,18 +341,17 @@ class Server:
                 raise BadRequest(f"'histories' has {len(histories):,} histories; at most "
                                  f"{self.config.max_batch_request:,} per request", 413)
             parsed = [_ids({"history": h}, "history", self.config.max_history) for h in histories]
-            batcher = self.batchers["recommend"]
-            results = await self._submit(request, asyncio.gather(*(batcher.submit((h, n, exclude, budget))
-                                                                   for h in parsed)))
+            batcher, gone = self.batchers["recommend"], _client_gone(request)
+            results = await asyncio.gather(*(batcher.submit((h, n, exclude, budget), gone) for h in parsed))
             return JSON({"results": results})
         history = _ids(body, "history", self.config.max_history)
-        return JSON(await self._submit(request, self.batchers["recommend"].submit((history, n, exclude, budget))))
+        return JSON(await self.batchers["recommend"].submit((history, n, exclude, budget), _client_gone(request)))
 
     async def score(self, request: Request) -> Response:
         body = await _json_object(request, self.config.max_body_bytes)
         history = _ids(body, "history", self.config.max_history)
         candidates = _ids(body, "candidates", self.config.max_candidates)
-        return JSON(await self._submit(request, self.batchers["score"].submit((history, candidates))))
+        return JSON(await self.batchers["score"].submit((history, candidates), _client_gone(request)))
 
     async def session_events(self, request: Request) -> Response:
         body = await _json_object(request, self.config.max_body_bytes)
@@ -363,22 +359,8 @@ class Server:
         history = _ids(body, "history", self.config.max_history, allow_empty=True) if "history" in body else None
         n, exclude, budget = _options(body, self.rec)
         user = request.path_params["user"]
-        return JSON(await self._submit(request, self.batchers["sessions"].submit((user, items, n, exclude, budget,
-                                                                                    history))))
-
-    async def _submit(self, request: Request, submitted) -> Any:
-        """The result of a batcher submission, or ClientGone once the client disconnects first: its
-        request is then cancelled, and one still queued is left out of its batch."""
-        job = asyncio.ensure_future(submitted)
-        gone = asyncio.ensure_future(_disconnected(request))
-        try:
-            await asyncio.wait((job, gone), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-        if not job.done():
-            job.cancel()
-            raise ClientGone
-        return job.result()
+        return JSON(await self.batchers["sessions"].submit((user, items, n, exclude, budget, history),
+                                                           _client_gone(request)))
 
     async def session_delete(self, request: Request) -> Response:
         user = request.path_params["user"]
