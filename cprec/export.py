@@ -29,6 +29,7 @@ from cprec.data.dataset import cache_directory, item_raw_ids, prepare_command
 from cprec.errors import DataError, WorkdirError, exit_on_user_error
 from cprec.eval.pretrained import SOURCES, find_checkpoint, load_run, run_config
 from cprec.serve.artifact import DTYPES, check_out_dir, model_kwargs_of, save_artifact
+from cprec.serve.recommender import MAX_EXCLUDE
 from cprec.serve.stablehlo import BATCH_SIZES, export_recommend
 
 
@@ -73,11 +74,14 @@ def _test_metrics(results: dict, source: str, step: int) -> dict:
 
 def export(run_dir: str | pathlib.Path, out_dir: str | pathlib.Path, *, dtype: str = "float32",
            source: str | None = None, step: int | None = None, force: bool = False,
-           stablehlo_batch_sizes: tuple[int, ...] | None = BATCH_SIZES, log=print) -> pathlib.Path:
+           stablehlo_batch_sizes: tuple[int, ...] | None = BATCH_SIZES, max_exclude: int = MAX_EXCLUDE,
+           log=print) -> pathlib.Path:
     """Writes the artifact of the run in `run_dir` into `out_dir`; returns `out_dir`.
 
     `stablehlo_batch_sizes`: the batch sizes of the `jax.export` recommend functions written into
-    the artifact (cprec/serve/stablehlo.py); None or () writes none.
+    the artifact (cprec/serve/stablehlo.py); None or () writes none. `max_exclude`: E, how many of a
+    history's most recent distinct items `exclude_seen` excludes, in the library, the server and the
+    StableHLO functions alike (recorded in the manifest).
 
     Every problem the user can fix is a CprecError raised before anything is written (a synthetic
     run's data may have been generated again by then; nothing else).
@@ -97,12 +101,13 @@ def export(run_dir: str | pathlib.Path, out_dir: str | pathlib.Path, *, dtype: s
         **_test_metrics(results, run.source, run.step),
         "report": results.get("report"),
         "data": {"name": config.data.name, "num_items": run.data.num_items},
+        "max_exclude": int(max_exclude),
     }
     return save_artifact(out_dir, model_kwargs=model_kwargs_of(run.model), max_len=int(config.data.max_len),
                          params=run.params, item_ids=item_ids, item_counts=np.asarray(run.data.item_counts),
                          dtype=dtype, manifest=manifest, force=force,
-                         extra=(lambda d, a: export_recommend(d, a, stablehlo_batch_sizes)) if stablehlo_batch_sizes
-                         else None)
+                         extra=(lambda d, a: export_recommend(d, a, stablehlo_batch_sizes, max_exclude=max_exclude))
+                         if stablehlo_batch_sizes else None)
 
 
 def summary(out_dir: pathlib.Path, run_dir: pathlib.Path) -> str:
@@ -124,6 +129,16 @@ def summary(out_dir: pathlib.Path, run_dir: pathlib.Path) -> str:
         lines.append(f"latest training checkpoint {ckpt} (parameters + Adam moments): {size:,} bytes; "
                      f"the artifact is {size / max(total, 1):.2f}x smaller")
     return "\n".join(lines)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
 
 
 def _batch_sizes(text: str) -> tuple[int, ...]:
@@ -150,6 +165,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="best (best validation) or checkpoints (latest training); default best, else checkpoints")
     p.add_argument("--step", type=int, default=None, help="a kept step of the source (default its latest)")
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR (once the new one is complete)")
+    p.add_argument("--max-exclude", type=_positive, default=MAX_EXCLUDE, metavar="E",
+                   help="how many of a history's most recent distinct items exclude_seen excludes when serving "
+                        f"(default {MAX_EXCLUDE})")
     p.add_argument("--stablehlo-batch-sizes", type=_batch_sizes, default=BATCH_SIZES, metavar="B,B,...",
                    help="batch sizes of the jax.export (StableHLO) recommend functions, one file each; "
                         f"'none' writes none (default {','.join(map(str, BATCH_SIZES))})")
@@ -160,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     with exit_on_user_error():
         out = export(args.run_dir, args.out_dir, dtype=args.dtype, source=args.source, step=args.step,
-                     force=args.force, stablehlo_batch_sizes=args.stablehlo_batch_sizes)
+                     force=args.force, stablehlo_batch_sizes=args.stablehlo_batch_sizes, max_exclude=args.max_exclude)
     print(summary(out, pathlib.Path(args.run_dir)), flush=True)
     return 0
 

@@ -193,6 +193,20 @@ def test_user_errors_write_nothing(csv_run, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main([run, str(tmp_path / "x"), "--stablehlo-batch-sizes", "8,0"])
     assert exc.value.code == 2 and not (tmp_path / "x").exists()
+    with pytest.raises(SystemExit) as exc:
+        main([run, str(tmp_path / "x"), "--max-exclude", "0"])
+    assert exc.value.code == 2 and not (tmp_path / "x").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bare", "out"]
     assert main([run, str(out), "--force", "--source", "checkpoints", "--stablehlo-batch-sizes", "none"]) == 0
     assert load_artifact(out).manifest["source"] == "checkpoints"
+
+
+def test_the_exclusion_width_is_set_at_export(csv_run, tmp_path):
+    from cprec.serve.recommender import Recommender
+
+    out = tmp_path / "e5"
+    assert main([str(csv_run / "run"), str(out), "--max-exclude", "5", "--stablehlo-batch-sizes", "1"]) == 0
+    assert load_artifact(out).manifest["max_exclude"] == 5
+    assert json.loads((out / "stablehlo.json").read_text())["max_exclude"] == 5
+    assert Recommender.load(str(out)).max_exclude == 5
+    assert Recommender(load_artifact(out)).max_exclude == 5  # without the StableHLO signature too
