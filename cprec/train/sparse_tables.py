@@ -119,11 +119,11 @@ def make_sparse_train_step(model: NextItNet, config: ml_collections.ConfigDict, 
             moments = state["opt_state"]["tables"][name]
             g = _get(grads, path)
             idx = rows_of[path]
-            m = _B1 * jnp.take(moments["mu"], idx, axis=axis, mode="fill", fill_value=0) + (1 - _B1) * g
-            v = _B2 * jnp.take(moments["nu"], idx, axis=axis, mode="fill", fill_value=0) + (1 - _B2) * g * g
+            touched = lambda x: jnp.take(x, idx, axis=axis, mode="fill", fill_value=0)
+            m = _B1 * touched(moments["mu"]) + (1 - _B1) * g
+            v = _B2 * touched(moments["nu"]) + (1 - _B2) * g * g
             m_hat, v_hat = m / (1 - _B1 ** t), v / (1 - _B2 ** t)
-            p = jnp.take(_get(params, path), idx, axis=axis, mode="fill", fill_value=0) - rate * m_hat / (
-                jnp.sqrt(v_hat) + _EPS)
+            p = _get(sub, path) - rate * m_hat / (jnp.sqrt(v_hat) + _EPS)  # the rows gathered for the forward pass
             put = (lambda x, new: x.at[idx].set(new, mode="drop")) if axis == 0 else (
                 lambda x, new: x.at[:, idx].set(new, mode="drop"))
             tables[name] = {"mu": put(moments["mu"], m), "nu": put(moments["nu"], v)}
