@@ -18,8 +18,9 @@ from cprec.model.budget import check_budget
 from cprec.model.nextitnet import check_tying
 from cprec.model.sharing import SHARING_SCHEMES
 from cprec.model.sampled_softmax import SAMPLERS
+from cprec.model.tables import QR_OPS, TABLES
 
-EMBEDDINGS = ("full", "blockwise")
+EMBEDDINGS = TABLES
 SOFTMAXES = ("full", "sampled", "tree")
 
 
@@ -35,7 +36,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.num_blocks = 5
     c.model.kernel_size = 3
     c.model.sharing = "none"  # see cprec.model.sharing.SHARING_SCHEMES
-    c.model.embedding = "full"  # 'full' | 'blockwise'
+    # The item table (cprec/model/tables/): 'full' | 'blockwise' (CpRec) | 'mde' (mixed dimensions) |
+    # 'lowrank' | 'hash' | 'qr' (quotient-remainder); the output layer shares it when tied.
+    c.model.embedding = "full"
     c.model.softmax = "full"  # 'full' | 'sampled' (full table, sampled-softmax training) | 'tree'
     # Cluster cutoffs: absolute item counts, or fractions of V; V itself is appended.
     c.model.cutoffs = ()
@@ -44,6 +47,17 @@ def base_config() -> ml_collections.ConfigDict:
     # A parameter budget ('20x' = 20 times fewer than the uncompressed model, or a count such as
     # '5000000'): the solver picks cutoffs and ranks (cprec/model/budget.py); explicit ones still win.
     c.model.budget = ""
+    # What a ratio budget divides: the uncompressed NextItNet with this config's tying and output
+    # projection ('same_tying'), or the plain one, untied and without it ('untied'; the rivals' grid).
+    c.model.budget_baseline = "same_tying"
+    # The rival tables' sizes (0 = chosen by model.budget): low-rank rank r (E = A B, A [V, r]),
+    # hashed rows m, quotient-remainder remainder rows m (quotient rows ceil(V/m)) and how the two
+    # rows combine; mixed-dimension blocks (log-spaced over the frequency ranks).
+    c.model.rank = 0
+    c.model.hash_rows = 0
+    c.model.qr_buckets = 0
+    c.model.qr_op = "mult"  # 'mult' | 'add' | 'concat'
+    c.model.mde_blocks = 8
     c.model.capacity_margin = 1.5  # static tail token capacity = expected share * margin
     c.model.dropout = 0.0  # on the input embedding (NextItNet uses none)
     # Output layer shares the input embedding's item tables (full/full: logits = h' E^T; CpRec
@@ -150,10 +164,21 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         _choice("model.sampler", m.sampler, SAMPLERS)
         if m.sampler_alpha < 0:
             _fail("model.sampler_alpha", m.sampler_alpha, "must be >= 0 (0 = uniform over trained items)")
+    if m.embedding == "mde" and m.softmax == "tree":
+        _fail("model.embedding", m.embedding, "mixed dimensions use the full or sampled softmax; CpRec (the tree "
+              "softmax over block-wise tables) is model.embedding=blockwise")
+    _choice("model.qr_op", m.qr_op, QR_OPS)
+    _choice("model.budget_baseline", m.budget_baseline, ("same_tying", "untied"))
+    for key in ("rank", "hash_rows", "qr_buckets"):
+        if m[key] < 0:
+            _fail(f"model.{key}", m[key], "must be >= 0 (0 = chosen by model.budget)")
+    if m.mde_blocks < 2:
+        _fail("model.mde_blocks", m.mde_blocks, "must be >= 2")
     if str(m.budget):
         check_budget(m.budget)
-        if m.embedding == "full" and m.softmax == "full":
-            _fail("model.budget", m.budget, "needs clusters to choose: model.embedding=blockwise and/or model.softmax=tree")
+        if m.embedding == "full" and m.softmax != "tree":
+            _fail("model.budget", m.budget, "needs a compressed layer to size: a model.embedding other than full "
+                  "and/or model.softmax=tree")
     if m.capacity_margin < 1.0:
         _fail("model.capacity_margin", m.capacity_margin, "must be >= 1.0")
     if c.data.max_len < 2:

@@ -129,7 +129,7 @@ def test_ranks_without_cutoffs_and_budget_without_clusters_are_refused(tmp_path)
     from cprec.config import validate_config
     with pytest.raises(ConfigError, match="model.ranks needs model.cutoffs"):
         build_model(tiny_config(tmp_path, embedding="blockwise", softmax="tree", budget="2x", ranks=(8, 2)), _counts())
-    with pytest.raises(ConfigError, match="needs clusters to choose"):
+    with pytest.raises(ConfigError, match="needs a compressed layer to size"):
         validate_config(tiny_config(tmp_path, budget="2x"))
 
 

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cprec.model.embedding import BlockwiseEmbedding, blockwise_param_count
+from cprec.model.tables.blockwise import BlockwiseEmbedding, blockwise_param_count
 from cprec.errors import ConfigError
 
 V, D = 50, 16

@@ -44,6 +44,6 @@ def test_public_layers_still_import_from_the_top():
     from cprec import BlockwiseEmbedding, BlockwiseSoftmax, FullSoftmax, NextItNet
     from cprec.model import OutputLayer
 
-    assert {BlockwiseEmbedding.__module__, NextItNet.__module__} <= {"cprec.model.embedding", "cprec.model.nextitnet"}
+    assert {BlockwiseEmbedding.__module__, NextItNet.__module__} <= {"cprec.model.tables.blockwise", "cprec.model.nextitnet"}
     assert BlockwiseSoftmax.__module__ == "cprec.model.tree_softmax" and FullSoftmax.__module__ == "cprec.model.full_softmax"
     assert OutputLayer.__module__ == "cprec.model.output"

@@ -10,6 +10,10 @@ from cprec.serve.quantize import quantize_params
 from cprec.serve.recommender import Recommender, RequestError, SessionStore, default_length_buckets
 
 V, D, L = 60, 8, 10
+RIVALS = {"lowrank": dict(embedding="lowrank", table_options=(("rank", 3),)),
+          "hash": dict(embedding="hash", table_options=(("hash_rows", 23),)),
+          "qr": dict(embedding="qr", table_options=(("qr_buckets", 8), ("qr_op", "mult"))),
+          "mde": dict(embedding="mde", cutoffs=(4, 15, V), ranks=(D, 5, 2))}
 
 
 def _artifact(softmax="tree", quantized=False) -> Artifact:
@@ -18,6 +22,8 @@ def _artifact(softmax="tree", quantized=False) -> Artifact:
         kw.update(embedding="blockwise", softmax="tree", cutoffs=(12, 30, V), ranks=(D, 4, 2))
     if softmax == "tree-tied":  # CpRec with every table and projection tied, and the output projection
         kw.update(tie_embeddings=True, tie_projections=True, output_projection=True)
+    if softmax in RIVALS:  # a compressed item table, tied to the full softmax's output
+        kw.update(RIVALS[softmax], tie_embeddings=True, output_projection=True)
     model = NextItNet(**kw)
     params = model.init(jax.random.PRNGKey(0), jnp.ones((1, 2), jnp.int32))["params"]
     rng = np.random.default_rng(0)
@@ -47,7 +53,8 @@ def _reference_top(model, params, histories, n, exclude_seen, window=L):
     return np.argsort(-lp, axis=1, kind="stable")[:, :n], np.sort(lp, axis=1)[:, ::-1][:, :n], lp
 
 
-@pytest.fixture(scope="module", params=["tree", "full", "tree-tied"])
+# Two rivals: the factorised score (lowrank) and the generic blocked one (qr); tests/test_tables.py has the rest.
+@pytest.fixture(scope="module", params=["tree", "full", "tree-tied", "lowrank", "qr"])
 def served(request):
     art = _artifact(request.param)
     return art, Recommender(art)
@@ -178,8 +185,9 @@ def test_session_appends_equal_the_stream_recommendation(served):
     assert not set(got.items) & set(_raw(history))
 
 
-def test_int8_artifact_recommends_like_its_dequantised_model():
-    art = _artifact("tree", quantized=True)
+@pytest.mark.parametrize("kind", ["tree", "qr"])
+def test_int8_artifact_recommends_like_its_dequantised_model(kind):
+    art = _artifact(kind, quantized=True)
     rec = Recommender(art)
     assert any(getattr(leaf, "dtype", None) == np.uint8 or str(getattr(leaf, "dtype", "")) in ("int8", "uint8")
                for leaf in jax.tree.leaves(rec.params))

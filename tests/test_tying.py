@@ -8,7 +8,7 @@ import pytest
 from cprec.config import validate_config, with_defaults
 from cprec.errors import ConfigError
 from cprec.model.builder import build_model, count_params, init_params, param_report, uncompressed_config
-from cprec.model.embedding import blockwise_param_count
+from cprec.model.tables.blockwise import blockwise_param_count
 from cprec.model.nextitnet import NextItNet
 from cprec.model.param_groups import decay_group, param_path
 from cprec.train.step import make_optimizer
@@ -123,7 +123,7 @@ def test_tied_log_prob_sums_to_one_and_top_k_is_exact(tmp_path, kw):
     np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("model_kw", [dict(tie_embeddings=True, embedding="blockwise", cutoffs=(20,)),
+@pytest.mark.parametrize("model_kw", [dict(tie_embeddings=True, embedding="lowrank", rank=2, softmax="tree", cutoffs=(20,)),
                                       dict(tie_embeddings=True, softmax="tree", cutoffs=(20,))])
 def test_impossible_tying_is_a_config_error(tmp_path, model_kw):
     with pytest.raises(ConfigError, match="tie_embeddings"):

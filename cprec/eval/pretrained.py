@@ -44,7 +44,9 @@ def run_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
         raise WorkdirError(f"{path} is unreadable ({type(e).__name__}); give the workdir of an intact run") from None
     stored.pop("report", None)
     choice = stored.pop("budget", None)
-    if choice is not None:  # the budget solver's recorded choice (V last), so a later solver cannot change the model
+    if choice is not None and "options" in choice:  # a rival table's size, as the solver chose it
+        stored["model"].update(choice["options"])
+    elif choice is not None:  # the budget solver's recorded choice (V last), so a later solver cannot change the model
         stored["model"]["cutoffs"], stored["model"]["ranks"] = tuple(choice["cutoffs"][:-1]), tuple(choice["ranks"])
     return ml_collections.ConfigDict(with_defaults(stored))
 

@@ -42,6 +42,8 @@ class Layers:
     softmax: str  # 'full' | 'tree'
     tie_embeddings: bool = False
     tie_projections: bool = False
+    # Any integer rank (mixed-dimension embeddings, as Ginart et al.), instead of whole SIMD tiles.
+    integer_ranks: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,9 +146,10 @@ def _candidate_cutoffs(counts: np.ndarray) -> list[tuple[int, ...]]:
     return sorted(set(out))
 
 
-def _ranks(dim: int, mean_freq: np.ndarray, alpha: float) -> tuple[int, ...]:
+def _ranks(dim: int, mean_freq: np.ndarray, alpha: float, integer: bool = False) -> tuple[int, ...]:
     rel = np.where(mean_freq[0] > 0, mean_freq / max(mean_freq[0], 1e-30), 0.0)
-    ranks = [dim] + [round_rank(dim * float(f) ** alpha if f > 0 else 1.0, dim) for f in rel[1:]]
+    rounded = (lambda r: int(min(max(r, 1.0), dim))) if integer else (lambda r: round_rank(r, dim))
+    ranks = [dim] + [rounded(dim * float(f) ** alpha if f > 0 else 1.0) for f in rel[1:]]
     for j in range(2, len(ranks)):  # rarer clusters never get more rank
         ranks[j] = min(ranks[j], ranks[j - 1])
     return tuple(ranks)
@@ -155,23 +158,24 @@ def _ranks(dim: int, mean_freq: np.ndarray, alpha: float) -> tuple[int, ...]:
 def _fit(layers: Layers, budget: int, cutoffs: tuple[int, ...], mean_freq: np.ndarray) -> tuple[int, ...] | None:
     """The largest ranks of the mixed-dimension family (smallest alpha) that fit ``budget``, else None."""
     fits = lambda ranks: cluster_params(layers, cutoffs, ranks) <= budget
-    if fits(_ranks(layers.dim, mean_freq, 0.0)):
-        return _ranks(layers.dim, mean_freq, 0.0)
+    rule = lambda alpha: _ranks(layers.dim, mean_freq, alpha, layers.integer_ranks)
+    if fits(rule(0.0)):
+        return rule(0.0)
     lowest = (layers.dim,) + (1,) * (len(cutoffs) - 1)
     if not fits(lowest):
         return None
     lo, hi = 0.0, 1.0
-    while not fits(_ranks(layers.dim, mean_freq, hi)) and hi < 64:
+    while not fits(rule(hi)) and hi < 64:
         lo, hi = hi, hi * 2
-    if not fits(_ranks(layers.dim, mean_freq, hi)):
-        return lowest
+    if not fits(rule(hi)):  # only the lowest ranks fit: spend what they leave
+        return _fill(lowest, fits, layers.dim, layers.integer_ranks)
     for _ in range(40):
         mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if fits(_ranks(layers.dim, mean_freq, mid)) else (mid, hi)
-    return _fill(_ranks(layers.dim, mean_freq, hi), fits, layers.dim)
+        lo, hi = (lo, mid) if fits(rule(mid)) else (mid, hi)
+    return _fill(rule(hi), fits, layers.dim, layers.integer_ranks)
 
 
-def _fill(ranks: tuple[int, ...], fits, dim: int) -> tuple[int, ...]:
+def _fill(ranks: tuple[int, ...], fits, dim: int, integer: bool = False) -> tuple[int, ...]:
     """Spends what the rounding left of the budget: raises tail ranks a step at a time, the clusters
     with the most traffic (the first) first, keeping the ranks non-increasing."""
     ranks = list(ranks)
@@ -179,7 +183,7 @@ def _fill(ranks: tuple[int, ...], fits, dim: int) -> tuple[int, ...]:
     while grown:
         grown = False
         for j in range(1, len(ranks)):
-            up = _next_rank(ranks[j], dim)
+            up = min(dim, ranks[j] + 1) if integer else _next_rank(ranks[j], dim)
             if up <= ranks[j - 1] and up != ranks[j] and fits(tuple(ranks[:j] + [up] + ranks[j + 1:])):
                 ranks[j], grown = up, True
                 break

@@ -1,7 +1,9 @@
 """Builds the model a config asks for, and counts its parameters by part."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -12,6 +14,7 @@ from cprec.errors import ConfigError
 from cprec.model import budget as budget_solver
 from cprec.model.clusters import check_frequency_order, resolve_cutoffs, resolve_ranks
 from cprec.model.nextitnet import NextItNet
+from cprec.model.tables import CLUSTERED, SIZED, mde_cutoffs
 
 
 def residual_dilations(config: ml_collections.ConfigDict) -> tuple[int, ...]:
@@ -20,10 +23,10 @@ def residual_dilations(config: ml_collections.ConfigDict) -> tuple[int, ...]:
 
 
 def model_clusters(config: ml_collections.ConfigDict, item_counts: np.ndarray) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The (cutoffs, ranks) of ``config.model`` over these frequency-ordered counts; () for an uncompressed model.
+    """The (cutoffs, ranks) of ``config.model`` over these frequency-ordered counts; () for a model without clusters.
 
     With ``model.budget`` the solver picks them (``budget_choice``); explicit ``model.cutoffs`` and
-    ``model.ranks`` still win.
+    ``model.ranks`` still win. Mixed dimensions (``mde``) default to their log-spaced blocks.
     """
     m = config.model
     num_items = len(item_counts)
@@ -32,13 +35,16 @@ def model_clusters(config: ml_collections.ConfigDict, item_counts: np.ndarray) -
     if uses_budget(config):
         choice = budget_choice(config, item_counts)
         return choice.cutoffs, choice.ranks
-    if len(m.cutoffs) == 0:
+    check_frequency_order(item_counts)
+    if m.embedding == "mde" and not len(m.cutoffs):
+        cutoffs = mde_cutoffs(num_items, int(m.mde_blocks))
+    elif len(m.cutoffs) == 0:
         raise ConfigError(
             "config.model.cutoffs is empty; the block-wise embedding and the tree softmax need cluster "
             "cutoffs, e.g. --config.model.cutoffs='(0.1, 0.4)', or a budget, e.g. --config.model.budget=20x"
         )
-    check_frequency_order(item_counts)
-    cutoffs = resolve_cutoffs(tuple(m.cutoffs), num_items)
+    else:
+        cutoffs = resolve_cutoffs(tuple(m.cutoffs), num_items)
     rank_spec = tuple(int(r) for r in m.ranks) if len(m.ranks) else int(m.rank_decay)
     ranks = resolve_ranks(rank_spec, m.dim, len(cutoffs))
     if m.softmax == "tree" and len(cutoffs) < 2:
@@ -47,27 +53,98 @@ def model_clusters(config: ml_collections.ConfigDict, item_counts: np.ndarray) -
 
 
 def clustered(config: ml_collections.ConfigDict) -> bool:
-    """Whether the model has clusters (a block-wise embedding or a tree softmax)."""
-    return config.model.embedding == "blockwise" or config.model.softmax == "tree"
+    """Whether the model has clusters (a block-wise or mixed-dimension embedding, or a tree softmax)."""
+    return config.model.embedding in CLUSTERED or config.model.softmax == "tree"
+
+
+def sized(config: ml_collections.ConfigDict) -> bool:
+    """Whether the input table is one of the rivals sized by its own options (low-rank, hashed, QR)."""
+    return config.model.embedding in SIZED
 
 
 def uses_budget(config: ml_collections.ConfigDict) -> bool:
-    """Whether the budget solver picks the clusters (a budget, and not both cutoffs and ranks given)."""
+    """Whether a solver sizes the model: a budget, and the sizes it would choose not all given
+    (cutoffs and ranks of clusters, or a sized table's size option)."""
     m = config.model
-    return clustered(config) and bool(str(m.budget)) and not (len(m.cutoffs) and len(m.ranks))
+    if not str(m.budget):
+        return False
+    if sized(config):
+        return int(m[SIZED[m.embedding].keys[0]]) == 0
+    return clustered(config) and not (len(m.cutoffs) and len(m.ranks))
+
+
+def table_options(config: ml_collections.ConfigDict, item_counts: np.ndarray) -> tuple[tuple[str, Any], ...]:
+    """The sized table's options as NextItNet's ``table_options`` (the solver's under a budget); () otherwise."""
+    if not sized(config):
+        return ()
+    if uses_budget(config):
+        return tuple(sorted(budget_choice(config, item_counts).options.items()))
+    kind = SIZED[config.model.embedding]
+    return tuple((key, config.model[key]) for key in kind.keys)
+
+
+@dataclasses.dataclass(frozen=True)
+class TableChoice:
+    """The budget solver's size for a rival table (``table_options``), with the same report as ``BudgetChoice``."""
+
+    embedding: str
+    options: dict
+    params: int  # the whole model's
+    target: int
+    baseline: int
+    cutoffs: tuple[int, ...] = ()
+    ranks: tuple[int, ...] = ()
+
+    def as_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "cutoffs": [], "ranks": [], "ratio": self.baseline / self.params}
+
+    def summary(self) -> str:
+        sizes = ", ".join(f"{k} {v}" for k, v in sorted(self.options.items()))
+        return (f"budget {self.target:,} params ({self.baseline / self.target:.1f}x): {self.embedding} table with "
+                f"{sizes} -> {self.params:,} params ({self.baseline / self.params:.2f}x, "
+                f"{self.params / self.target:.1%} of the budget)")
 
 
 # Solving needs two abstract model inits (~1 s at 1M items); a run builds its model several times.
-_BUDGET_CHOICES: dict[tuple[str, str], budget_solver.BudgetChoice] = {}
+_BUDGET_CHOICES: dict[tuple[str, str], Any] = {}
 
 
-def budget_choice(config: ml_collections.ConfigDict, item_counts: np.ndarray) -> budget_solver.BudgetChoice:
-    """The solver's cutoffs and ranks for ``model.budget`` (see ``cprec.model.budget``), cached per model config and counts."""
+def budget_choice(config: ml_collections.ConfigDict, item_counts: np.ndarray) -> budget_solver.BudgetChoice | TableChoice:
+    """The solver's sizes for ``model.budget``, cached per model config and counts: cutoffs and ranks
+    (``cprec.model.budget``) for clustered layers, a rival table's size option (``TableChoice``) otherwise."""
     counts = np.ascontiguousarray(item_counts)
     key = (config.model.to_json(), hashlib.sha1(counts.tobytes()).hexdigest() + str(counts.dtype))
     if key not in _BUDGET_CHOICES:
-        _BUDGET_CHOICES[key] = _solve_budget(config, counts)
+        _BUDGET_CHOICES[key] = _solve_table(config, counts) if sized(config) else _solve_budget(config, counts)
     return _BUDGET_CHOICES[key]
+
+
+def _fixed_and_target(config: ml_collections.ConfigDict, probe: NextItNet, probe_table: int,
+                      num_items: int) -> tuple[int, int, int]:
+    """(parameters outside the sized layers, the budget in parameters, the baseline it is a ratio of)."""
+    fixed = _abstract_count(probe) - probe_table
+    baseline = _abstract_count(_model(uncompressed_config(config), num_items, (), ()))
+    return fixed, budget_solver.parse_budget(config.model.budget, baseline), baseline
+
+
+def _solve_table(config: ml_collections.ConfigDict, counts: np.ndarray) -> TableChoice:
+    m = config.model
+    if m.softmax == "tree":
+        raise ConfigError(f"model.budget with model.embedding={m.embedding} and the tree softmax sizes two compressed "
+                          f"layers; give the table's size (model.{SIZED[m.embedding].keys[0]}) or use the full or "
+                          f"sampled softmax")
+    kind, num_items, d = SIZED[m.embedding], len(counts), int(m.dim)
+    options = {key: m[key] for key in kind.keys[1:]}
+    smallest = {**options, kind.keys[0]: kind.smallest(num_items)}
+    probe = _model(config, num_items, (), (), options=tuple(sorted(smallest.items())))
+    fixed, target, baseline = _fixed_and_target(config, probe, kind.param_count(num_items, d, smallest), num_items)
+    fit = kind.fit(target - fixed, num_items, d, options)
+    if fit is None:
+        reach = fixed + kind.param_count(num_items, d, smallest)
+        raise ConfigError(f"model.budget={target:,} params ({baseline / target:.1f}x) cannot be reached by the "
+                          f"{m.embedding} table: its smallest model has {reach:,} ({baseline / reach:.1f}x; "
+                          f"{fixed:,} outside the item table), so give a budget of at least {reach:,}")
+    return TableChoice(m.embedding, fit, fixed + kind.param_count(num_items, d, fit), target, baseline)
 
 
 def _solve_budget(config: ml_collections.ConfigDict, counts: np.ndarray) -> budget_solver.BudgetChoice:
@@ -79,15 +156,19 @@ def _solve_budget(config: ml_collections.ConfigDict, counts: np.ndarray) -> budg
                           "the budget choose them)")
     if num_items < 3:
         raise ConfigError(f"model.budget needs at least 3 item ids to cluster, got {num_items}")
-    layers = budget_solver.Layers(num_items, d, m.embedding, m.softmax, bool(m.tie_embeddings),
-                                  bool(m.tie_projections and m.tie_embeddings and m.softmax == "tree"))
+    embedding = "blockwise" if m.embedding in CLUSTERED else m.embedding
+    layers = budget_solver.Layers(num_items, d, embedding, m.softmax, bool(m.tie_embeddings),
+                                  bool(m.tie_projections and m.tie_embeddings and m.softmax == "tree"),
+                                  integer_ranks=m.embedding == "mde")
     # Everything outside the clustered layers, from one probe model: its total minus its clustered part.
     probe_cutoffs, probe_ranks = (num_items // 2, num_items), (d, 1)
-    fixed = _abstract_count(_model(config, num_items, probe_cutoffs, probe_ranks)) - budget_solver.cluster_params(
-        layers, probe_cutoffs, probe_ranks)
-    baseline = _abstract_count(_model(uncompressed_config(config), num_items, (), ()))
-    target = budget_solver.parse_budget(m.budget, baseline)
-    cutoffs = resolve_cutoffs(tuple(m.cutoffs), num_items, require_tail=m.softmax == "tree") if len(m.cutoffs) else None
+    fixed, target, baseline = _fixed_and_target(config, _model(config, num_items, probe_cutoffs, probe_ranks),
+                                                budget_solver.cluster_params(layers, probe_cutoffs, probe_ranks),
+                                                num_items)
+    if len(m.cutoffs):
+        cutoffs = resolve_cutoffs(tuple(m.cutoffs), num_items, require_tail=m.softmax == "tree")
+    else:
+        cutoffs = mde_cutoffs(num_items, int(m.mde_blocks)) if m.embedding == "mde" else None
     return budget_solver.solve(layers, counts, target, fixed, baseline, cutoffs)
 
 
@@ -103,11 +184,11 @@ def build_model(config: ml_collections.ConfigDict, item_counts: np.ndarray,
     ``loss``; a model built for evaluation or serving needs none, and its parameters are the same.
     """
     cutoffs, ranks = model_clusters(config, item_counts)
-    return _model(config, len(item_counts), cutoffs, ranks, capacities)
+    return _model(config, len(item_counts), cutoffs, ranks, capacities, table_options(config, item_counts))
 
 
 def _model(config: ml_collections.ConfigDict, num_items: int, cutoffs: tuple[int, ...], ranks: tuple[int, ...],
-           capacities: tuple[int, ...] | None = None) -> NextItNet:
+           capacities: tuple[int, ...] | None = None, options: tuple[tuple[str, Any], ...] = ()) -> NextItNet:
     m = config.model
     return NextItNet(
         num_items=num_items,
@@ -125,6 +206,7 @@ def _model(config: ml_collections.ConfigDict, num_items: int, cutoffs: tuple[int
         # A sub-option of tied CpRec; off elsewhere, so a model (and an artifact) says what it does.
         tie_projections=bool(m.tie_projections and m.tie_embeddings and m.softmax == "tree"),
         output_projection=bool(m.output_projection),
+        table_options=options,
     )
 
 
@@ -156,11 +238,14 @@ def uncompressed_config(config: ml_collections.ConfigDict) -> ml_collections.Con
     """The same experiment as plain NextItNet: full embedding, full softmax, no sharing.
 
     The tying of the item tables and the output projection stay as configured, so a tied CpRec is
-    compared with a tied NextItNet (the stronger, smaller baseline); ``tie_projections`` has no
-    meaning without clusters and is dropped.
+    compared with a tied NextItNet (the stronger, smaller baseline), unless
+    ``model.budget_baseline='untied'`` asks for the plain NextItNet (untied, no output projection);
+    ``tie_projections`` has no meaning without clusters and is dropped.
     """
     base = ml_collections.ConfigDict(config.to_dict())
     base.model.embedding, base.model.softmax, base.model.sharing = "full", "full", "none"
     base.model.tie_projections = False
     base.model.budget = ""
+    if base.model.get("budget_baseline", "same_tying") == "untied":
+        base.model.tie_embeddings, base.model.output_projection = False, False
     return base

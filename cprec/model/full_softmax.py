@@ -1,9 +1,11 @@
 """The uncompressed output layer: one [dim, V] weight and a full softmax.
 
 It has the interface of ``cprec.model.output.OutputLayer``, as `BlockwiseSoftmax` does, so the
-model can swap one for the other. Tied (``tied_to`` an ``nn.Embed``), the weight is the input
-embedding transposed, ``logits = h' E^T``, as in SASRec, BERT4Rec and the common PyTorch
-NextItNet; ``projection`` adds ``h' = W h + b`` (a d x d dense layer, ``proj``) before it.
+model can swap one for the other. Tied (``tied_to`` the input embedding, any item table of
+``cprec.model.tables``), the weight is that table, ``logits = h' E^T``, as in SASRec, BERT4Rec and
+the common PyTorch NextItNet; a compressed table scores through its own factors (``ItemTable.logits``)
+and is reconstructed only for the training loss. ``projection`` adds ``h' = W h + b`` (a d x d
+dense layer, ``proj``) before it.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from cprec.model.output import InputProjection
+from cprec.model.tables import ItemTable
 from cprec.model.xent import row_xent
 
 
@@ -24,7 +27,7 @@ class FullSoftmax(InputProjection, nn.Module):
 
     dim: int
     num_items: int
-    tied_to: nn.Embed | None = None  # share the input embedding's [V, dim] table
+    tied_to: ItemTable | None = None  # share the input embedding's item table
     projection: bool = False  # a dense d x d layer with bias on h first
 
     def setup(self) -> None:
@@ -35,10 +38,12 @@ class FullSoftmax(InputProjection, nn.Module):
             )
 
     def _weight(self) -> jax.Array:
-        return self.kernel if self.tied_to is None else self.tied_to.embedding.T
+        """The ``[dim, V]`` weight (a tied compressed table reconstructed: the training loss's only use)."""
+        return self.kernel if self.tied_to is None else self.tied_to.dense().T
 
     def logits(self, h: jax.Array) -> jax.Array:
-        return self.project(h) @ self._weight()
+        hp = self.project(h)
+        return hp @ self.kernel if self.tied_to is None else self.tied_to.logits(hp)
 
     def log_prob(self, h: jax.Array) -> jax.Array:
         """[N, dim] -> [N, V] log-probabilities."""

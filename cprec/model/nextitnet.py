@@ -1,12 +1,14 @@
 """NextItNet (Yuan et al., WSDM 2019) with CpRec's compression options.
 
-item ids -> input embedding (full or block-wise) -> residual blocks of dilated
-causal convs -> output layer (full softmax or two-level tree softmax).
+item ids -> input embedding (an item table: full, block-wise, or a rival compression, see
+``cprec.model.tables``) -> residual blocks of dilated causal convs -> output layer (full or
+sampled softmax, possibly tied to the input table, or the two-level tree softmax).
 Training predicts every position of the window at once.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -14,10 +16,10 @@ import jax.numpy as jnp
 
 from cprec.errors import ConfigError
 from cprec.model.conv import causal_conv, padded_conv, padded_conv_fast, tap_matmul
-from cprec.model.embedding import BlockwiseEmbedding
 from cprec.model.full_softmax import FullSoftmax
 from cprec.model.sampled_softmax import Negatives, SampledSoftmax
 from cprec.model.sharing import conv_sharing_index
+from cprec.model.tables import make_table
 from cprec.model.tree_softmax import BlockwiseSoftmax
 
 
@@ -119,26 +121,23 @@ class NextItNet(nn.Module):
     dilations: tuple[int, ...]
     sharing: str = "none"
     kernel_size: int = 3
-    embedding: str = "full"  # 'full' | 'blockwise'
+    embedding: str = "full"  # an item table of cprec.model.tables.TABLES: 'full' | 'blockwise' | 'mde' | 'lowrank' | ...
     softmax: str = "full"  # 'full' | 'sampled' (the full table, trained on sampled negatives) | 'tree'
     cutoffs: tuple[int, ...] = ()  # cluster boundaries ending with V (block-wise parts)
     ranks: tuple[int, ...] = ()  # per-cluster ranks, ranks[0] == dim
     capacities: tuple[int, ...] | None = None  # static tail-cluster token capacities (tree softmax)
     dropout: float = 0.0  # on the input embedding, training only
-    # The output layer shares the input embedding's item tables (full: logits = h' E^T; CpRec: each
-    # cluster's table); needs embedding/softmax full/full or blockwise/tree.
+    # The output layer shares the input embedding's item tables (full or sampled softmax: logits =
+    # h' E^T for any table; CpRec's tree softmax: each cluster's table, block-wise embedding only).
     tie_embeddings: bool = False
     tie_projections: bool = False  # tied CpRec: the tail projections too (no effect without tied CpRec)
     output_projection: bool = False  # h' = W h + b (d x d) before the output layer
+    # The sized tables' options as (key, value) pairs, e.g. (("rank", 8),) for 'lowrank'.
+    table_options: tuple[tuple[str, Any], ...] = ()
 
     def setup(self) -> None:
         check_tying(self.embedding, self.softmax, self.tie_embeddings)
-        if self.embedding == "blockwise":
-            self.embed = BlockwiseEmbedding(self.num_items, self.dim, self.cutoffs, self.ranks)
-        else:
-            self.embed = nn.Embed(
-                self.num_items, self.dim, embedding_init=nn.initializers.normal(stddev=self.dim**-0.5)
-            )
+        self.embed = make_table(self.embedding, self.num_items, self.dim, self.cutoffs, self.ranks, self.table_options)
         self.drop = nn.Dropout(self.dropout)
         self.stack = ResidualStack(self.dim, self.dilations, self.sharing, self.kernel_size)
         tied = self.embed if self.tie_embeddings else None
@@ -193,13 +192,15 @@ class NextItNet(nn.Module):
 def check_tying(embedding: str, softmax: str, tie_embeddings: bool) -> None:
     """Raises ConfigError for a tying the two layers cannot share tables for.
 
+    The full and sampled softmax tie to any item table (``logits = h' E^T``); the tree softmax
+    has its own cluster layout and ties to the block-wise embedding of the same clusters only.
     ``tie_projections`` is a sub-option of tied CpRec and has no effect elsewhere (untied, or a
     full model, which has no projections), so that an ablation can untie a tied preset with one key.
     """
-    if tie_embeddings and (embedding, softmax) not in (("full", "full"), ("full", "sampled"), ("blockwise", "tree")):
+    if tie_embeddings and softmax == "tree" and embedding != "blockwise":
         raise ConfigError(
-            f"config.model.tie_embeddings=True needs embedding/softmax full/full, full/sampled or blockwise/tree "
-            f"(tables of the same shapes), got {embedding}/{softmax}; set model.tie_embeddings=False")
+            f"config.model.tie_embeddings=True with the tree softmax needs model.embedding=blockwise (its clusters' "
+            f"tables), got {embedding}; use model.softmax=full or sampled, or set model.tie_embeddings=False")
 
 
 def target_mask(inputs, targets):

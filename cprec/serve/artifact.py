@@ -65,9 +65,10 @@ FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)  # format 1: the id lists as plain JSON
 DTYPES = ("float32", "bfloat16", "int8")
 MODEL_FIELDS = ("num_items", "dim", "dilations", "sharing", "kernel_size", "embedding", "softmax", "cutoffs", "ranks",
-                "tie_embeddings", "tie_projections", "output_projection")
+                "tie_embeddings", "tie_projections", "output_projection", "table_options")
 # Fields added after format 2 was first written, and the value an artifact without them means.
 _LATER_FIELDS = {"tie_embeddings": False, "tie_projections": False, "output_projection": False}
+_LATER_OPTIONS = {"table_options": ()}  # a rival item table's sizes: a JSON object in model.json
 _TUPLE_FIELDS = ("dilations", "cutoffs", "ranks")
 PARAMS_FILE, MODEL_FILE, ITEMS_FILE, COUNTS_FILE, MANIFEST_FILE = (
     "params.safetensors", "model.json", "items.json.gz", "item_counts.json.gz", "manifest.json")
@@ -193,14 +194,17 @@ def _model_json(model_kwargs: Mapping, max_len: int) -> dict:
         out[field] = int(out[field])
     for field in _LATER_FIELDS:
         out[field] = bool(out[field])
+    out["table_options"] = {str(k): v for k, v in out["table_options"]}
     out["max_len"] = int(max_len)
     return out
 
 
 def _model_kwargs(model_json: Mapping) -> dict:
     """NextItNet's constructor kwargs from model.json (its lists back to tuples)."""
-    model_json = {**_LATER_FIELDS, **model_json}
-    return {f: tuple(int(v) for v in model_json[f]) if f in _TUPLE_FIELDS else model_json[f] for f in MODEL_FIELDS}
+    model_json = {**_LATER_FIELDS, **_LATER_OPTIONS, **model_json}
+    kwargs = {f: tuple(int(v) for v in model_json[f]) if f in _TUPLE_FIELDS else model_json[f] for f in MODEL_FIELDS}
+    kwargs["table_options"] = tuple(sorted(dict(kwargs["table_options"]).items()))
+    return kwargs
 
 
 def _write_compact_json(path: pathlib.Path, data: Any) -> None:

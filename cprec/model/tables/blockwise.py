@@ -1,4 +1,4 @@
-"""Block-wise adaptive input embedding (CpRec).
+"""Block-wise adaptive item table (CpRec's input embedding; with Ginart et al.'s rule, mixed-dimension embeddings).
 
 Parameters, for clusters given by ``cutoffs`` (see ``cprec.model.clusters``) and ranks ``d_j``:
 
@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from cprec.model.clusters import check_clusters
+from cprec.model.tables.base import ItemTable
 
 Initializer = Callable[..., jax.Array]
 
@@ -34,17 +35,20 @@ def blockwise_param_count(cutoffs: tuple[int, ...], ranks: tuple[int, ...], dim:
     return sum(k * d for k, d in zip(sizes, ranks)) + sum(d * dim for d in ranks[1:])
 
 
-class BlockwiseEmbedding(nn.Module):
+def blockwise_table_param_count(num_items: int, dim: int, options: dict) -> int:
+    """``blockwise_param_count`` in the signature of the other tables' counts."""
+    return blockwise_param_count(tuple(options["cutoffs"]), tuple(options["ranks"]), dim)
+
+
+class BlockwiseEmbedding(ItemTable):
     """Embeds frequency-ordered item ids; ``cutoffs == (V,)`` is an ordinary embedding.
 
     Every token goes through every cluster's (masked) lookup and projection so shapes stay static
     under jit; the cost per token is ``sum_j d_j * dim``, small next to the network.
     """
 
-    num_items: int
-    dim: int
-    cutoffs: tuple[int, ...]
-    ranks: tuple[int, ...]
+    cutoffs: tuple[int, ...] = ()
+    ranks: tuple[int, ...] = ()
     embedding_init: Initializer = default_embed_init
     proj_init: Initializer = default_proj_init
     param_dtype: Any = jnp.float32
@@ -74,3 +78,11 @@ class BlockwiseEmbedding(nn.Module):
             e = jnp.take(emb, jnp.clip(local, 0, emb.shape[0] - 1), axis=0)
             out = out + jnp.where(inside[..., None], e, 0) @ proj
         return out
+
+    def dense(self) -> jax.Array:
+        return jnp.concatenate([self.head] + [e @ p for e, p in zip(self.tail_emb, self.tail_proj)], axis=0)
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        # Each cluster through its own rank: (h P_j^T) E_j^T, d_j multiply-adds per tail item.
+        return jnp.concatenate([h @ self.head.T] + [(h @ p.T) @ e.T for e, p in zip(self.tail_emb, self.tail_proj)],
+                               axis=1)

@@ -1,0 +1,93 @@
+"""Compression methods under one protocol: CpRec against its rivals at equal parameter budgets.
+
+  python run.py --config experiments/rivals.py:synthetic30k,method=lowrank,budget=20x --workdir runs/r30k-lowrank-20x
+  python run.py --config experiments/rivals.py:synthetic30k,method=nextitnet --workdir runs/r30k-nextitnet
+  python run.py --config experiments/rivals.py:synthetic30k --sweep --launcher local --sweep_dir runs/rivals-synthetic30k
+  python -m cprec.report add runs/rivals-synthetic30k --table rivals-synthetic30k
+
+Arg: comma-separated; a bare word picks the dataset (synthetic, ml100k, synthetic30k, synthetic1m),
+method=cprec|mde|lowrank|hash|qr|nextitnet (default cprec), budget=20x (default; or a parameter count).
+
+The protocol (docs/rivals.md): every compressed method has the same residual stack (CpRec's
+cross-block sharing), the same tied output (``logits = (W h + b) E^T`` over the method's own item
+table; CpRec's tree softmax over its tied tables and projections), the same data, schedule,
+evaluation and seeds, and budgets are ratios of one reference, the plain NextItNet (untied, no
+sharing: ``model.budget_baseline=untied``), which is also the uncompressed baseline
+(``method=nextitnet``). At 1M items every method with a full output table trains with the
+sampled softmax (the baseline with lazy Adam); CpRec keeps its tree softmax.
+
+Sweeps (`--sweep`, with `--launcher local|slurm`):
+- `sweep=grid` (the default): every method x the dataset's budgets (BUDGETS) x the learning rates
+  (LRS, the same grid for every method: equal tuning effort), seed 0; the baseline x LRS.
+- `sweep=seeds`: every method at SEED_BUDGET with its learning rate chosen on validation NDCG@10
+  in the grid (CHOSEN_LR), seeds 1-2 (seed 0 is the grid's).
+"""
+import ml_collections
+
+from cprec.config import base_config, parse_arg
+from cprec.errors import ConfigError
+from cprec.sweep import apply_overrides, product, seeds
+from experiments.cprec import TUNED as CPREC_TUNED
+from experiments.datasets import apply_dataset
+
+METHODS = ("cprec", "mde", "lowrank", "hash", "qr")
+BASELINE = "nextitnet"
+BUDGETS = {"synthetic": ("5x", "10x"), "ml100k": ("5x", "10x"), "synthetic30k": ("5x", "10x", "20x", "40x"),
+           "synthetic1m": ("20x",)}
+SEED_BUDGET = {"synthetic": "10x", "ml100k": "10x", "synthetic30k": "20x"}  # where sweep=seeds adds seeds 1-2
+LRS = (1e-3, 3e-3)
+# Learning rates chosen on validation NDCG@10 by sweep=grid at SEED_BUDGET (never on test); a
+# method missing here trains at the dataset's default.
+CHOSEN_LR: dict[str, dict[str, float]] = {}
+SAMPLED = ("synthetic1m",)  # datasets whose full output tables train with the sampled softmax
+
+# What every compressed method shares (the baseline undoes it).
+COMMON = {"model.sharing": "cross_block", "model.tie_embeddings": True, "model.tie_projections": True,
+          "model.output_projection": True, "model.budget_baseline": "untied"}
+# Training settings per dataset for every method: ml-100k's are CpRec's tuned preset's (they are
+# the settings of the smaller model; the baseline's own tuned preset is in experiments/nextitnet.py).
+TRAINING = {"ml100k": {k: v for k, v in CPREC_TUNED["ml100k"].items() if k.split(".")[0] in ("optim", "train", "eval")
+                       or k == "model.dropout"}}
+
+
+def method_overrides(method: str, data: str) -> dict:
+    """The config keys that make ``method`` on top of the protocol's common settings."""
+    full = "sampled" if data in SAMPLED else "full"
+    if method == BASELINE:
+        out = {"model.embedding": "full", "model.softmax": full, "model.sharing": "none",
+               "model.tie_embeddings": False, "model.output_projection": False, "model.budget": ""}
+        return {**out, "optim.sparse_tables": True} if full == "sampled" else out
+    if method == "cprec":
+        return {"model.embedding": "blockwise", "model.softmax": "tree"}
+    if method in METHODS:
+        return {"model.embedding": method, "model.softmax": full}
+    raise ConfigError(f"method={method!r} is unknown in experiments/rivals.py; valid: {', '.join(METHODS + (BASELINE,))}")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    a = parse_arg(arg, data="synthetic30k", method="cprec", budget="20x")
+    config = base_config()
+    apply_dataset(config, a.data)
+    apply_overrides(config, {**TRAINING.get(a.data, {}), **COMMON, "model.budget": a.budget})
+    apply_overrides(config, method_overrides(a.method, a.data))
+    if a.method in CHOSEN_LR.get(a.data, {}):
+        config.optim.lr = CHOSEN_LR[a.data][a.method]
+    return config
+
+
+def sweep(arg: str | None = None) -> list[dict]:
+    a = parse_arg(arg, data="synthetic30k", method="cprec", budget="20x", sweep="grid")
+    if a.data not in BUDGETS:
+        raise ConfigError(f"experiments/rivals.py has no budgets for {a.data!r}; valid: {', '.join(BUDGETS)}")
+    if a.sweep == "grid":
+        compressed = product([method_overrides(m, a.data) for m in METHODS], {"model.budget": list(BUDGETS[a.data])})
+        return product(compressed + [method_overrides(BASELINE, a.data)], {"optim.lr": list(LRS)})
+    if a.sweep == "seeds":
+        if a.data not in SEED_BUDGET:
+            raise ConfigError(f"sweep=seeds has no budget for {a.data!r}; valid: {', '.join(SEED_BUDGET)}")
+        chosen = CHOSEN_LR.get(a.data, {})
+        trials = [{**method_overrides(m, a.data), "model.budget": SEED_BUDGET[a.data], **(
+            {"optim.lr": chosen[m]} if m in chosen else {})} for m in METHODS]
+        baseline = {**method_overrides(BASELINE, a.data), **({"optim.lr": chosen[BASELINE]} if BASELINE in chosen else {})}
+        return product(trials + [baseline], seeds(2, start=1))
+    raise ConfigError(f"sweep={a.sweep!r} is unknown in experiments/rivals.py; valid: grid, seeds")

@@ -1,0 +1,207 @@
+"""Item tables (cprec/model/tables/): rows against hand-indexed references, scores against the dense
+product, parameter counts against each formula, the budget solvers, and tied gradients."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cprec.config import validate_config
+from cprec.errors import ConfigError
+from cprec.model import tables
+from cprec.model.builder import budget_choice, build_model, count_params, init_params, table_options
+from cprec.model.nextitnet import NextItNet
+from cprec.model.tables import SIZED, make_table
+from cprec.model.tables.base import ItemTable
+from tests.helpers import tiny_config
+
+V, D = 61, 8
+IDS = jnp.asarray(np.random.default_rng(0).integers(0, V, size=(3, 7)), jnp.int32)
+H = jnp.asarray(np.random.default_rng(1).normal(size=(5, D)), jnp.float32)
+KINDS = {
+    "full": dict(kind="full"),
+    "blockwise": dict(kind="blockwise", cutoffs=(10, 30, V), ranks=(D, 4, 2)),
+    "lowrank": dict(kind="lowrank", options=(("rank", 3),)),
+    "hash": dict(kind="hash", options=(("hash_rows", 13),)),
+    "qr-mult": dict(kind="qr", options=(("qr_buckets", 7), ("qr_op", "mult"))),
+    "qr-add": dict(kind="qr", options=(("qr_buckets", 7), ("qr_op", "add"))),
+    "qr-concat": dict(kind="qr", options=(("qr_buckets", 7), ("qr_op", "concat"))),
+}
+
+
+def _table(spec) -> tuple[ItemTable, dict]:
+    table = make_table(spec["kind"], V, D, spec.get("cutoffs", ()), spec.get("ranks", ()), spec.get("options", ()))
+    params = table.init(jax.random.PRNGKey(3), IDS)["params"]
+    return table, jax.tree.map(np.asarray, params)
+
+
+def _numpy_hash(ids, rows):
+    x = (np.asarray(ids).astype(np.uint64) * 0x9E3779B1) % (1 << 32)
+    return ((x ^ (x >> 16)) % rows).astype(np.int64)
+
+
+def _reference_rows(name, p, ids):
+    """Each table's vectors composed by hand in numpy."""
+    ids = np.asarray(ids)
+    if name == "full":
+        return p["embedding"][ids]
+    if name == "lowrank":
+        return p["factors"][ids] @ p["proj"]
+    if name == "hash":
+        return p["rows"][_numpy_hash(ids, 13)]
+    if name == "blockwise":
+        dense = np.concatenate([p["head"], p["tail_1_emb"] @ p["tail_1_proj"], p["tail_2_emb"] @ p["tail_2_proj"]])
+        return dense[ids]
+    q, r = p["quotient"][ids // 7], p["remainder"][ids % 7]
+    return {"qr-mult": q * r, "qr-add": q + r, "qr-concat": np.concatenate([q, r], axis=-1)}[name]
+
+
+@pytest.mark.parametrize("name", list(KINDS))
+def test_rows_equal_the_tables_indexed_by_hand(name):
+    table, params = _table(KINDS[name])
+    got = table.apply({"params": params}, IDS)
+    np.testing.assert_allclose(got, _reference_rows(name, params, IDS), rtol=1e-5, atol=1e-6)
+    dense = table.apply({"params": params}, method="dense")
+    np.testing.assert_allclose(dense, _reference_rows(name, params, np.arange(V)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(KINDS))
+@pytest.mark.parametrize("block", [7, 4096])
+def test_blocked_scores_equal_the_dense_product(name, block, monkeypatch):
+    monkeypatch.setattr(tables.base, "SCORE_BLOCK", block)  # 7: several blocks, the last one padded
+    table, params = _table(KINDS[name])
+    got = table.apply({"params": params}, H, method="logits")
+    want = np.asarray(H) @ _reference_rows(name, params, np.arange(V)).T
+    assert got.shape == (H.shape[0], V)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_generic_blocked_path_is_the_one_qr_mult_uses(monkeypatch):
+    # qr-mult has no factorised score; its logits must come from ItemTable.logits' blocks.
+    calls = []
+    real = tables.base.jax.lax.map
+    monkeypatch.setattr(tables.base.jax.lax, "map", lambda f, xs: calls.append(xs.shape) or real(f, xs))
+    monkeypatch.setattr(tables.base, "SCORE_BLOCK", 16)
+    table, params = _table(KINDS["qr-mult"])
+    table.apply({"params": params}, H, method="logits")
+    assert calls == [(4, 16)]
+
+
+@pytest.mark.parametrize("name", list(KINDS))
+def test_parameter_counts_equal_each_formula(name):
+    spec = KINDS[name]
+    _, params = _table(spec)
+    options = dict(spec.get("options", ()))
+    formula = {
+        "full": V * D,
+        "blockwise": 10 * D + 20 * 4 + 31 * 2 + (4 + 2) * D,
+        "lowrank": V * 3 + 3 * D,
+        "hash": 13 * D,
+        "qr-mult": math.ceil(V / 7) * D + 7 * D,
+        "qr-add": math.ceil(V / 7) * D + 7 * D,
+        "qr-concat": math.ceil(V / 7) * (D - D // 2) + 7 * (D // 2),
+    }[name]
+    assert count_params(params) == formula
+    if spec["kind"] in SIZED:
+        assert SIZED[spec["kind"]].param_count(V, D, options) == formula
+
+
+def test_hash_collisions_score_alike_and_qr_keeps_every_item_unique():
+    table, params = _table(KINDS["hash"])
+    logits = np.asarray(table.apply({"params": params}, H, method="logits"))
+    buckets = _numpy_hash(np.arange(V), 13)
+    a, b = [np.flatnonzero(buckets == buckets[1])[:2]][0]
+    np.testing.assert_array_equal(logits[:, a], logits[:, b])
+    table, params = _table(KINDS["qr-mult"])
+    dense = np.asarray(table.apply({"params": params}, method="dense"))
+    assert len({tuple(row) for row in dense.round(6)}) == V
+
+
+# ----------------------------------------------------------------------------------------------
+# Budget solvers
+
+COUNTS = np.concatenate([[0], np.sort(np.random.default_rng(2).zipf(1.3, size=2999).clip(max=10**6))[::-1]])
+
+
+def _rival(tmp_path, embedding, budget, **model):
+    return tiny_config(tmp_path, embedding=embedding, budget=budget, tie_embeddings=True, output_projection=True,
+                       budget_baseline="untied", sharing="cross_block", dim=32, **model)
+
+
+@pytest.mark.parametrize("embedding", ["lowrank", "hash", "qr", "mde"])
+@pytest.mark.parametrize("budget", ["4x", "8x", "16x"])
+def test_each_solver_lands_within_90_to_100_percent_of_the_budget(tmp_path, embedding, budget):
+    config = _rival(tmp_path, embedding, budget)
+    validate_config(config)
+    choice = budget_choice(config, COUNTS)
+    model = build_model(config, COUNTS)
+    total = count_params(jax.eval_shape(lambda: init_params(model, 0)))
+    assert total == choice.params
+    assert total <= choice.target
+    # One rank of the low-rank table is V + dim parameters: where that step is more than a tenth of
+    # the budget, the largest rank that fits may land lower (and the summary says how much lower).
+    step = len(COUNTS) + 32 if embedding == "lowrank" else 0.1 * choice.target
+    assert total >= 0.9 * choice.target or choice.target - total < step, (total, choice.target)
+    plain = build_model(tiny_config(tmp_path, dim=32), COUNTS)  # untied, no output projection: the ratio's baseline
+    assert choice.baseline == count_params(jax.eval_shape(lambda: init_params(plain, 0)))
+    assert f"({choice.baseline / total:.2f}x" in choice.summary()
+
+
+def test_an_impossible_budget_names_the_smallest_reachable_one(tmp_path):
+    config = _rival(tmp_path, "lowrank", "1000x")
+    with pytest.raises(ConfigError, match=r"cannot be reached by the lowrank table: .* at least [\d,]+$"):
+        budget_choice(config, COUNTS)
+    smallest = int(str(pytest.raises(ConfigError, budget_choice, config, COUNTS).value).split()[-1].replace(",", ""))
+    choice = budget_choice(_rival(tmp_path, "lowrank", str(smallest)), COUNTS)
+    assert choice.params == smallest and dict(choice.options)["rank"] == 1
+
+
+def test_explicit_sizes_win_over_the_budget(tmp_path):
+    config = _rival(tmp_path, "hash", "20x", hash_rows=5)
+    assert table_options(config, COUNTS) == (("hash_rows", 5),)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tied gradients: the table gets the sum of its input and output uses
+
+X = jnp.asarray(np.random.default_rng(4).integers(0, 61, size=(4, 10)), jnp.int32)
+Y = jnp.asarray(np.random.default_rng(5).integers(1, 61, size=(4, 10)), jnp.int32)
+SMALL_COUNTS = np.concatenate([[0], np.arange(60, 0, -1)])
+TIED = {"lowrank": dict(rank=3), "hash": dict(hash_rows=13), "qr": dict(qr_buckets=7), "mde": dict(mde_blocks=4)}
+
+
+@pytest.mark.parametrize("embedding", list(TIED))
+@pytest.mark.parametrize("softmax", ["full", "sampled"])
+def test_tied_gradient_is_the_sum_of_both_uses(tmp_path, embedding, softmax):
+    tied = build_model(tiny_config(tmp_path, embedding=embedding, softmax=softmax, tie_embeddings=True,
+                                   **TIED[embedding]), SMALL_COUNTS)
+    untied = build_model(tiny_config(tmp_path, embedding=embedding, softmax=softmax, **TIED[embedding]), SMALL_COUNTS)
+    params = init_params(tied, 0)
+    table = make_table(embedding, 61, 8, tied.cutoffs, tied.ranks, tied.table_options)
+
+    def split_loss(p_in, p_out):  # the untied model whose output kernel is the output copy's table
+        kernel = table.apply({"params": p_out}, method="dense").T
+        p = {**params, "embed": p_in, "head": {"kernel": kernel}}
+        return untied.apply({"params": p}, X, Y, method=NextItNet.loss)[0]
+
+    loss = lambda p: tied.apply({"params": p}, X, Y, method=NextItNet.loss)[0]
+    np.testing.assert_allclose(loss(params), split_loss(params["embed"], params["embed"]), rtol=1e-6)
+    g_in, g_out = jax.grad(split_loss, argnums=(0, 1))(params["embed"], params["embed"])
+    g_tied = jax.grad(loss)(params)["embed"]
+    for name in g_tied:
+        np.testing.assert_allclose(g_tied[name], g_in[name] + g_out[name], rtol=1e-4, atol=1e-6)
+        assert float(jnp.abs(g_out[name]).sum()) > 0  # the output use really reaches every table
+
+
+@pytest.mark.parametrize("embedding", list(TIED))
+def test_tied_top_k_is_the_exact_top_of_the_full_log_prob(tmp_path, embedding):
+    model = build_model(tiny_config(tmp_path, embedding=embedding, tie_embeddings=True, output_projection=True,
+                                    **TIED[embedding]), SMALL_COUNTS)
+    params = init_params(model, 1)
+    lp = model.apply({"params": params}, X, method=NextItNet.last_log_prob)
+    np.testing.assert_allclose(jnp.exp(lp).sum(axis=1), 1.0, rtol=1e-5)
+    scores, ids, _ = model.apply({"params": params}, X, 7, method=NextItNet.top_k)
+    ref_scores, ref_ids = jax.lax.top_k(lp[:, 1:], 7)
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.take_along_axis(np.asarray(lp), np.asarray(ids), 1), np.asarray(scores))
