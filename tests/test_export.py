@@ -210,3 +210,33 @@ def test_the_exclusion_width_is_set_at_export(csv_run, tmp_path):
     assert json.loads((out / "stablehlo.json").read_text())["max_exclude"] == 5
     assert Recommender.load(str(out)).max_exclude == 5
     assert Recommender(load_artifact(out)).max_exclude == 5  # without the StableHLO signature too
+
+
+@pytest.mark.parametrize("embedding, size", [("qr", {"qr_buckets": 9}), ("lowrank", {"rank": 3})])
+def test_a_rival_exports_and_serves_the_top20_of_its_run(tmp_path, embedding, size):
+    """A compressed item table tied to the full softmax: trained, exported (float32 with StableHLO,
+    int8), and served by the Recommender, with the run's own top-20."""
+    from cprec.serve.recommender import Recommender
+
+    config = tiny_config(tmp_path / "cache", embedding=embedding, tie_embeddings=True, output_projection=True, **size)
+    config.train.num_steps = 4
+    train_and_evaluate(config, tmp_path / "run")
+    run = load_run(tmp_path / "run")
+    assert run.model.embedding == embedding and dict(run.model.table_options)[next(iter(size))] == next(iter(size.values()))
+    x = np.asarray(run.data.test_inputs[:6])
+    ref_scores, ref_ids = _top20(run.model, run.params, x)
+    for dtype in ("float32", "int8"):
+        out = tmp_path / dtype
+        batches = "2" if dtype == "float32" else "none"
+        assert main([str(tmp_path / "run"), str(out), "--dtype", dtype, "--stablehlo-batch-sizes", batches]) == 0
+        art = load_artifact(out)
+        assert art.model() == run.model  # the table's kind and size travel with the artifact
+        histories = [[art.item_ids[i] for i in row if i > 0] for row in x]
+        served = Recommender(art).recommend(histories, n=20, exclude_seen=False)
+        got = np.array([[art.item_ids.index(i) for i in r.items] for r in served])
+        if dtype == "float32":
+            np.testing.assert_array_equal(got, ref_ids)
+            np.testing.assert_allclose([r.scores for r in served], ref_scores, rtol=1e-5, atol=1e-5)
+        else:
+            assert any(k.startswith("embed/") for k in art.manifest["quantized"])
+            assert np.mean([len(set(a) & set(b)) / 20 for a, b in zip(got, ref_ids)]) >= 0.9

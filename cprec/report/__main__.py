@@ -3,6 +3,7 @@
     python -m cprec.report                 # render the tables in README.md, docs/*.md and the plots in docs/img/
     python -m cprec.report --check         # exit 1 naming each file whose tables differ from results/
     python -m cprec.report add RUN --table NAME --set run=my-run --set command="experiments/cprec.py"
+    python -m cprec.report rivals runs/rivals-synthetic30k --table rivals-synthetic30k   # the rivals grid
 """
 from __future__ import annotations
 
@@ -25,6 +26,19 @@ def main(argv: list[str] | None = None) -> int:
         a = p.parse_args(argv[1:])
         sets = dict(s.split("=", 1) for s in a.set)
         print(add_run(a.run, a.table, sets))
+        argv = []
+    elif argv[:1] == ["rivals"]:
+        from cprec.report.rivals import write_rivals_table  # loads runs: jax and the model
+        p = argparse.ArgumentParser(prog="python -m cprec.report rivals")
+        p.add_argument("sweeps", nargs="+", help="sweep directories of experiments/rivals.py (grid and seeds)")
+        p.add_argument("--table", required=True, help="results/NAME.json to (re)write")
+        p.add_argument("--title", default="Compression methods at equal budgets")
+        p.add_argument("--command", default="python run.py --config experiments/rivals.py:DATASET --sweep "
+                                            "--launcher local --sweep_dir runs/rivals-DATASET")
+        p.add_argument("--machine", default="2-core CPU, shared")
+        a = p.parse_args(argv[1:])
+        spec = write_rivals_table(a.sweeps, a.table, a.title, a.command, a.machine)
+        print(f"wrote results/{a.table}.json: {len(spec['rows'])} rows")
         argv = []
     p = argparse.ArgumentParser(prog="python -m cprec.report")
     p.add_argument("--check", action="store_true", help="change nothing; exit 1 if a table differs")

@@ -25,6 +25,7 @@ def run_values(run: pathlib.Path) -> dict:
         selected = next((x["test/selected_step"] for x in reversed(lines) if "test/selected_step" in x), None)
         for line in lines:
             flat |= {k: v for k, v in line.items() if k.startswith("popularity/")}
+            flat |= {k: v for k, v in line.items() if k.startswith("serve/")}  # top-n latency after training
             if "train/tokens_per_sec" in line:  # the average since the first compiled step: keep the last
                 flat["train_tokens_s"] = line["train/tokens_per_sec"]
             if line["step"] == selected:  # the validation metrics of the parameters that were tested
