@@ -161,3 +161,33 @@ def test_every_config_key_is_in_docs_configs():
 
     missing = [k for k in leaves(base_config().to_dict()) if not documented(k)]
     assert not missing, f"add a row for each of {missing} to docs/configs.md"
+
+
+def _rival_trial(sweep: pathlib.Path, name: str, embedding: str, budget: str, lr: float, seed: int, val: float,
+                 mrr: float) -> None:
+    trial = sweep / name
+    trial.mkdir(parents=True)
+    config = {"seed": seed, "model": {"embedding": embedding, "budget": budget}, "optim": {"lr": lr},
+              "budget": {"options": {"rank": 5}} if embedding == "lowrank" else {}}
+    (trial / "config.json").write_text(json.dumps(config))
+    (trial / "results.json").write_text(json.dumps(
+        {"step": 9, "test": {"mrr@5": mrr, "ndcg@10": mrr, "hr@10": mrr}, "report": {"params/total": 1000}}))
+    (trial / "metrics.jsonl").write_text(json.dumps({"step": 9, "val/ndcg@10": val, "test/selected_step": 9,
+                                                     "serve/top20_ms_batch1": 1.5}) + "\n")
+
+
+def test_the_rivals_table_chooses_the_lr_on_validation_and_averages_its_seeds(tmp_path):
+    from cprec.report.rivals import rival_rows
+
+    grid, seeds = tmp_path / "grid", tmp_path / "seeds"
+    # lr 3e-3 has the better validation score but the worse test score: validation must decide.
+    _rival_trial(grid, "a", "lowrank", "20x", 1e-3, 0, val=0.50, mrr=0.60)
+    _rival_trial(grid, "b", "lowrank", "20x", 3e-3, 0, val=0.55, mrr=0.40)
+    _rival_trial(seeds, "c", "lowrank", "20x", 3e-3, 1, val=0.10, mrr=0.50)  # a later seed cannot flip the choice
+    _rival_trial(grid, "d", "full", "", 1e-3, 0, val=0.70, mrr=0.70)
+    rows = rival_rows([grid, seeds], with_bytes=False)
+    assert [(r["method"], r["budget"]) for r in rows] == [("low-rank", "20x"), ("NextItNet (uncompressed)", "none")]
+    low = rows[0]
+    assert low["lr"] == 3e-3 and low["seeds"] == "0 1" and low["lrs_tried"] == "0.001, 0.003"
+    assert low["test/mrr@5"] == pytest.approx(0.45) and low["test/mrr@5_std"] == pytest.approx(np.std([0.4, 0.5], ddof=1))
+    assert low["size"] == "rank 5" and low["serve/top20_ms_batch1"] == 1.5

@@ -144,7 +144,37 @@ def server(results: pathlib.Path) -> plt.Figure:
     return fig
 
 
-PLOTS = {"pareto.png": pareto, "early-stop.png": early_stop, "server.png": server}
+def rivals(results: pathlib.Path, dataset: str) -> plt.Figure:
+    """Test MRR@5 against parameters, one line per compression method (results/rivals-DATASET.json),
+    seed spread as error bars, the uncompressed NextItNet as a horizontal line."""
+    spec = load_table(f"rivals-{dataset}", results)
+    rows = spec["rows"]
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    markers = iter("os^Dvp<>")
+    for method in dict.fromkeys(r["method"] for r in rows if r["budget"] != "none"):
+        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["params/total"])
+        x = [r["params/total"] for r in mine]
+        y = [r["test/mrr@5"] for r in mine]
+        err = [r.get("test/mrr@5_std", 0.0) for r in mine]
+        ax.errorbar(x, y, yerr=err, marker=next(markers), ms=6, capsize=3, lw=1.2, label=method)
+    for r in rows:
+        if r["budget"] == "none":
+            ax.axhline(r["test/mrr@5"], color="k", ls="--", lw=1,
+                       label=f"{r['method']} ({r['params/total']:,} params)")
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters (count, log scale)")
+    ax.set_ylabel("test MRR@5 (full ranking)")
+    ax.set_title(f"{dataset}: compression methods at equal budgets (lr chosen on validation; "
+                 f"seeds {', '.join(map(str, spec.get('seeds', [])))})", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+RIVAL_DATASETS = ("synthetic30k",)  # the rivals tables drawn (results/rivals-DATASET.json)
+PLOTS = {"pareto.png": pareto, "early-stop.png": early_stop, "server.png": server,
+         **{f"rivals-{d}.png": (lambda results, d=d: rivals(results, d)) for d in RIVAL_DATASETS}}
 
 
 def render_plots(results: pathlib.Path = RESULTS, out: pathlib.Path = IMG) -> list[pathlib.Path]:

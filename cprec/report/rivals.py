@@ -1,7 +1,7 @@
 """`python -m cprec.report rivals SWEEP_DIR... --table NAME`: the rivals grid (experiments/rivals.py) as one table.
 
-For each (method, budget) of the sweeps' finished trials: the learning rate whose runs have the best
-mean validation NDCG@10 (the tuning rule every method gets; test metrics never choose), then the
+For each (method, budget) of the sweeps' finished trials: the learning rate whose seed-0 run has the
+best validation NDCG@10 (the tuning rule every method gets; test metrics never choose), then the
 mean and sample standard deviation over that rate's seeds of the test metrics, and the parameters,
 training speed and top-20 latency; the stored bytes of the seed-0 run's selected parameters in
 float32 and as an int8 export (row-wise 8-bit item tables, ``cprec.serve.quantize``).
@@ -31,6 +31,7 @@ COLUMNS = [
     {"key": "params/compression_ratio", "label": "ratio", "format": "{:.1f}x"},
     {"key": "size", "label": "size chosen"},
     {"key": "lr", "label": "lr"},
+    {"key": "lrs_tried", "label": "lrs tried"},
     {"keys": ["test/mrr@5", "test/mrr@5_std"], "label": "MRR@5", "format": "{:.4f}", "sep": " ± "},
     {"keys": ["test/ndcg@10", "test/ndcg@10_std"], "label": "NDCG@10", "format": "{:.4f}", "sep": " ± "},
     {"keys": ["test/hr@10", "test/hr@10_std"], "label": "HR@10", "format": "{:.4f}", "sep": " ± "},
@@ -58,6 +59,13 @@ def _trial(run: pathlib.Path) -> dict:
             "size": chosen}
 
 
+def _selection_score(runs: list[dict]) -> float:
+    """Validation NDCG@10 of a learning rate: its seed-0 run's (the grid's), so that seeds added at the
+    chosen rate cannot change the choice; the mean over its seeds where it has no seed 0."""
+    grid = [r for r in runs if r["seed"] == 0] or runs
+    return statistics.fmean(r.get(SELECT, float("-inf")) for r in grid)
+
+
 def stored_bytes(run: pathlib.Path) -> tuple[int, int]:
     """(float32, int8) bytes of the run's selected parameters, as ``python -m cprec.export`` stores them."""
     from cprec.eval.pretrained import load_run
@@ -78,10 +86,10 @@ def rival_rows(sweeps: list[pathlib.Path], with_bytes: bool = True) -> list[dict
         groups[(t["method"], t["budget"])][t["lr"]].append(t)
     rows = []
     for (method, budget), by_lr in groups.items():
-        lr, runs = max(by_lr.items(), key=lambda kv: statistics.fmean(r.get(SELECT, float("-inf")) for r in kv[1]))
+        lr, runs = max(by_lr.items(), key=lambda kv: _selection_score(kv[1]))
         runs = sorted(runs, key=lambda r: r["seed"])
         row = {"method": method, "budget": budget, "lr": lr, "size": runs[0]["size"],
-               "seeds": " ".join(str(r["seed"]) for r in runs), "lrs_tried": sorted(by_lr)}
+               "seeds": " ".join(str(r["seed"]) for r in runs), "lrs_tried": ", ".join(f"{x:g}" for x in sorted(by_lr))}
         for key in (*METRICS, "params/total", "params/compression_ratio", "train_tokens_s",
                     "serve/top20_ms_batch1", "serve/top20_ms_batch256", SELECT):
             column = [r[key] for r in runs if key in r]
