@@ -37,7 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.kernel_size = 3
     c.model.sharing = "none"  # see cprec.model.sharing.SHARING_SCHEMES
     # The item table (cprec/model/tables/): 'full' | 'blockwise' (CpRec) | 'mde' (mixed dimensions) |
-    # 'lowrank' | 'hash' | 'qr' (quotient-remainder); the output layer shares it when tied.
+    # 'lowrank' | 'hash' | 'qr' (quotient-remainder) | 'tt' (tensor train); the output layer shares it when tied.
     c.model.embedding = "full"
     c.model.softmax = "full"  # 'full' | 'sampled' (full table, sampled-softmax training) | 'tree'
     # Cluster cutoffs: absolute item counts, or fractions of V; V itself is appended.
@@ -58,6 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.qr_buckets = 0
     c.model.qr_op = "mult"  # 'mult' | 'add' | 'concat'
     c.model.mde_blocks = 8
+    c.model.tt_rank = 0  # 'tt': the tensor-train rank of the three cores (0 = chosen by model.budget)
     c.model.capacity_margin = 1.5  # static tail token capacity = expected share * margin
     c.model.dropout = 0.0  # on the input embedding (NextItNet uses none)
     # Output layer shares the input embedding's item tables (full/full: logits = h' E^T; CpRec
@@ -169,7 +170,7 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
               "softmax over block-wise tables) is model.embedding=blockwise")
     _choice("model.qr_op", m.qr_op, QR_OPS)
     _choice("model.budget_baseline", m.budget_baseline, ("same_tying", "untied"))
-    for key in ("rank", "hash_rows", "qr_buckets"):
+    for key in ("rank", "hash_rows", "qr_buckets", "tt_rank"):
         if m[key] < 0:
             _fail(f"model.{key}", m[key], "must be >= 0 (0 = chosen by model.budget)")
     if m.mde_blocks < 2:

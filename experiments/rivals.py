@@ -6,7 +6,7 @@
   python -m cprec.report add runs/rivals-synthetic30k --table rivals-synthetic30k
 
 Arg: comma-separated; a bare word picks the dataset (synthetic, ml100k, synthetic30k, synthetic1m),
-method=cprec|mde|lowrank|hash|qr|nextitnet (default cprec), budget=20x (default; or a parameter count).
+method=cprec|mde|lowrank|hash|qr|tt|nextitnet (default cprec), budget=20x (default; or a parameter count).
 
 The protocol (docs/rivals.md): every compressed method has the same residual stack (CpRec's
 cross-block sharing), the same tied output (``logits = (W h + b) E^T`` over the method's own item
@@ -31,6 +31,8 @@ from experiments.cprec import TUNED as CPREC_TUNED
 from experiments.datasets import apply_dataset
 
 METHODS = ("cprec", "mde", "lowrank", "hash", "qr")
+# Added later (rivals part 2); their trials come after the first ones so earlier trial names stay.
+LATER_METHODS = ("tt",)
 BASELINE = "nextitnet"
 BUDGETS = {"synthetic": ("5x", "10x"), "ml100k": ("5x", "10x"), "synthetic30k": ("5x", "10x", "20x", "40x"),
            "synthetic1m": ("20x",)}
@@ -59,9 +61,10 @@ def method_overrides(method: str, data: str) -> dict:
         return {**out, "optim.sparse_tables": True} if full == "sampled" else out
     if method == "cprec":
         return {"model.embedding": "blockwise", "model.softmax": "tree"}
-    if method in METHODS:
+    if method in METHODS + LATER_METHODS:
         return {"model.embedding": method, "model.softmax": full}
-    raise ConfigError(f"method={method!r} is unknown in experiments/rivals.py; valid: {', '.join(METHODS + (BASELINE,))}")
+    raise ConfigError(f"method={method!r} is unknown in experiments/rivals.py; valid: "
+                      f"{', '.join(METHODS + LATER_METHODS + (BASELINE,))}")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -80,14 +83,16 @@ def sweep(arg: str | None = None) -> list[dict]:
     if a.data not in BUDGETS:
         raise ConfigError(f"experiments/rivals.py has no budgets for {a.data!r}; valid: {', '.join(BUDGETS)}")
     if a.sweep == "grid":
-        compressed = product([method_overrides(m, a.data) for m in METHODS], {"model.budget": list(BUDGETS[a.data])})
-        return product(compressed + [method_overrides(BASELINE, a.data)], {"optim.lr": list(LRS)})
+        budgets = {"model.budget": list(BUDGETS[a.data])}
+        compressed = product([method_overrides(m, a.data) for m in METHODS], budgets)
+        later = product([method_overrides(m, a.data) for m in LATER_METHODS], budgets, {"optim.lr": list(LRS)})
+        return product(compressed + [method_overrides(BASELINE, a.data)], {"optim.lr": list(LRS)}) + later
     if a.sweep == "seeds":
         if a.data not in SEED_BUDGET:
             raise ConfigError(f"sweep=seeds has no budget for {a.data!r}; valid: {', '.join(SEED_BUDGET)}")
         chosen = CHOSEN_LR.get(a.data, {})
         trials = [{**method_overrides(m, a.data), "model.budget": SEED_BUDGET[a.data], **(
-            {"optim.lr": chosen[m]} if m in chosen else {})} for m in METHODS]
+            {"optim.lr": chosen[m]} if m in chosen else {})} for m in METHODS + LATER_METHODS]
         baseline = {**method_overrides(BASELINE, a.data), **({"optim.lr": chosen[BASELINE]} if BASELINE in chosen else {})}
         return product(trials + [baseline], seeds(2, start=1))
     raise ConfigError(f"sweep={a.sweep!r} is unknown in experiments/rivals.py; valid: grid, seeds")

@@ -27,6 +27,7 @@ KINDS = {
     "qr-mult": dict(kind="qr", options=(("qr_buckets", 7), ("qr_op", "mult"))),
     "qr-add": dict(kind="qr", options=(("qr_buckets", 7), ("qr_op", "add"))),
     "qr-concat": dict(kind="qr", options=(("qr_buckets", 7), ("qr_op", "concat"))),
+    "tt": dict(kind="tt", options=(("tt_rank", 3),)),
 }
 
 
@@ -50,6 +51,10 @@ def _reference_rows(name, p, ids):
         return p["factors"][ids] @ p["proj"]
     if name == "hash":
         return p["rows"][_numpy_hash(ids, 13)]
+    if name == "tt":  # V = 61 -> (4, 4, 4) item factors, dim 8 -> (2, 2, 2)
+        i1, i2, i3 = ids // 16, (ids // 4) % 4, ids % 4
+        rows = np.einsum("...ar,...rbs,...sc->...abc", p["core_1"][i1], p["core_2"][i2], p["core_3"][i3])
+        return rows.reshape(*ids.shape, D)
     if name == "blockwise":
         dense = np.concatenate([p["head"], p["tail_1_emb"] @ p["tail_1_proj"], p["tail_2_emb"] @ p["tail_2_proj"]])
         return dense[ids]
@@ -77,13 +82,14 @@ def test_blocked_scores_equal_the_dense_product(name, block, monkeypatch):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_the_generic_blocked_path_is_the_one_qr_mult_uses(monkeypatch):
-    # qr-mult has no factorised score; its logits must come from ItemTable.logits' blocks.
+@pytest.mark.parametrize("name", ["qr-mult", "tt"])
+def test_the_generic_blocked_path_scores_tables_without_a_factorised_score(monkeypatch, name):
+    # qr-mult and tt have no factorised score; their logits must come from ItemTable.logits' blocks.
     calls = []
     real = tables.base.jax.lax.map
     monkeypatch.setattr(tables.base.jax.lax, "map", lambda f, xs: calls.append(xs.shape) or real(f, xs))
     monkeypatch.setattr(tables.base, "SCORE_BLOCK", 16)
-    table, params = _table(KINDS["qr-mult"])
+    table, params = _table(KINDS[name])
     table.apply({"params": params}, H, method="logits")
     assert calls == [(4, 16)]
 
@@ -101,6 +107,7 @@ def test_parameter_counts_equal_each_formula(name):
         "qr-mult": math.ceil(V / 7) * D + 7 * D,
         "qr-add": math.ceil(V / 7) * D + 7 * D,
         "qr-concat": math.ceil(V / 7) * (D - D // 2) + 7 * (D // 2),
+        "tt": 4 * 2 * 3 + 4 * 3 * 2 * 3 + 4 * 3 * 2,
     }[name]
     assert count_params(params) == formula
     if spec["kind"] in SIZED:
@@ -129,7 +136,7 @@ def _rival(tmp_path, embedding, budget, **model):
                        budget_baseline="untied", sharing="cross_block", dim=32, **model)
 
 
-@pytest.mark.parametrize("embedding", ["lowrank", "hash", "qr", "mde"])
+@pytest.mark.parametrize("embedding", ["lowrank", "hash", "qr", "mde", "tt"])
 @pytest.mark.parametrize("budget", ["4x", "8x", "16x"])
 def test_each_solver_lands_within_90_to_100_percent_of_the_budget(tmp_path, embedding, budget):
     config = _rival(tmp_path, embedding, budget)
@@ -168,7 +175,8 @@ def test_explicit_sizes_win_over_the_budget(tmp_path):
 X = jnp.asarray(np.random.default_rng(4).integers(0, 61, size=(4, 10)), jnp.int32)
 Y = jnp.asarray(np.random.default_rng(5).integers(1, 61, size=(4, 10)), jnp.int32)
 SMALL_COUNTS = np.concatenate([[0], np.arange(60, 0, -1)])
-TIED = {"lowrank": dict(rank=3), "hash": dict(hash_rows=13), "qr": dict(qr_buckets=7), "mde": dict(mde_blocks=4)}
+TIED = {"lowrank": dict(rank=3), "hash": dict(hash_rows=13), "qr": dict(qr_buckets=7), "mde": dict(mde_blocks=4),
+        "tt": dict(tt_rank=2)}
 
 
 @pytest.mark.parametrize("embedding", list(TIED))
@@ -205,3 +213,14 @@ def test_tied_top_k_is_the_exact_top_of_the_full_log_prob(tmp_path, embedding):
     ref_scores, ref_ids = jax.lax.top_k(lp[:, 1:], 7)
     np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(np.take_along_axis(np.asarray(lp), np.asarray(ids), 1), np.asarray(scores))
+
+
+def test_tt_shapes_hold_every_item_and_factor_the_width():
+    from cprec.model.tables.tt import tt_dim_shape, tt_item_shape
+
+    for v in (2, 61, 1000, 30001, 1_000_001):
+        v1, v2, v3 = tt_item_shape(v)
+        assert v1 * v2 * v3 >= v and v1 * v2 * (v3 - 1) < v  # no wasted last slab
+    for d in (8, 48, 64, 7):
+        assert math.prod(tt_dim_shape(d)) == d
+    assert tt_dim_shape(64) == (4, 4, 4)

@@ -19,6 +19,7 @@ ITEM_TABLES = (
     (re.compile(r"embed/factors"), 0),  # low-rank A [V, r]
     (re.compile(r"embed/rows"), 0),  # hashed rows [m, d] (a row per bucket of items)
     (re.compile(r"embed/(quotient|remainder)"), 0),  # quotient-remainder [ceil(V/m), d] and [m, d]
+    (re.compile(r"embed/core_\d"), 0),  # tensor-train cores, item factor first
     (re.compile(r"head/kernel"), 1),  # full softmax [d, V]
     (re.compile(r"head/head"), 1),  # tree softmax head [d, k1 + n - 1]: head items and cluster tokens
     (re.compile(r"head/tokens"), 1),  # tied tree softmax: the cluster tokens' own columns [d, n - 1]

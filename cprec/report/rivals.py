@@ -21,7 +21,7 @@ from cprec.report.paths import RESULTS
 from cprec.report.table import ResultFileError, dump_table
 
 METHOD_NAMES = {"blockwise": "CpRec", "mde": "MDE", "lowrank": "low-rank", "hash": "hashing", "qr": "QR",
-                "full": "NextItNet (uncompressed)"}
+                "tt": "TT-Rec", "full": "NextItNet (uncompressed)"}
 METRICS = ("test/mrr@5", "test/ndcg@10", "test/hr@10")
 SELECT = "val/ndcg@10"
 COLUMNS = [

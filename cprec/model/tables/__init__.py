@@ -2,7 +2,7 @@
 
 ``model.embedding`` picks one: ``full`` (uncompressed), ``blockwise`` (CpRec), ``mde``
 (mixed-dimension, Ginart et al.), ``lowrank`` (ALBERT), ``hash`` (the hashing trick), ``qr``
-(quotient-remainder, Shi et al.). Tied (``model.tie_embeddings``), the same table is the output
+(quotient-remainder, Shi et al.), ``tt`` (tensor-train, TT-Rec). Tied (``model.tie_embeddings``), the same table is the output
 layer of the full or sampled softmax; CpRec's tree softmax ties to ``blockwise`` only.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ from cprec.model.tables.hashing import HashTable, hash_fit, hash_param_count
 from cprec.model.tables.lowrank import LowRankTable, lowrank_fit, lowrank_param_count
 from cprec.model.tables.mde import mde_cutoffs
 from cprec.model.tables.qr import QR_OPS, QRTable, qr_fit, qr_param_count
+from cprec.model.tables.tt import TTTable, tt_fit, tt_param_count
 
 
 class Sized(NamedTuple):
@@ -33,6 +34,7 @@ SIZED = {
     "lowrank": Sized(LowRankTable, ("rank",), lowrank_param_count, lowrank_fit, lambda v: 1),
     "hash": Sized(HashTable, ("hash_rows",), hash_param_count, hash_fit, lambda v: 1),
     "qr": Sized(QRTable, ("qr_buckets", "qr_op"), qr_param_count, qr_fit, lambda v: math.isqrt(v - 1) + 1),
+    "tt": Sized(TTTable, ("tt_rank",), tt_param_count, tt_fit, lambda v: 1),
 }
 CLUSTERED = ("blockwise", "mde")  # sized by cutoffs and ranks (cprec.model.budget)
 TABLES = ("full",) + CLUSTERED + tuple(SIZED)
@@ -49,4 +51,4 @@ def make_table(kind: str, num_items: int, dim: int, cutoffs: tuple[int, ...] = (
 
 
 __all__ = ["BlockwiseEmbedding", "CLUSTERED", "FullTable", "HashTable", "ItemTable", "LowRankTable", "QRTable",
-           "QR_OPS", "SIZED", "TABLES", "blockwise_param_count", "full_param_count", "make_table", "mde_cutoffs"]
+           "QR_OPS", "SIZED", "TTTable", "TABLES", "blockwise_param_count", "full_param_count", "make_table", "mde_cutoffs"]

@@ -1,0 +1,80 @@
+"""TT-Rec (Yin et al., MLSys 2021; facebookresearch/FBTT-Embedding): the item table as a tensor train.
+
+V <= v1 v2 v3 and dim = d1 d2 d3 are factorised, and the ``[v1 v2 v3, d1 d2 d3]`` table is held as
+three cores ``core_1`` ``[v1, d1, r]``, ``core_2`` ``[v2, r, d2, r]``, ``core_3`` ``[v3, r, d3]``
+(TT ranks r1 = r2 = r, stored item-axis first so a lookup gathers rows): item i = (i1, i2, i3) in
+row-major order gets the contraction ``core_1[i1] core_2[i2] core_3[i3]``, reshaped to dim. Full
+scoring builds rows block by block (``ItemTable.logits``), never the whole table.
+"""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cprec.errors import ConfigError
+from cprec.model.tables.base import ItemTable
+
+
+def tt_item_shape(num_items: int) -> tuple[int, int, int]:
+    """(v1, v2, v3): the smallest near-equal factors whose product holds V (v1 v2 v3 >= V)."""
+    v = max(1, round(num_items ** (1 / 3)))
+    while v ** 3 < num_items:
+        v += 1
+    v3 = -(-num_items // (v * v))
+    return v, v, v3
+
+
+def tt_dim_shape(dim: int) -> tuple[int, int, int]:
+    """(d1, d2, d3) with d1 d2 d3 = dim, as equal as the divisors of dim allow (64 -> 4, 4, 4)."""
+    best = (1, 1, dim)
+    for a in range(1, dim + 1):
+        for b in range(a, dim + 1):
+            if dim % (a * b) == 0:
+                c = dim // (a * b)
+                if c >= b and c - a < best[2] - best[0]:
+                    best = (a, b, c)
+    return best
+
+
+def tt_param_count(num_items: int, dim: int, options: dict) -> int:
+    r = int(options["tt_rank"])
+    (v1, v2, v3), (d1, d2, d3) = tt_item_shape(num_items), tt_dim_shape(dim)
+    return v1 * d1 * r + v2 * r * d2 * r + v3 * r * d3
+
+
+def tt_fit(budget: int, num_items: int, dim: int, options: dict) -> dict | None:
+    """The largest TT rank whose cores fit ``budget`` parameters; None below rank 1."""
+    count = lambda r: tt_param_count(num_items, dim, {"tt_rank": r})
+    if count(1) > budget:
+        return None
+    r = 1
+    while count(r + 1) <= budget and r < 4 * dim:
+        r += 1
+    return {**options, "tt_rank": r}
+
+
+class TTTable(ItemTable):
+    tt_rank: int = 0
+
+    def setup(self) -> None:
+        if self.tt_rank < 1:
+            raise ConfigError(f"model.tt_rank={self.tt_rank} is invalid: give a TT rank >= 1, or a model.budget for "
+                              f"the solver to choose it")
+        (v1, v2, v3), (d1, d2, d3), r = tt_item_shape(self.num_items), tt_dim_shape(self.dim), self.tt_rank
+        # A row's entries then have variance r * r * 1 * (1/r) * (1/(r dim)) = 1/dim, as the full table's.
+        normal = nn.initializers.normal
+        self.core_1 = self.param("core_1", normal(1.0), (v1, d1, r))
+        self.core_2 = self.param("core_2", normal(r**-0.5), (v2, r, d2, r))
+        self.core_3 = self.param("core_3", normal((r * self.dim) ** -0.5), (v3, r, d3))
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        ids = jnp.asarray(ids)
+        v2, v3 = self.core_2.shape[0], self.core_3.shape[0]
+        a = jnp.take(self.core_1, ids // (v2 * v3), axis=0)  # [..., d1, r]
+        b = jnp.take(self.core_2, (ids // v3) % v2, axis=0)  # [..., r, d2, r]
+        c = jnp.take(self.core_3, ids % v3, axis=0)  # [..., r, d3]
+        rows = jnp.einsum("...ar,...rbs,...sc->...abc", a, b, c)
+        return rows.reshape(*ids.shape, self.dim)
