@@ -15,12 +15,14 @@ import ml_collections
 from cprec.data.dataset import default_data_config
 from cprec.errors import ConfigError
 from cprec.model.budget import check_budget
-from cprec.model.nextitnet import check_tying
+from cprec.model.sequential import check_tying
 from cprec.model.sharing import SHARING_SCHEMES
 from cprec.model.sampled_softmax import SAMPLERS
+from cprec.model.sasrec import block_sharing_index
 from cprec.model.tables import QR_OPS, TABLES
 
 EMBEDDINGS = TABLES
+BACKBONES = ("nextitnet", "sasrec")
 SOFTMAXES = ("full", "sampled", "tree")
 
 
@@ -31,9 +33,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = default_data_config()
 
     c.model = ml_collections.ConfigDict()
+    c.model.backbone = "nextitnet"  # the encoder: 'nextitnet' (dilated convs) | 'sasrec' (causal self-attention)
     c.model.dim = 64
     c.model.dilations = (1, 4)  # one residual block per entry, repeated num_blocks times
-    c.model.num_blocks = 5
+    c.model.num_blocks = 5  # NextItNet: times the dilations repeat; SASRec: attention blocks
+    # SASRec (model.backbone='sasrec'): heads per attention block, the feed-forward width, and the
+    # dropout on the attention probabilities (model.dropout is its hidden dropout).
+    c.model.num_heads = 2
+    c.model.inner_dim = 256
+    c.model.attn_dropout = 0.0
     c.model.kernel_size = 3
     c.model.sharing = "none"  # see cprec.model.sharing.SHARING_SCHEMES
     # The item table (cprec/model/tables/): 'full' | 'blockwise' (CpRec) | 'mde' (mixed dimensions) |
@@ -151,7 +159,16 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         _fail("model.num_blocks", m.num_blocks, "must be >= 1")
     if m.kernel_size < 2:
         _fail("model.kernel_size", m.kernel_size, "must be >= 2")
+    _choice("model.backbone", m.backbone, BACKBONES)
     _choice("model.sharing", m.sharing, SHARING_SCHEMES)
+    if m.backbone == "sasrec":
+        block_sharing_index(m.sharing, int(m.num_blocks))  # the schemes SASRec has, and an even count for pairs
+        if m.num_heads < 1 or m.dim % m.num_heads:
+            _fail("model.num_heads", m.num_heads, f"must be >= 1 and divide model.dim={m.dim}")
+        if m.inner_dim < 1:
+            _fail("model.inner_dim", m.inner_dim, "must be >= 1")
+        if not 0.0 <= m.attn_dropout < 1.0:
+            _fail("model.attn_dropout", m.attn_dropout, "must be in [0, 1)")
     _choice("model.embedding", m.embedding, EMBEDDINGS)
     _choice("model.softmax", m.softmax, SOFTMAXES)
     if m.rank_decay < 1:

@@ -6,7 +6,9 @@
   python -m cprec.report add runs/rivals-synthetic30k --table rivals-synthetic30k
 
 Arg: comma-separated; a bare word picks the dataset (synthetic, ml100k, synthetic30k, synthetic1m),
-method=cprec|mde|lowrank|hash|qr|tt|nextitnet (default cprec), budget=20x (default; or a parameter count).
+method=cprec|mde|lowrank|hash|qr|tt|nextitnet (default cprec), budget=20x (default; or a parameter count),
+backbone=nextitnet|sasrec (the encoder every method shares; SASRec with RecBole's settings,
+experiments/sasrec.py; method=nextitnet is then the uncompressed SASRec).
 
 The protocol (docs/rivals.md): every compressed method has the same residual stack (CpRec's
 cross-block sharing), the same tied output (``logits = (W h + b) E^T`` over the method's own item
@@ -67,10 +69,19 @@ def method_overrides(method: str, data: str) -> dict:
                       f"{', '.join(METHODS + LATER_METHODS + (BASELINE,))}")
 
 
+# The SASRec encoder (experiments/sasrec.py's RecBole settings), for backbone=sasrec.
+SASREC = {"model.backbone": "sasrec", "model.num_blocks": 2, "model.num_heads": 2, "model.inner_dim": 256,
+          "model.dropout": 0.5, "model.attn_dropout": 0.5}
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    a = parse_arg(arg, data="synthetic30k", method="cprec", budget="20x")
+    a = parse_arg(arg, data="synthetic30k", method="cprec", budget="20x", backbone="nextitnet")
     config = base_config()
     apply_dataset(config, a.data)
+    if a.backbone not in ("nextitnet", "sasrec"):
+        raise ConfigError(f"backbone={a.backbone!r} is unknown in experiments/rivals.py; valid: nextitnet, sasrec")
+    if a.backbone == "sasrec":
+        apply_overrides(config, SASREC)
     apply_overrides(config, {**TRAINING.get(a.data, {}), **COMMON, "model.budget": a.budget})
     apply_overrides(config, method_overrides(a.method, a.data))
     if a.method in CHOSEN_LR.get(a.data, {}):
@@ -79,7 +90,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def sweep(arg: str | None = None) -> list[dict]:
-    a = parse_arg(arg, data="synthetic30k", method="cprec", budget="20x", sweep="grid")
+    a = parse_arg(arg, data="synthetic30k", method="cprec", budget="20x", backbone="nextitnet", sweep="grid")
     if a.data not in BUDGETS:
         raise ConfigError(f"experiments/rivals.py has no budgets for {a.data!r}; valid: {', '.join(BUDGETS)}")
     if a.sweep == "grid":

@@ -24,7 +24,7 @@ from cprec.config import base_config
 from cprec.data import load_dataset
 from cprec.model.builder import build_model, init_params
 from cprec.train.micro_batch import num_micro_batches
-from cprec.model.nextitnet import target_mask
+from cprec.model.sequential import target_mask
 from cprec.timing import median_seconds
 from cprec.train import make_optimizer, make_train_step, new_train_state
 

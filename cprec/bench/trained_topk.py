@@ -20,7 +20,6 @@ from jax import lax
 from cprec.bench.common import RESULTS_DIR, finish, load_average
 from cprec.bench.tree_softmax import compare_topk, real_items, timed
 from cprec.errors import CprecError, exit_on_user_error
-from cprec.model.nextitnet import NextItNet
 from cprec.eval.pretrained import load_run
 
 
@@ -40,8 +39,8 @@ def bench_run(workdir: str, n: int, batches: list[int], repeats: int) -> dict:
         raise CprecError(f"{workdir} trained a full softmax (model.softmax={run.config.model.softmax!r}); "
                          "the early-stop top_k comparison needs a tree-softmax run")
     model, params = run.model, run.params
-    stats = jax.jit(lambda p: model.apply({"params": p}, method=NextItNet.serving_stats))(params)
-    encode_last = jax.jit(lambda p, x: model.apply({"params": p}, x, method=NextItNet.encode)[:, -1])
+    stats = jax.jit(lambda p: model.apply({"params": p}, method="serving_stats"))(params)
+    encode_last = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode")[:, -1])
 
     # The output layer alone, applied to hidden states (flax binds `m.head` inside apply only).
     def head_top_k(p, s, h):
@@ -53,9 +52,9 @@ def bench_run(workdir: str, n: int, batches: list[int], repeats: int) -> dict:
     calls = {
         "head early stop": jax.jit(head_top_k),
         "head full": jax.jit(head_full),
-        "model early stop": jax.jit(lambda p, s, x: model.apply({"params": p}, x, n, s, method=NextItNet.top_k)),
+        "model early stop": jax.jit(lambda p, s, x: model.apply({"params": p}, x, n, s, method="top_k")),
         "model full": jax.jit(lambda p, x: lax.top_k(real_items(model.apply({"params": p}, x,
-                                                                             method=NextItNet.last_log_prob)), n)),
+                                                                             method="last_log_prob")), n)),
     }
     inputs = np.asarray(run.data.test_inputs)
     rows = []

@@ -10,7 +10,7 @@ import numpy as np
 
 from cprec.errors import EvaluationError
 from cprec.eval.metrics import rank_metrics
-from cprec.model.nextitnet import NextItNet
+from cprec.model.sequential import SequentialRecommender
 from cprec.timing import median_seconds
 
 if TYPE_CHECKING:
@@ -41,12 +41,12 @@ def check_finite_rows(finite: np.ndarray, split: str, step: int | None) -> None:
             f"{at}); no metrics written: evaluate an earlier checkpoint, or retrain with a lower optim.lr")
 
 
-def make_rank_fn(model: NextItNet) -> Callable:
+def make_rank_fn(model: SequentialRecommender) -> Callable:
     """Jitted (params, inputs [B, L], targets [B]) -> (0-based ranks [B] over all real items, finite [B])."""
 
     @jax.jit
     def ranks(params, inputs, targets):
-        log_prob = model.apply({"params": params}, inputs, method=NextItNet.last_log_prob)
+        log_prob = model.apply({"params": params}, inputs, method="last_log_prob")
         return eval_ranks(log_prob, targets)
 
     return ranks
@@ -108,7 +108,7 @@ def evaluate_split(
     return rank_metrics(np.concatenate(ranks), ks)
 
 
-def topk_latency_ms(model: NextItNet, params, inputs: np.ndarray, n: int, batch_sizes: Sequence[int],
+def topk_latency_ms(model: SequentialRecommender, params, inputs: np.ndarray, n: int, batch_sizes: Sequence[int],
                     repeats: int = 5) -> dict[str, float]:
     """Median milliseconds of a jitted top-n recommendation (encoder + output layer's top_k) per batch size.
 
@@ -116,8 +116,8 @@ def topk_latency_ms(model: NextItNet, params, inputs: np.ndarray, n: int, batch_
     over all items then `lax.top_k`.
     """
     # Parameter statistics the early stop uses are computed once, as a server would.
-    stats = jax.jit(lambda p: model.apply({"params": p}, method=NextItNet.serving_stats))(params)
-    fn = jax.jit(lambda p, s, x: model.apply({"params": p}, x, n, s, method=NextItNet.top_k)[:2])
+    stats = jax.jit(lambda p: model.apply({"params": p}, method="serving_stats"))(params)
+    fn = jax.jit(lambda p, s, x: model.apply({"params": p}, x, n, s, method="top_k")[:2])
     out = {}
     for b in batch_sizes:
         x = jax.numpy.asarray(np.resize(np.asarray(inputs[: max(b, 1)]), (b, inputs.shape[1])))

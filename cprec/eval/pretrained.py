@@ -1,7 +1,7 @@
 """A trained model back from its run directory, for serving, analysis and benchmarks.
 
     run = load_run("runs/cprec-1m")
-    scores, ids, expanded = run.model.apply({"params": run.params}, inputs, 20, method=NextItNet.top_k)
+    scores, ids, expanded = run.model.apply({"params": run.params}, inputs, 20, method="top_k")
 
 The run's `config.json` rebuilds the config, its prepared data (the cache is reused) gives the
 item counts the model's clusters depend on, and the parameters come from the best-validation
@@ -21,13 +21,13 @@ from cprec.config import with_defaults
 from cprec.data import SequenceDataset, load_dataset
 from cprec.errors import WorkdirError
 from cprec.model.builder import build_model, init_params
-from cprec.model.nextitnet import NextItNet
+from cprec.model.sequential import SequentialRecommender
 
 
 class Run(NamedTuple):
     config: ml_collections.ConfigDict
     data: SequenceDataset
-    model: NextItNet
+    model: SequentialRecommender
     params: Any
     step: int  # the training step the parameters are from
     source: str  # 'best' or 'checkpoints'

@@ -14,6 +14,8 @@ from cprec.errors import ConfigError
 from cprec.model import budget as budget_solver
 from cprec.model.clusters import check_frequency_order, resolve_cutoffs, resolve_ranks
 from cprec.model.nextitnet import NextItNet
+from cprec.model.sasrec import SASRec
+from cprec.model.sequential import SequentialRecommender
 from cprec.model.tables import CLUSTERED, SIZED, mde_cutoffs
 
 
@@ -119,7 +121,7 @@ def budget_choice(config: ml_collections.ConfigDict, item_counts: np.ndarray) ->
     return _BUDGET_CHOICES[key]
 
 
-def _fixed_and_target(config: ml_collections.ConfigDict, probe: NextItNet, probe_table: int,
+def _fixed_and_target(config: ml_collections.ConfigDict, probe: SequentialRecommender, probe_table: int,
                       num_items: int) -> tuple[int, int, int]:
     """(parameters outside the sized layers, the budget in parameters, the baseline it is a ratio of)."""
     fixed = _abstract_count(probe) - probe_table
@@ -172,13 +174,14 @@ def _solve_budget(config: ml_collections.ConfigDict, counts: np.ndarray) -> budg
     return budget_solver.solve(layers, counts, target, fixed, baseline, cutoffs)
 
 
-def _abstract_count(model: NextItNet) -> int:
+def _abstract_count(model: SequentialRecommender) -> int:
     return count_params(jax.eval_shape(lambda: init_params(model, 0)))
 
 
 def build_model(config: ml_collections.ConfigDict, item_counts: np.ndarray,
-                capacities: tuple[int, ...] | None = None) -> NextItNet:
-    """NextItNet for ``config.model`` over the V = len(item_counts) frequency-ordered ids.
+                capacities: tuple[int, ...] | None = None) -> SequentialRecommender:
+    """The ``model.backbone`` (NextItNet or SASRec) of ``config.model`` over the V = len(item_counts)
+    frequency-ordered ids.
 
     ``capacities`` (the tree softmax's static tail token buffers) only matter for training's
     ``loss``; a model built for evaluation or serving needs none, and its parameters are the same.
@@ -188,14 +191,13 @@ def build_model(config: ml_collections.ConfigDict, item_counts: np.ndarray,
 
 
 def _model(config: ml_collections.ConfigDict, num_items: int, cutoffs: tuple[int, ...], ranks: tuple[int, ...],
-           capacities: tuple[int, ...] | None = None, options: tuple[tuple[str, Any], ...] = ()) -> NextItNet:
+           capacities: tuple[int, ...] | None = None,
+           options: tuple[tuple[str, Any], ...] = ()) -> SequentialRecommender:
     m = config.model
-    return NextItNet(
+    items = dict(
         num_items=num_items,
         dim=m.dim,
-        dilations=residual_dilations(config),
         sharing=m.sharing,
-        kernel_size=m.kernel_size,
         embedding=m.embedding,
         softmax=m.softmax,
         cutoffs=cutoffs,
@@ -208,9 +210,13 @@ def _model(config: ml_collections.ConfigDict, num_items: int, cutoffs: tuple[int
         output_projection=bool(m.output_projection),
         table_options=options,
     )
+    if m.get("backbone", "nextitnet") == "sasrec":
+        return SASRec(**items, max_len=int(config.data.max_len), num_blocks=int(m.num_blocks),
+                      num_heads=int(m.num_heads), inner_dim=int(m.inner_dim), attn_dropout=float(m.attn_dropout))
+    return NextItNet(**items, dilations=residual_dilations(config), kernel_size=m.kernel_size)
 
 
-def init_params(model: NextItNet, seed: int):
+def init_params(model: SequentialRecommender, seed: int):
     """Initial parameters from `seed`; a 2-item dummy window touches every parameter."""
     return model.init(jax.random.PRNGKey(seed), jnp.ones((1, 2), jnp.int32))["params"]
 
@@ -219,14 +225,16 @@ def count_params(tree) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
-def param_report(model: NextItNet, baseline: NextItNet) -> dict[str, float]:
+def param_report(model: SequentialRecommender, baseline: SequentialRecommender) -> dict[str, float]:
     """Parameters of each part, the total, bytes, and the ratio to the uncompressed baseline."""
     shapes = jax.eval_shape(lambda: init_params(model, 0))
     base_total = count_params(jax.eval_shape(lambda: init_params(baseline, 0)))
-    # A tied table lives under "embed" only, so it is counted once (in the embedding).
-    report = {f"params/{part}": count_params(shapes.get(key, {})) for part, key in
-              (("embedding", "embed"), ("residual_stack", "stack"), ("output", "head"))}
+    # A tied table lives under "embed" only, so it is counted once (in the embedding). The encoder
+    # is everything else (NextItNet's residual stack; SASRec's positions and attention blocks).
     total = count_params(shapes)
+    report = {f"params/{part}": count_params(shapes.get(key, {})) for part, key in
+              (("embedding", "embed"), ("output", "head"))}
+    report["params/residual_stack"] = total - report["params/embedding"] - report["params/output"]
     report["params/total"] = total
     report["params/bytes"] = int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)))
     report["params/baseline_total"] = base_total
@@ -235,7 +243,7 @@ def param_report(model: NextItNet, baseline: NextItNet) -> dict[str, float]:
 
 
 def uncompressed_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The same experiment as plain NextItNet: full embedding, full softmax, no sharing.
+    """The same experiment uncompressed (the plain backbone): full embedding, full softmax, no sharing.
 
     The tying of the item tables and the output projection stay as configured, so a tied CpRec is
     compared with a tied NextItNet (the stronger, smaller baseline), unless

@@ -2,7 +2,7 @@
 
     art = load_artifact("exports/cprec-1m")
     model, params = art.model(), art.float_params()
-    scores, ids, _ = model.apply({"params": params}, histories, 20, method=NextItNet.top_k)
+    scores, ids, _ = model.apply({"params": params}, histories, 20, method="top_k")
     raw = [art.item_ids[i] for i in ids[0]]           # the data file's item ids
 
 Layout (``FORMAT_VERSION`` 2), written by ``save_artifact`` (``python -m cprec.export``):
@@ -15,8 +15,9 @@ Layout (``FORMAT_VERSION`` 2), written by ``save_artifact`` (``python -m cprec.e
   but the item axis); item tables too thin to quantise row-wise (rank-1 and rank-2 tail clusters)
   as bfloat16; the rest (conv kernels, biases, LayerNorms, projections) float32. The header metadata holds ``format`` (``cprec-params``),
   ``dtype`` and ``quantized`` (JSON ``{name: item axis}``).
-- ``model.json``: the ``NextItNet`` constructor kwargs (``MODEL_FIELDS``) and ``max_len`` (L, the
-  history length the model was trained on).
+- ``model.json``: the model's constructor kwargs (``model_fields``: the backbone, ``nextitnet`` when
+  absent, the item layers and the backbone's own) and ``max_len`` (L, the history length the model
+  was trained on, and SASRec's number of positions).
 - ``items.json.gz``: a gzip-compressed JSON list, the data file's item id for every internal id;
   index 0 (padding) is null; integer ids stay JSON numbers, token ids JSON strings.
 - ``item_counts.json.gz``: a gzip-compressed JSON list, the training count of every internal id
@@ -58,14 +59,20 @@ from safetensors.numpy import save_file
 from cprec.errors import CprecError
 from cprec.model.builder import init_params
 from cprec.model.nextitnet import NextItNet
+from cprec.model.sasrec import SASRec
+from cprec.model.sequential import SequentialRecommender
 from cprec.serve.quantize import (QuantizedTable, dequantize_tree, is_quantized, item_table_axes, param_path,
                                   quantize_params)
 
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)  # format 1: the id lists as plain JSON
 DTYPES = ("float32", "bfloat16", "int8")
-MODEL_FIELDS = ("num_items", "dim", "dilations", "sharing", "kernel_size", "embedding", "softmax", "cutoffs", "ranks",
-                "tie_embeddings", "tie_projections", "output_projection", "table_options")
+# The item layers' fields (every backbone), then each backbone's own (SASRec's max_len is model.json's).
+ITEM_FIELDS = ("num_items", "dim", "sharing", "embedding", "softmax", "cutoffs", "ranks", "tie_embeddings",
+               "tie_projections", "output_projection", "table_options")
+BACKBONE_FIELDS = {"nextitnet": ("dilations", "kernel_size"), "sasrec": ("num_blocks", "num_heads", "inner_dim")}
+BACKBONES = {"nextitnet": NextItNet, "sasrec": SASRec}
+MODEL_FIELDS = ITEM_FIELDS + BACKBONE_FIELDS["nextitnet"]  # a NextItNet's (artifacts before SASRec)
 # Fields added after format 2 was first written, and the value an artifact without them means.
 _LATER_FIELDS = {"tie_embeddings": False, "tie_projections": False, "output_projection": False}
 _LATER_OPTIONS = {"table_options": ()}  # a rival item table's sizes: a JSON object in model.json
@@ -81,25 +88,42 @@ class ArtifactError(CprecError):
 
 
 class Artifact(NamedTuple):
-    model_kwargs: dict  # NextItNet(**model_kwargs); tuples for dilations, cutoffs, ranks
+    model_kwargs: dict  # model_from_kwargs(model_kwargs); tuples for dilations, cutoffs, ranks
     max_len: int  # L, the history length of training
     params: Any  # nested dicts: float32 numpy arrays, QuantizedTable leaves for int8 item tables
     item_ids: list  # data file item id per internal id; [0] is None (padding)
     item_counts: np.ndarray  # [V] int64 training counts
     manifest: dict
 
-    def model(self) -> NextItNet:
+    def model(self) -> SequentialRecommender:
         """The model to apply the parameters to (no training capacities: serving needs none)."""
-        return NextItNet(**self.model_kwargs)
+        return model_from_kwargs(self.model_kwargs)
 
     def float_params(self) -> Any:
         """The parameters with every quantised table dequantised to float32."""
         return dequantize_tree(self.params)
 
 
-def model_kwargs_of(model: NextItNet) -> dict:
-    """The constructor kwargs of `model` an artifact keeps (``MODEL_FIELDS``)."""
-    return {field: getattr(model, field) for field in MODEL_FIELDS}
+def backbone_of(model: SequentialRecommender) -> str:
+    return next(name for name, cls in BACKBONES.items() if isinstance(model, cls))
+
+
+def model_fields(backbone: str) -> tuple[str, ...]:
+    """The constructor kwargs an artifact keeps for a ``backbone`` model (SASRec's max_len besides)."""
+    return ITEM_FIELDS + BACKBONE_FIELDS[backbone] + (("max_len",) if backbone == "sasrec" else ())
+
+
+def model_kwargs_of(model: SequentialRecommender) -> dict:
+    """The constructor kwargs of `model` an artifact keeps, with ``backbone`` for a SASRec."""
+    backbone = backbone_of(model)
+    kwargs = {field: getattr(model, field) for field in model_fields(backbone)}
+    return kwargs if backbone == "nextitnet" else {"backbone": backbone, **kwargs}
+
+
+def model_from_kwargs(kwargs: Mapping) -> SequentialRecommender:
+    """The model of ``model_kwargs_of``'s dict (no ``backbone``: a NextItNet)."""
+    kwargs = dict(kwargs)
+    return BACKBONES[kwargs.pop("backbone", "nextitnet")](**kwargs)
 
 
 def cprec_version() -> str:
@@ -182,16 +206,21 @@ def _json_id(raw: Any, index: int) -> Any:
 
 
 def _model_json(model_kwargs: Mapping, max_len: int) -> dict:
-    missing = [f for f in MODEL_FIELDS if f not in model_kwargs]
-    extra = [f for f in model_kwargs if f not in MODEL_FIELDS]
+    backbone = model_kwargs.get("backbone", "nextitnet")
+    fields = model_fields(backbone)
+    missing = [f for f in fields if f not in model_kwargs]
+    extra = [f for f in model_kwargs if f not in fields + ("backbone",)]
     if missing or extra:
-        raise ValueError(f"model_kwargs needs exactly {MODEL_FIELDS}; missing {missing}, unexpected {extra}")
-    out = {}
-    for field in MODEL_FIELDS:
+        raise ValueError(f"model_kwargs needs exactly {fields}; missing {missing}, unexpected {extra}")
+    if backbone == "sasrec" and int(model_kwargs["max_len"]) != int(max_len):
+        raise ValueError(f"a SASRec's positions ({model_kwargs['max_len']}) must equal max_len ({max_len})")
+    out = {"backbone": backbone}
+    for field in fields:
         value = model_kwargs[field]
         out[field] = [int(v) for v in value] if field in _TUPLE_FIELDS else value
-    for field in ("num_items", "dim", "kernel_size"):
-        out[field] = int(out[field])
+    for field in ("num_items", "dim") + BACKBONE_FIELDS[backbone]:
+        if field not in _TUPLE_FIELDS:
+            out[field] = int(out[field])
     for field in _LATER_FIELDS:
         out[field] = bool(out[field])
     out["table_options"] = {str(k): v for k, v in out["table_options"]}
@@ -200,11 +229,15 @@ def _model_json(model_kwargs: Mapping, max_len: int) -> dict:
 
 
 def _model_kwargs(model_json: Mapping) -> dict:
-    """NextItNet's constructor kwargs from model.json (its lists back to tuples)."""
+    """The constructor kwargs from model.json (its lists back to tuples; ``backbone`` for a SASRec)."""
     model_json = {**_LATER_FIELDS, **_LATER_OPTIONS, **model_json}
-    kwargs = {f: tuple(int(v) for v in model_json[f]) if f in _TUPLE_FIELDS else model_json[f] for f in MODEL_FIELDS}
+    backbone = model_json.get("backbone", "nextitnet")
+    if backbone not in BACKBONES:
+        raise KeyError("backbone")
+    kwargs = {f: tuple(int(v) for v in model_json[f]) if f in _TUPLE_FIELDS else model_json[f]
+              for f in model_fields(backbone)}
     kwargs["table_options"] = tuple(sorted(dict(kwargs["table_options"]).items()))
-    return kwargs
+    return kwargs if backbone == "nextitnet" else {"backbone": backbone, **kwargs}
 
 
 def _write_compact_json(path: pathlib.Path, data: Any) -> None:
@@ -341,7 +374,7 @@ def params_from_tensors(tensors: Mapping[str, Any], quantized: Mapping[str, int]
     return _unflatten(flat)
 
 
-def _expected_shapes(model: NextItNet) -> dict[str, tuple[int, ...]]:
+def _expected_shapes(model: SequentialRecommender) -> dict[str, tuple[int, ...]]:
     shapes = jax.eval_shape(lambda: init_params(model, 0))
     return {name: tuple(leaf.shape) for name, leaf in _flatten(shapes).items()}
 
@@ -378,8 +411,8 @@ def load_artifact(path: str | pathlib.Path) -> Artifact:
     except KeyError as e:
         raise ArtifactError(f"{directory / PARAMS_FILE} lacks the tensor {e}; export the artifact again") from None
     flat = _flatten(params)
-    model = NextItNet(**kwargs)
     try:
+        model = model_from_kwargs(kwargs)
         expected = _expected_shapes(model)
     except CprecError as e:
         raise ArtifactError(f"{directory / MODEL_FILE} describes no valid model ({e}); export it again") from None

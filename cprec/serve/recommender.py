@@ -29,7 +29,8 @@ from jax.flatten_util import ravel_pytree
 
 from cprec.errors import CprecError
 from cprec.model.conv import padded_conv_fast
-from cprec.model.nextitnet import NextItNet
+from cprec.model.sasrec import SASRec
+from cprec.model.sequential import SequentialRecommender
 from cprec.serve.artifact import Artifact, load_artifact
 from cprec.serve.incremental import (append_many, encode_state, encode_suffix, padding_row, padding_window,
                                      receptive_field, window_prefixes)
@@ -74,7 +75,7 @@ def in_row_chunks(fn: Callable, x: jax.Array, rows: int | None) -> Any:
     return jax.tree.map(lambda a: a.reshape(b, *a.shape[2:]), out)
 
 
-def recommend_program(model: NextItNet, params: Any, stats: Any, histories: jax.Array, exclude: jax.Array,
+def recommend_program(model: SequentialRecommender, params: Any, stats: Any, histories: jax.Array, exclude: jax.Array,
                       max_clusters: jax.Array, n: int, padded_window: tuple, encoder_rows: int | None = None,
                       conv: Callable = padded_conv_fast) -> tuple[jax.Array, ...]:
     """The one recommend computation (pure; ``Recommender`` jits it, ``stablehlo.py`` exports it):
@@ -93,10 +94,14 @@ def recommend_program(model: NextItNet, params: Any, stats: Any, histories: jax.
     return model.apply({"params": p}, h, n, stats, exclude, max_clusters, method=lambda m, *a: m.head.recommend(*a))
 
 
-def window_hidden(model: NextItNet, params: Any, histories: jax.Array, padded_window: tuple,
+def window_hidden(model: SequentialRecommender, params: Any, histories: jax.Array, padded_window: tuple | None,
                   encoder_rows: int | None = None, conv: Callable = padded_conv_fast) -> jax.Array:
     """h [B, d] after each row's last item; histories [B, T], the last T ids of an L-item window
-    (every earlier position padding, whose left context ``padded_window`` holds)."""
+    (every earlier position padding, whose left context ``padded_window`` holds; a SASRec masks
+    padding and counts positions from the right, so it encodes the T ids as they are)."""
+    if isinstance(model, SASRec):
+        return in_row_chunks(lambda x: model.apply({"params": params}, x, method="encode")[:, -1], histories,
+                             encoder_rows)
     prefixes = window_prefixes(model, padded_window, histories.shape[1])
     return in_row_chunks(lambda x: encode_suffix(model, params, x, prefixes, conv)[:, -1], histories, encoder_rows)
 
@@ -271,24 +276,31 @@ class Recommender:
         if self.max_exclude < 1:
             raise RequestError(f"max_exclude={self.max_exclude} is invalid: give 1 or more")
         self.encoder_rows = default_encoder_rows() if encoder_rows == "auto" else encoder_rows
-        self.model: NextItNet = artifact.model()
+        self.model: SequentialRecommender = artifact.model()
+        # SASRec serves stateless requests (the window context); its sessions need a KV cache.
+        self.sasrec = isinstance(self.model, SASRec)
+        if self.sasrec and context != "window":
+            raise RequestError(f"context={context!r} needs incremental sessions, which a SASRec artifact does not "
+                               f"have yet (its KV cache is not built); use context='window'")
         self.ids = ItemIds(artifact.item_ids)
         self.num_items = len(artifact.item_ids)
         self.max_len = int(artifact.max_len)
-        self.receptive_field = receptive_field(self.model)
+        self.receptive_field = self.max_len if self.sasrec else receptive_field(self.model)
         self.length_buckets = self._length_buckets(length_buckets)
         self.num_tail_clusters = max(0, len(self.model.cutoffs) - 1) if self.model.softmax == "tree" else 0
         self.params = jax.device_put(artifact.params)  # int8 tables stay int8 on the device
         model = self.model
         # Per model, once: the early stop's statistics (from the dequantised weights, so the bound
         # holds for the model that is served) and the state of an empty session.
-        self.stats = jax.jit(lambda p: model.apply({"params": dequantize_tree(p)}, method=NextItNet.serving_stats))(
+        self.stats = jax.jit(lambda p: model.apply({"params": dequantize_tree(p)}, method="serving_stats"))(
             self.params)
-        self._padding = jax.tree.map(np.asarray, jax.jit(lambda p: padding_row(model, dequantize_tree(p)))(self.params))
+        # The state of an empty session (an empty state for SASRec, which has no sessions).
+        self._padding = {"h": np.zeros((1, 0), np.float32)} if self.sasrec else jax.tree.map(
+            np.asarray, jax.jit(lambda p: padding_row(model, dequantize_tree(p)))(self.params))
         # What a window's padding positions feed every conv layer: the left context of a shorter
         # encode (the stream context starts from the padding state instead).
         self._padded_window = None
-        if context == "window":
+        if context == "window" and not self.sasrec:
             self._padded_window = jax.tree.map(np.asarray, jax.jit(
                 lambda p: padding_window(model, dequantize_tree(p), self.max_len))(self.params))
         # A session's state travels as one float32 row [1, S] (its pytree raveled; the small int
@@ -557,6 +569,9 @@ class Recommender:
 
     def sessions(self, histories: Sequence[Sequence]) -> list["Session"]:
         """One session per history (raw ids), encoded in bucketed batches."""
+        if self.sasrec:
+            raise RequestError("sessions of a SASRec model need its KV cache, which is not built yet; send the "
+                               "history to recommend instead")
         known, unknown = zip(*(self.ids.internal(h) for h in histories)) if histories else ((), ())
         # An empty history's state is the padding state computed at load: nothing to encode (a
         # server creates every new user's session this way).

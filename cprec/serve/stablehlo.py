@@ -41,6 +41,7 @@ from jax import export as jax_export
 from safetensors import safe_open
 
 from cprec.model.nextitnet import NextItNet
+from cprec.model.sasrec import SASRec
 from cprec.serve.artifact import PARAMS_FILE, Artifact, params_from_tensors
 from cprec.model.conv import padded_conv
 from cprec.serve.incremental import padding_window
@@ -85,9 +86,11 @@ def export_recommend(directory: pathlib.Path, artifact: Artifact, batch_sizes: S
     quantized = {k: int(v) for k, v in artifact.manifest.get("quantized", {}).items()}
     specs = _tensor_specs(directory / PARAMS_FILE)
     float_params = artifact.float_params()
-    stats = jax.jit(lambda p: model.apply({"params": p}, method=NextItNet.serving_stats))(float_params)
+    stats = jax.jit(lambda p: model.apply({"params": p}, method="serving_stats"))(float_params)
     stats = jax.tree.map(np.asarray, stats)
-    padded = jax.tree.map(np.asarray, jax.jit(lambda p: padding_window(model, p, max_len))(float_params))
+    # A SASRec encodes the window as it is (padding masked); a NextItNet needs its padding's left context.
+    padded = None if isinstance(model, SASRec) else jax.tree.map(
+        np.asarray, jax.jit(lambda p: padding_window(model, p, max_len))(float_params))
     fn = jax.jit(recommend_fn(model, stats, n, quantized, padded))
     files = {}
     for b in sorted(set(int(b) for b in batch_sizes)):

@@ -28,7 +28,7 @@ from cprec.eval.evaluate import eval_splits, evaluate_split, make_rank_fn, topk_
 from cprec.eval.metrics import popularity_ranks, rank_metrics
 from cprec.jsonfile import write_json
 from cprec.model.builder import budget_choice, build_model, init_params, param_report, uncompressed_config, uses_budget
-from cprec.model.nextitnet import NextItNet
+from cprec.model.sequential import SequentialRecommender
 from cprec.runtime.allocator import keep_freed_memory
 from cprec.runtime.checkpointing import Checkpointer, best_state_like
 from cprec.runtime.parallel import DataParallel, initialize_distributed
@@ -159,7 +159,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     return test
 
 
-def make_training(config: ml_collections.ConfigDict, model: NextItNet, item_counts: np.ndarray, total_steps: int,
+def make_training(config: ml_collections.ConfigDict, model: SequentialRecommender, item_counts: np.ndarray, total_steps: int,
               micro_batches: int) -> tuple[dict, Callable]:
     """The initial train state and the jitted step: the optax optimizer over every parameter, or with
     ``optim.sparse_tables`` a lazy Adam for the item tables and the optax optimizer for the rest."""
@@ -203,7 +203,7 @@ def _train(t: ml_collections.ConfigDict, state: dict, start: int, total_steps: i
     return state
 
 
-def _test(config: ml_collections.ConfigDict, data: SequenceDataset, model: NextItNet, params: Any,
+def _test(config: ml_collections.ConfigDict, data: SequenceDataset, model: SequentialRecommender, params: Any,
           validator: _Validator, best: _BestCheckpoint, total_steps: int, writer: MetricWriter) -> dict[str, float]:
     """Test metrics of the selected parameters, and the top-n serving latency of the model."""
     test = validator("test", params, best.step or total_steps)
@@ -231,7 +231,7 @@ def _write_run_header(writer: MetricWriter, config: ml_collections.ConfigDict, d
 class _Validator:
     """Full-ranking metrics of one split ('val' or 'test') for given parameters."""
 
-    def __init__(self, config: ml_collections.ConfigDict, data: SequenceDataset, model: NextItNet,
+    def __init__(self, config: ml_collections.ConfigDict, data: SequenceDataset, model: SequentialRecommender,
                  parallel: DataParallel) -> None:
         self._rank_fn = make_rank_fn(model)
         self._splits = eval_splits(data, config.eval.num_users, verbose=True)
@@ -346,7 +346,7 @@ class _Progress:
 def _print_report(report: dict[str, float]) -> None:
     print(
         "parameters: embedding {e:,} | residual stack {s:,} | output {o:,} | total {t:,} ({b:,} bytes) | "
-        "compression {r:.2f}x vs uncompressed NextItNet ({bt:,})".format(
+        "compression {r:.2f}x vs the uncompressed model ({bt:,})".format(
             e=report["params/embedding"], s=report["params/residual_stack"], o=report["params/output"],
             t=report["params/total"], b=report["params/bytes"], r=report["params/compression_ratio"],
             bt=report["params/baseline_total"])

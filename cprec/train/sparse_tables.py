@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from cprec.model.nextitnet import NextItNet
+from cprec.model.sequential import SequentialRecommender
 from cprec.model.param_groups import item_table_axis
 from cprec.train.sampling import Sampler
 from cprec.train.step import make_batch_grads, sampling_key
@@ -62,7 +62,7 @@ def _unique(ids: jax.Array, size: int, num_items: int) -> tuple[jax.Array, jax.A
     return rows, index[1:].reshape(ids.shape)
 
 
-def make_sparse_train_step(model: NextItNet, config: ml_collections.ConfigDict, dense_tx: optax.GradientTransformation,
+def make_sparse_train_step(model: SequentialRecommender, config: ml_collections.ConfigDict, dense_tx: optax.GradientTransformation,
                            lr: Callable[[jax.Array], jax.Array], sampler: Sampler, micro_batches: int = 1):
     """The train step of ``cprec.train.step.make_train_step`` with lazy-Adam item tables.
 

@@ -12,7 +12,7 @@ from jax import lax
 
 from cprec.model.builder import model_clusters
 from cprec.model.clusters import cluster_token_capacities
-from cprec.model.nextitnet import NextItNet
+from cprec.model.sequential import SequentialRecommender
 from cprec.model.param_groups import decay_group, param_path
 from cprec.train.micro_batch import micro_batch_rows
 from cprec.train.sampling import Sampler
@@ -65,7 +65,7 @@ def sampling_key(step_rng: jax.Array) -> jax.Array:
     return jax.random.fold_in(step_rng, 1 << 30)
 
 
-def make_batch_grads(model: NextItNet, micro_batches: int = 1, frozen: Callable[[str], bool] | None = None,
+def make_batch_grads(model: SequentialRecommender, micro_batches: int = 1, frozen: Callable[[str], bool] | None = None,
                      sampler: Sampler | None = None, pairs: bool = False):
     """``(params, batch, rng[, drawn]) -> (summed NLL, target count, summed gradient)`` of a [B, L+1] window batch.
 
@@ -83,7 +83,7 @@ def make_batch_grads(model: NextItNet, micro_batches: int = 1, frozen: Callable[
         x, y = (batch[:, :half], batch[:, half:]) if pairs else (batch[:, :-1], batch[:, 1:])
         negatives = None if drawn is None else sampler.negatives(drawn, y)
         mean, count = model.apply({"params": params}, x, y, True, negatives, rngs={"dropout": rng},
-                                  method=NextItNet.loss)
+                                  method="loss")
         count = count.astype(jnp.float32)
         return mean * count, count
 
@@ -122,7 +122,7 @@ def make_batch_grads(model: NextItNet, micro_batches: int = 1, frozen: Callable[
     return batch_grads
 
 
-def make_train_step(model: NextItNet, tx: optax.GradientTransformation, seed: int, micro_batches: int = 1,
+def make_train_step(model: SequentialRecommender, tx: optax.GradientTransformation, seed: int, micro_batches: int = 1,
                     sampler: Sampler | None = None):
     """One jitted step on a [B, L+1] window batch (``make_batch_grads``, then ``tx``); the state is donated."""
     base_rng = jax.random.PRNGKey(seed)

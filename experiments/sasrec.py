@@ -1,0 +1,58 @@
+"""SASRec (Kang and McAuley, ICDM 2018) as RecBole configures it, and CpRec's layers on it.
+
+  python run.py --config experiments/sasrec.py --workdir runs/sasrec-demo                   # synthetic, no download
+  python run.py --config experiments/sasrec.py:ml100k --workdir runs/sasrec-ml100k
+  python run.py --config experiments/sasrec.py:synthetic30k,cprec=true,budget=20x --workdir runs/sasrec-cprec-30k
+
+Arg: comma-separated; a bare word picks the dataset (synthetic, ml100k, ml1m, ml20m, synthetic30k,
+synthetic1m); cprec=true swaps in CpRec's layers (block-wise embedding, tree softmax tied to it,
+cross-block sharing of the attention blocks); budget=20x sizes them (model.budget); share= picks
+the sharing scheme (none, cross_block, adjacent_block).
+
+RecBole's defaults: 2 blocks of 2 heads, d = 64, feed-forward width 256, GELU, hidden and
+attention dropout 0.5, Adam at 1e-3, the item table tied to the output (logits = h E^T); cprec
+trains every position of a window at once with the full softmax (cross-entropy over all items),
+as RecBole's CE loss does for the last one. At 1M items the full softmax becomes the sampled one.
+
+Sweeps (`--sweep`, with `--launcher local|slurm`):
+- `sweep=tuning` (the default): tying x dropout {0.2, 0.5} x lr {1e-3, 3e-3}, seed 0.
+- `sweep=seeds`: the config, seeds 0-2.
+"""
+import ml_collections
+
+from cprec.config import base_config, parse_arg
+from cprec.errors import ConfigError
+from cprec.sweep import product, seeds
+from experiments.datasets import apply_dataset
+from experiments.nextitnet import SAMPLED_BY_DEFAULT
+
+_ARGS = dict(data="synthetic", cprec=False, budget="", share="")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    a = parse_arg(arg, **_ARGS)
+    config = base_config()
+    apply_dataset(config, a.data)
+    m = config.model
+    m.backbone, m.num_blocks, m.num_heads, m.inner_dim = "sasrec", 2, 2, 256
+    m.dropout, m.attn_dropout, m.tie_embeddings = 0.5, 0.5, True
+    m.softmax = "sampled" if a.data in SAMPLED_BY_DEFAULT else "full"
+    if a.cprec:
+        m.embedding, m.softmax, m.sharing, m.tie_projections = "blockwise", "tree", "cross_block", True
+        m.budget = a.budget or "20x"
+    elif a.budget:
+        raise ConfigError("budget= needs cprec=true in experiments/sasrec.py (the plain SASRec is uncompressed); "
+                          "the rivals are experiments/rivals.py:DATASET,backbone=sasrec")
+    if a.share:
+        m.sharing = a.share
+    return config
+
+
+def sweep(arg: str | None = None) -> list[dict]:
+    a = parse_arg(arg, **_ARGS, sweep="tuning")
+    if a.sweep == "tuning":
+        return product({"model.tie_embeddings": [True, False]}, {"model.dropout": [0.2, 0.5]},
+                       {"optim.lr": [1e-3, 3e-3]})
+    if a.sweep == "seeds":
+        return seeds(3)
+    raise ConfigError(f"sweep={a.sweep!r} is unknown in experiments/sasrec.py; valid: tuning, seeds")
