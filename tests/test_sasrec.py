@@ -114,13 +114,13 @@ def test_sasrec_with_cprec_layers_trains_and_evaluates(tmp_path):
     assert isinstance(run.model, SASRec) and run.model.embedding == "blockwise"
 
 
-def test_a_sasrec_run_exports_and_serves_its_top20_statelessly(tmp_path):
-    """Export (float32 with StableHLO) -> Recommender and the StableHLO function give the run's top-20;
-    sessions are refused until the KV cache exists."""
+def test_a_sasrec_run_exports_and_serves_its_top20_and_sessions(tmp_path):
+    """Export (float32 with StableHLO) -> Recommender gives the run's top-20; a session's appends
+    (past a full window) give what a stateless request for the same history gives."""
     from cprec.eval.pretrained import load_run
     from cprec.export import main as export
     from cprec.serve.artifact import load_artifact
-    from cprec.serve.recommender import Recommender, RequestError
+    from cprec.serve.recommender import Recommender
     from cprec.train import train_and_evaluate
 
     config = tiny_config(tmp_path / "cache", backbone="sasrec", num_blocks=2, inner_dim=INNER, tie_embeddings=True)
@@ -136,7 +136,44 @@ def test_a_sasrec_run_exports_and_serves_its_top20_statelessly(tmp_path):
     histories = [[art.item_ids[i] for i in row if i > 0] for row in x]
     got = [[art.item_ids.index(i) for i in r.items] for r in rec.recommend(histories, n=20, exclude_seen=False)]
     np.testing.assert_array_equal(got, np.asarray(ref_ids))
-    with pytest.raises(RequestError, match="KV cache"):
-        rec.session(histories[0])
-    with pytest.raises(RequestError, match="KV cache"):
-        Recommender(art, context="stream")
+    long = [art.item_ids[i] for i in np.random.default_rng(3).integers(1, V, size=L + 6)]  # past a full window
+    session = rec.session(long[:3])
+    for item in long[3:]:
+        session.append([item])
+    [want] = rec.recommend([long], n=10, exclude_seen=False)
+    assert session.recommend(10, exclude_seen=False).items == want.items
+
+
+def test_kv_cache_state_equals_a_full_recompute_and_batches_equal_single_rows(tmp_path):
+    from cprec.serve import kv_cache
+
+    model = _sasrec(tmp_path)
+    params = init_params(model, 4)
+    rng = np.random.default_rng(5)
+    streams = [list(rng.integers(1, V, size=n)) for n in (3, L, L + 7)]  # short, exactly full, slid past full
+
+    def recompute(history):
+        window = jnp.asarray([history[-L:]])
+        h, keys, values = model.apply({"params": params}, window, method="encode_cached")
+        return np.asarray(h[0, -1]), np.asarray(keys[0]), np.asarray(values[0])
+
+    rows = jax.tree.map(lambda a: np.repeat(a, 3, axis=0), kv_cache.padding_row(model, params))
+    width = max(map(len, streams))
+    items = np.zeros((3, width), np.int32)
+    for r, s in enumerate(streams):
+        items[r, width - len(s):] = s
+    batched, _ = kv_cache.append_many(model, params, rows, jnp.asarray(items),
+                                      lengths=jnp.asarray([len(s) for s in streams]))
+    for r, stream in enumerate(streams):
+        single = kv_cache.padding_row(model, params)
+        for item in stream:
+            single, h = kv_cache.append(model, params, single, jnp.asarray([item]))
+        h_ref, keys_ref, values_ref = recompute(stream)
+        n = min(len(stream), L)
+        assert int(single["count"][0]) == n and list(np.asarray(single["ids"][0, :n])) == stream[-L:]
+        np.testing.assert_allclose(h[0], h_ref, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(single["keys"][0, :, :n], keys_ref[:, -n:], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(single["values"][0, :, :n], values_ref[:, -n:], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(batched["h"][r], h_ref, rtol=1e-5, atol=1e-5)
+        encoded, _ = kv_cache.encode_state(model, params, jnp.asarray([[0, 0] + stream[-L:][2:]]))
+        assert int(encoded["count"][0]) == n - 2

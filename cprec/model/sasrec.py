@@ -53,7 +53,11 @@ def attention_mask(inputs: jax.Array) -> jax.Array:
 
 
 class AttentionBlock(nn.Module):
-    """Multi-head causal self-attention, then a point-wise feed-forward layer (post-LN, as RecBole)."""
+    """Multi-head causal self-attention, then a point-wise feed-forward layer (post-LN, as RecBole).
+
+    ``__call__`` runs a window; ``key_value`` and ``attend`` are its two halves, which a session's
+    KV cache (``cprec.serve.kv_cache``) calls for one new position against the cached keys.
+    """
 
     dim: int
     num_heads: int
@@ -61,22 +65,34 @@ class AttentionBlock(nn.Module):
     dropout: float
     attn_dropout: float
 
-    @nn.compact
+    def setup(self) -> None:
+        dense = lambda n: nn.Dense(n, kernel_init=INIT)
+        self.query, self.key, self.value, self.attn_out = dense(self.dim), dense(self.dim), dense(self.dim), dense(self.dim)
+        self.ffn_in, self.ffn_out = dense(self.inner_dim), dense(self.dim)
+        self.ln_attn = nn.LayerNorm(epsilon=LAYER_NORM_EPSILON)
+        self.ln_ffn = nn.LayerNorm(epsilon=LAYER_NORM_EPSILON)
+        self.drop = nn.Dropout(self.dropout)
+        self.attn_drop = nn.Dropout(self.attn_dropout)
+
+    def key_value(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The keys and values ``[..., dim]`` of positions ``x`` ``[..., dim]``."""
+        return self.key(x), self.value(x)
+
+    def attend(self, x: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array,
+               train: bool = False) -> jax.Array:
+        """Queries ``x`` [B, Q, dim] over ``keys``/``values`` [B, K, dim] where ``mask`` [B, 1, Q, K] allows,
+        then the feed-forward layer: [B, Q, dim]."""
+        heads, width = self.num_heads, self.dim // self.num_heads
+        split = lambda y: y.reshape(*y.shape[:2], heads, width)
+        scores = jnp.einsum("bqhw,bkhw->bhqk", split(self.query(x)), split(keys)) / math.sqrt(width)
+        probs = self.attn_drop(jax.nn.softmax(jnp.where(mask, scores, MASKED), axis=-1), deterministic=not train)
+        context = jnp.einsum("bhqk,bkhw->bqhw", probs, split(values)).reshape(x.shape)
+        x = self.ln_attn(self.drop(self.attn_out(context), deterministic=not train) + x)
+        f = self.ffn_out(jax.nn.gelu(self.ffn_in(x), approximate=False))
+        return self.ln_ffn(self.drop(f, deterministic=not train) + x)
+
     def __call__(self, x: jax.Array, mask: jax.Array, train: bool = False) -> jax.Array:
-        b, t, d = x.shape
-        heads, width = self.num_heads, d // self.num_heads
-        dense = lambda n, name: nn.Dense(n, kernel_init=INIT, name=name)
-        split = lambda y: y.reshape(b, t, heads, width)
-        q, k, v = (split(dense(d, name)(x)) for name in ("query", "key", "value"))
-        scores = jnp.einsum("bqhw,bkhw->bhqk", q, k) / math.sqrt(width)
-        probs = jax.nn.softmax(jnp.where(mask, scores, MASKED), axis=-1)
-        probs = nn.Dropout(self.attn_dropout)(probs, deterministic=not train)
-        context = jnp.einsum("bhqk,bkhw->bqhw", probs, v).reshape(b, t, d)
-        out = nn.Dropout(self.dropout)(dense(d, "attn_out")(context), deterministic=not train)
-        x = nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, name="ln_attn")(out + x)
-        f = dense(d, "ffn_out")(jax.nn.gelu(dense(self.inner_dim, "ffn_in")(x), approximate=False))
-        f = nn.Dropout(self.dropout)(f, deterministic=not train)
-        return nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, name="ln_ffn")(f + x)
+        return self.attend(x, *self.key_value(x), mask, train)
 
 
 class SASRec(SequentialRecommender):
@@ -98,16 +114,42 @@ class SASRec(SequentialRecommender):
         self.blocks = [AttentionBlock(self.dim, self.num_heads, self.inner_dim, self.dropout, self.attn_dropout)
                        for _ in range(n_unique)]
 
+    def _inputs(self, ids: jax.Array, positions: jax.Array, train: bool = False) -> jax.Array:
+        x = self.ln_input(self.embed(ids) + jnp.take(self.position, positions, axis=0))
+        return self.drop(x, deterministic=not train) if self.dropout > 0 else x
+
     def encode(self, inputs: jax.Array, train: bool = False) -> jax.Array:
         """[B, T] item ids (T <= max_len, left-padded) -> [B, T, dim]; position t sees items <= t only."""
+        return self.encode_cached(inputs, train)[0]
+
+    def encode_cached(self, inputs: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """``encode``, and every block's keys and values ``[B, num_blocks, T, dim]`` (a session's cache)."""
         t = inputs.shape[1]
         if t > self.max_len:
             raise ConfigError(f"SASRec got windows of {t} items but has {self.max_len} positions (data.max_len)")
         padding = t - jnp.sum(inputs > 0, axis=1, keepdims=True)  # left padding: the real items come last
         positions = jnp.clip(jnp.arange(t)[None, :] - padding, 0, self.max_len - 1)  # padding rows: masked anyway
-        x = self.embed(inputs) + jnp.take(self.position, positions, axis=0)
-        x = self.drop(self.ln_input(x), deterministic=not train) if self.dropout > 0 else self.ln_input(x)
+        x = self._inputs(inputs, positions, train)
         mask = attention_mask(inputs)
+        keys, values = [], []
         for u in self.block_index:
-            x = self.blocks[u](x, mask, train)
-        return x
+            k, v = self.blocks[u].key_value(x)
+            keys.append(k)
+            values.append(v)
+            x = self.blocks[u].attend(x, k, v, mask, train)
+        return x, jnp.stack(keys, axis=1), jnp.stack(values, axis=1)
+
+    def step(self, items: jax.Array, count: jax.Array, keys: jax.Array,
+             values: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """One new item per row at position ``count`` [B] (< max_len), against cached ``keys``/``values``
+        [B, num_blocks, max_len, dim] whose slots < count hold the earlier items: (h [B, dim], keys, values)
+        with the new item's written into slot ``count``."""
+        rows = jnp.arange(items.shape[0])
+        x = self._inputs(items, count)[:, None]  # [B, 1, dim]
+        valid = (jnp.arange(keys.shape[2])[None, :] <= count[:, None])[:, None, None, :]  # [B, 1, 1, L]
+        for b, u in enumerate(self.block_index):
+            k, v = self.blocks[u].key_value(x[:, 0])
+            keys = keys.at[rows, b, count].set(k)
+            values = values.at[rows, b, count].set(v)
+            x = self.blocks[u].attend(x, keys[:, b], values[:, b], valid)
+        return x[:, 0], keys, values

@@ -32,7 +32,8 @@ from cprec.model.conv import padded_conv_fast
 from cprec.model.sasrec import SASRec
 from cprec.model.sequential import SequentialRecommender
 from cprec.serve.artifact import Artifact, load_artifact
-from cprec.serve.incremental import (append_many, encode_state, encode_suffix, padding_row, padding_window,
+from cprec.serve import incremental, kv_cache
+from cprec.serve.incremental import (encode_suffix, padding_window,
                                      receptive_field, window_prefixes)
 from cprec.serve.quantize import dequantize_tree
 
@@ -277,11 +278,9 @@ class Recommender:
             raise RequestError(f"max_exclude={self.max_exclude} is invalid: give 1 or more")
         self.encoder_rows = default_encoder_rows() if encoder_rows == "auto" else encoder_rows
         self.model: SequentialRecommender = artifact.model()
-        # SASRec serves stateless requests (the window context); its sessions need a KV cache.
+        # A session's state: NextItNet's conv queues, or SASRec's KV cache (same functions, same shapes of use).
         self.sasrec = isinstance(self.model, SASRec)
-        if self.sasrec and context != "window":
-            raise RequestError(f"context={context!r} needs incremental sessions, which a SASRec artifact does not "
-                               f"have yet (its KV cache is not built); use context='window'")
+        self._sessions = kv_cache if self.sasrec else incremental
         self.ids = ItemIds(artifact.item_ids)
         self.num_items = len(artifact.item_ids)
         self.max_len = int(artifact.max_len)
@@ -295,8 +294,8 @@ class Recommender:
         self.stats = jax.jit(lambda p: model.apply({"params": dequantize_tree(p)}, method="serving_stats"))(
             self.params)
         # The state of an empty session (an empty state for SASRec, which has no sessions).
-        self._padding = {"h": np.zeros((1, 0), np.float32)} if self.sasrec else jax.tree.map(
-            np.asarray, jax.jit(lambda p: padding_row(model, dequantize_tree(p)))(self.params))
+        self._padding = jax.tree.map(np.asarray, jax.jit(
+            lambda p: self._sessions.padding_row(model, dequantize_tree(p)))(self.params))
         # What a window's padding positions feed every conv layer: the left context of a shorter
         # encode (the stream context starts from the padding state instead).
         self._padded_window = None
@@ -335,7 +334,8 @@ class Recommender:
         p = dequantize_tree(params)
         if self.context == "window":
             return window_hidden(self.model, p, histories, self._padded_window, self.encoder_rows)
-        return in_row_chunks(lambda x: encode_state(self.model, p, x, self._padding)[1], histories, self.encoder_rows)
+        return in_row_chunks(lambda x: self._sessions.encode_state(self.model, p, x, self._padding)[1], histories,
+                             self.encoder_rows)
 
     def _top(self, params, stats, h, exclude, budget, n):
         p = dequantize_tree(params)
@@ -355,7 +355,8 @@ class Recommender:
                                 method=lambda m, *a: m.head.score(*a))
 
     def _append(self, params, packed, items, mask):
-        state, _ = append_many(self.model, dequantize_tree(params), self._unpack(packed), items, mask=mask)
+        state, _ = self._sessions.append_many(self.model, dequantize_tree(params), self._unpack(packed), items,
+                                              mask=mask)
         return self._pack(state), state["h"]
 
     def _pack(self, state):
@@ -384,8 +385,8 @@ class Recommender:
 
     def _state(self, params, histories):
         p = dequantize_tree(params)
-        return in_row_chunks(lambda x: self._pack(encode_state(self.model, p, x, self._padding)[0]), histories,
-                             self.encoder_rows)
+        return in_row_chunks(lambda x: self._pack(self._sessions.encode_state(self.model, p, x, self._padding)[0]),
+                             histories, self.encoder_rows)
 
     # -- public API ------------------------------------------------------------------------------
 
@@ -569,9 +570,6 @@ class Recommender:
 
     def sessions(self, histories: Sequence[Sequence]) -> list["Session"]:
         """One session per history (raw ids), encoded in bucketed batches."""
-        if self.sasrec:
-            raise RequestError("sessions of a SASRec model need its KV cache, which is not built yet; send the "
-                               "history to recommend instead")
         known, unknown = zip(*(self.ids.internal(h) for h in histories)) if histories else ((), ())
         # An empty history's state is the padding state computed at load: nothing to encode (a
         # server creates every new user's session this way).
