@@ -101,6 +101,25 @@ def test_experiment_sweeps_expand_to_valid_trials():
     assert (tuning["train.batch_size"], tuning["train.num_epochs"], tuning["optim.name"]) == (256, 20, "adam")
 
 
+def test_the_rivals_grid_keeps_its_trial_names_and_validates_for_both_backbones():
+    from cprec.config import load_config_file
+    grid = expand(f"{ROOT}/experiments/rivals.py:synthetic30k")
+    # part 1: 5 methods x 4 budgets x 2 lrs + the baseline x 2 lrs, in the order the first runs were named
+    assert len(grid) == 5 * 4 * 2 + 2 + 1 * 4 * 2
+    assert grid[4].name == "04_embedding=blockwise,softmax=tree,budget=20x,lr=0.001"
+    assert grid[40].overrides["model.embedding"] == "full" and grid[40].overrides["model.sharing"] == "none"
+    assert {t.overrides["model.embedding"] for t in grid[42:]} == {"tt"}  # later methods come after
+    seeds = expand(f"{ROOT}/experiments/rivals.py:synthetic30k,sweep=seeds")
+    assert len(seeds) == 7 * 2 and {t.overrides["seed"] for t in seeds} == {1, 2}
+    assert len(expand(f"{ROOT}/experiments/rivals.py:ml100k,backbone=sasrec")) == 5 * 2 * 2 + 2 + 2 * 2
+    sasrec = load_config_file(f"{ROOT}/experiments/rivals.py:synthetic30k,method=qr,backbone=sasrec")
+    assert (sasrec.model.backbone, sasrec.model.embedding, sasrec.model.tie_embeddings) == ("sasrec", "qr", True)
+    with pytest.raises(ConfigError, match="method='pq' is unknown"):
+        load_config_file(f"{ROOT}/experiments/rivals.py:synthetic30k,method=pq")
+    assert len(expand(f"{ROOT}/experiments/sasrec.py:ml100k")) == 8
+    assert load_config_file(f"{ROOT}/experiments/sasrec.py:synthetic30k,cprec=true").model.budget == "20x"
+
+
 def test_slugs_are_short_safe_and_distinct():
     safe = re.compile(r"^[A-Za-z0-9._=+,-]+$")
     a = slug({"model.cutoffs": (20_000, 60_000, 150_000), "optim.lr": 3e-4, "data.path": "/a b/c.csv"})

@@ -149,7 +149,7 @@ def rivals(results: pathlib.Path, dataset: str) -> plt.Figure:
     seed spread as error bars, the uncompressed NextItNet as a horizontal line."""
     spec = load_table(f"rivals-{dataset}", results)
     rows = spec["rows"]
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = plt.subplots(figsize=(9, 4.8))
     markers = iter("os^Dvp<>")
     for method in dict.fromkeys(r["method"] for r in rows if r["budget"] != "none"):
         mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["params/total"])
@@ -167,7 +167,7 @@ def rivals(results: pathlib.Path, dataset: str) -> plt.Figure:
     ax.set_title(f"{dataset}: compression methods at equal budgets (lr chosen on validation; "
                  f"seeds {', '.join(map(str, spec.get('seeds', [])))})", fontsize=9)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: no point hidden
     fig.tight_layout()
     return fig
 
