@@ -480,8 +480,10 @@ def tree_score(head: jax.Array, projs: Sequence[jax.Array], outs: Sequence[jax.A
     """Exact log-probs ``[N, M]`` of M candidate ids per row (ids outside [1, V) score -inf).
 
     Computes the head once and, per tail cluster, its normaliser only when a candidate of the
-    batch falls in it (a ``lax.cond``), plus one column per candidate: the cost of a ranking stage
-    that scores a few candidates after retrieval, not a full ``log_prob``.
+    batch falls in it (a ``lax.cond``); the candidates' logits are read from that normaliser's
+    logits, or, for batches too large to hold them, from one gathered column per candidate: the
+    cost of a ranking stage that scores a few candidates after retrieval, and never more than a
+    full ``log_prob`` (no ``[N, V]`` result is written).
     """
     bounds = _bounds(cutoffs)
     k1 = bounds[1]
@@ -493,9 +495,20 @@ def tree_score(head: jax.Array, projs: Sequence[jax.Array], outs: Sequence[jax.A
     for j, (p, w) in enumerate(zip(projs, outs), start=1):
         in_j = valid & (cluster == j)
         z = h @ p
-        norm = lax.cond(jnp.any(in_j), lambda z=z, w=w: _cluster_lse(z, w), lambda z=z: jnp.zeros(z.shape[:1], z.dtype))
-        cols = jnp.take(w, jnp.clip(c - bounds[j], 0, w.shape[1] - 1), axis=1)  # [d_j, N, M]
-        logit = jnp.einsum("nd,dnm->nm", z, cols)
+        local = jnp.clip(c - bounds[j], 0, w.shape[1] - 1)
+        if use_blocks(z.shape[0], w.shape[0], w.shape[1]):
+            # Too many rows to hold the cluster's logits: stream its normaliser, gather the candidates' columns.
+            norm = lax.cond(jnp.any(in_j), lambda z=z, w=w: _cluster_lse(z, w),
+                            lambda z=z: jnp.zeros(z.shape[:1], z.dtype))
+            logit = jnp.einsum("nd,dnm->nm", z, jnp.take(w, local, axis=1))  # [d_j, N, M] columns
+        else:
+            # The normaliser computes every logit of the cluster anyway: read the candidates' from them
+            # (no column gather per candidate, so a hit cluster costs what a full log_prob pays for it).
+            def hit(z=z, w=w, local=local):
+                logits = z @ w
+                return lse(logits), jnp.take_along_axis(logits, local, axis=1)
+            norm, logit = lax.cond(jnp.any(in_j), hit, lambda z=z: (jnp.zeros(z.shape[:1], z.dtype),
+                                                                     jnp.zeros(local.shape, z.dtype)))
         out = jnp.where(in_j, head_lp[:, k1 + j - 1, None] + logit - norm[:, None], out)
     return jnp.where(valid, out, -jnp.inf)
 
