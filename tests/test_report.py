@@ -177,7 +177,7 @@ def _rival_trial(sweep: pathlib.Path, name: str, embedding: str, budget: str, lr
 
 
 def test_the_rivals_table_chooses_the_lr_on_validation_and_averages_its_seeds(tmp_path):
-    from cprec.report.rivals import rival_rows
+    from cprec.report.rivals import rival_rows, update_records
 
     grid, seeds = tmp_path / "grid", tmp_path / "seeds"
     # lr 3e-3 has the better validation score but the worse test score: validation must decide.
@@ -185,9 +185,19 @@ def test_the_rivals_table_chooses_the_lr_on_validation_and_averages_its_seeds(tm
     _rival_trial(grid, "b", "lowrank", "20x", 3e-3, 0, val=0.55, mrr=0.40)
     _rival_trial(seeds, "c", "lowrank", "20x", 3e-3, 1, val=0.10, mrr=0.50)  # a later seed cannot flip the choice
     _rival_trial(grid, "d", "full", "", 1e-3, 0, val=0.70, mrr=0.70)
-    rows = rival_rows([grid, seeds], with_bytes=False)
+    records = tmp_path / "trials.jsonl"
+    # trials recorded in two sessions (the seeds' run directories gone by the second) add up
+    first = update_records([grid], records, with_bytes=False)
+    assert len(first) == 3
+    import shutil
+    shutil.rmtree(grid)
+    rows = rival_rows(update_records([seeds], records, with_bytes=False))
     assert [(r["method"], r["budget"]) for r in rows] == [("low-rank", "20x"), ("NextItNet (uncompressed)", "none")]
     low = rows[0]
     assert low["lr"] == 3e-3 and low["seeds"] == "0 1" and low["lrs_tried"] == "0.001, 0.003"
     assert low["test/mrr@5"] == pytest.approx(0.45) and low["test/mrr@5_std"] == pytest.approx(np.std([0.4, 0.5], ddof=1))
     assert low["size"] == "rank 5" and low["serve/top20_ms_batch1"] == 1.5
+    # a rerun of one setting replaces its record instead of counting twice
+    _rival_trial(tmp_path / "again", "e", "lowrank", "20x", 3e-3, 1, val=0.10, mrr=0.30)
+    rows = rival_rows(update_records([tmp_path / "again"], records, with_bytes=False))
+    assert rows[0]["seeds"] == "0 1" and rows[0]["test/mrr@5"] == pytest.approx(0.35)

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     elif argv[:1] == ["rivals"]:
         from cprec.report.rivals import write_rivals_table  # loads runs: jax and the model
         p = argparse.ArgumentParser(prog="python -m cprec.report rivals")
-        p.add_argument("sweeps", nargs="+", help="sweep directories of experiments/rivals.py (grid and seeds)")
+        p.add_argument("sweeps", nargs="*", help="sweep directories of experiments/rivals.py whose finished trials to record (none: re-render from results/trials/)")
         p.add_argument("--table", required=True, help="results/NAME.json to (re)write")
         p.add_argument("--title", default="Compression methods at equal budgets")
         p.add_argument("--command", default="python run.py --config experiments/rivals.py:DATASET --sweep "

@@ -1,10 +1,13 @@
 """`python -m cprec.report rivals SWEEP_DIR... --table NAME`: the rivals grid (experiments/rivals.py) as one table.
 
-For each (method, budget) of the sweeps' finished trials: the learning rate whose seed-0 run has the
+Each finished trial of the sweeps is recorded in results/trials/NAME.jsonl (committed, so trials run
+in different sessions or on different machines add up; a rerun of a setting replaces its record),
+and the table is rendered from every record. For each (method, budget): the learning rate whose seed-0 run has the
 best validation NDCG@10 (the tuning rule every method gets; test metrics never choose), then the
 mean and sample standard deviation over that rate's seeds of the test metrics, and the parameters,
 training speed and top-20 latency; the stored bytes of the seed-0 run's selected parameters in
-float32 and as an int8 export (row-wise 8-bit item tables, ``cprec.serve.quantize``).
+float32 and as an int8 export (row-wise 8-bit item tables, ``cprec.serve.quantize``; a pruned table
+stored as its non-zeros, ``cprec.serve.sparse``).
 """
 from __future__ import annotations
 
@@ -21,9 +24,12 @@ from cprec.report.paths import RESULTS
 from cprec.report.table import ResultFileError, dump_table
 
 METHOD_NAMES = {"blockwise": "CpRec", "mde": "MDE", "lowrank": "low-rank", "hash": "hashing", "qr": "QR",
-                "tt": "TT-Rec", "full": "NextItNet (uncompressed)"}
+                "tt": "TT-Rec", "jpq": "RecJPQ", "prune": "pruning", "full": "uncompressed"}
+BACKBONE_NAMES = {"nextitnet": "NextItNet", "sasrec": "SASRec"}
 METRICS = ("test/mrr@5", "test/ndcg@10", "test/hr@10")
 SELECT = "val/ndcg@10"
+RECORDED = (*METRICS, "params/total", "params/compression_ratio", "train_tokens_s", "serve/top20_ms_batch1",
+            "serve/top20_ms_batch256")
 COLUMNS = [
     {"key": "method", "label": "method"},
     {"key": "budget", "label": "budget"},
@@ -43,10 +49,11 @@ COLUMNS = [
 ]
 
 
-def _trial(run: pathlib.Path) -> dict:
+def trial_record(run: pathlib.Path, with_bytes: bool = True) -> dict:
+    """A finished trial as one JSON-able record: its setting (method, budget, lr, seed), the numbers
+    the table shows, and the stored bytes of its selected parameters."""
     config = json.loads((run / "config.json").read_text())
     m = config["model"]
-    values = run_values(run)
     size = config.get("budget", {})
     if "options" in size:
         chosen = ", ".join(f"{k} {v}" for k, v in sorted(size["options"].items()) if k != "qr_op")
@@ -54,9 +61,19 @@ def _trial(run: pathlib.Path) -> dict:
         chosen = "ranks " + "/".join(map(str, size["ranks"]))
     else:
         chosen = ""
-    return {**values, "run": run, "method": METHOD_NAMES.get(m["embedding"], m["embedding"]),
-            "budget": str(m.get("budget") or "none"), "lr": config["optim"]["lr"], "seed": config["seed"],
-            "size": chosen}
+    backbone = m.get("backbone", "nextitnet")
+    method = METHOD_NAMES.get(m["embedding"], m["embedding"])
+    if m["embedding"] == "full":
+        method = f"{BACKBONE_NAMES.get(backbone, backbone)} (uncompressed)"
+    elif backbone != "nextitnet":
+        method = f"{method} / {BACKBONE_NAMES.get(backbone, backbone)}"
+    values = run_values(run)
+    record = {"trial": run.name, "method": method, "budget": str(m.get("budget") or "none"),
+              "lr": config["optim"]["lr"], "seed": config["seed"], "size": chosen,
+              **{k: values[k] for k in (*RECORDED, SELECT) if k in values}}
+    if with_bytes:
+        record["bytes_float32"], record["bytes_int8"] = stored_bytes(run)
+    return record
 
 
 def _selection_score(runs: list[dict]) -> float:
@@ -67,22 +84,19 @@ def _selection_score(runs: list[dict]) -> float:
 
 
 def stored_bytes(run: pathlib.Path) -> tuple[int, int]:
-    """(float32, int8) bytes of the run's selected parameters, as ``python -m cprec.export`` stores them."""
+    """(float32, int8) bytes of the run's selected parameters as ``python -m cprec.export`` stores them
+    (item tables row-wise 8-bit in int8; a pruned table as its non-zeros in both)."""
     from cprec.eval.pretrained import load_run
-    from cprec.serve.quantize import quantize_params
+    from cprec.serve.artifact import stored_param_bytes
 
     params = jax.tree.map(np.asarray, load_run(run).params)
-    size = lambda tree: int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(tree)))
-    return size(params), size(quantize_params(params))
+    return stored_param_bytes(params, "float32"), stored_param_bytes(params, "int8")
 
 
-def rival_rows(sweeps: list[pathlib.Path], with_bytes: bool = True) -> list[dict]:
+def rival_rows(records: list[dict]) -> list[dict]:
     """One row per (method, budget): the validation-chosen learning rate's seeds, averaged."""
-    trials = [_trial(f.parent) for s in sweeps for f in sorted(pathlib.Path(s).glob("*/results.json"))]
-    if not trials:
-        raise ResultFileError(f"{', '.join(map(str, sweeps))}: no finished trial")
     groups: dict[tuple, dict[float, list[dict]]] = defaultdict(lambda: defaultdict(list))
-    for t in trials:
+    for t in records:
         groups[(t["method"], t["budget"])][t["lr"]].append(t)
     rows = []
     for (method, budget), by_lr in groups.items():
@@ -90,31 +104,57 @@ def rival_rows(sweeps: list[pathlib.Path], with_bytes: bool = True) -> list[dict
         runs = sorted(runs, key=lambda r: r["seed"])
         row = {"method": method, "budget": budget, "lr": lr, "size": runs[0]["size"],
                "seeds": " ".join(str(r["seed"]) for r in runs), "lrs_tried": ", ".join(f"{x:g}" for x in sorted(by_lr))}
-        for key in (*METRICS, "params/total", "params/compression_ratio", "train_tokens_s",
-                    "serve/top20_ms_batch1", "serve/top20_ms_batch256", SELECT):
+        for key in (*RECORDED, SELECT):
             column = [r[key] for r in runs if key in r]
             if column:
                 row[key] = statistics.fmean(column)
                 if key in METRICS and len(column) > 1:
                     row[f"{key}_std"] = statistics.stdev(column)
         row["params/total"] = int(row["params/total"])
-        if with_bytes:
-            row["bytes_float32"], row["bytes_int8"] = stored_bytes(runs[0]["run"])
-        row["_source"] = ", ".join(str(r["run"]) for r in runs)
+        for key in ("bytes_float32", "bytes_int8"):  # the seed-0 run's (seeds share a size)
+            if key in runs[0]:
+                row[key] = runs[0][key]
+        row["_source"] = ", ".join(r["trial"] for r in runs)
         rows.append(row)
-    order = list(METHOD_NAMES.values())
-    return sorted(rows, key=lambda r: (order.index(r["method"]) if r["method"] in order else 99, -r["params/total"]))
+    order = [*METHOD_NAMES.values(), *(f"{b} (uncompressed)" for b in BACKBONE_NAMES.values())]
+    rank = lambda name: order.index(name.split(" / ")[0]) if name.split(" / ")[0] in order else len(order)
+    return sorted(rows, key=lambda r: (" / " in r["method"], rank(r["method"]), -r["params/total"]))
+
+
+def load_records(path: pathlib.Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def update_records(sweeps: list[pathlib.Path], path: pathlib.Path, with_bytes: bool = True) -> list[dict]:
+    """The records in ``path`` with the sweeps' finished trials added; a trial of the same setting
+    (method, budget, lr, seed) replaces the earlier one. Writes ``path`` and returns the records."""
+    key = lambda r: (r["method"], r["budget"], r["lr"], r["seed"])
+    records = {key(r): r for r in load_records(path)}
+    for sweep in sweeps:
+        for f in sorted(pathlib.Path(sweep).glob("*/results.json")):
+            record = trial_record(f.parent, with_bytes)
+            records[key(record)] = record
+            print(f"recorded {record['method']} {record['budget']} lr={record['lr']:g} seed={record['seed']} "
+                  f"({f.parent})", flush=True)
+    out = sorted(records.values(), key=lambda r: (r["method"], r["budget"], r["lr"], r["seed"]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in out))
+    return out
 
 
 def write_rivals_table(sweeps: list[pathlib.Path], table: str, title: str, command: str, machine: str,
                        results: pathlib.Path = RESULTS) -> dict:
-    """Writes results/TABLE.json from the sweeps (replacing its rows); returns the spec."""
-    rows = rival_rows(sweeps)
+    """Adds the sweeps' finished trials to results/trials/TABLE.jsonl, then (re)writes results/TABLE.json
+    from every recorded trial; returns the table's spec. With no sweeps it only re-renders."""
+    records = update_records(sweeps, results / "trials" / f"{table}.jsonl")
+    if not records:
+        raise ResultFileError(f"results/trials/{table}.jsonl: no recorded trial; name a sweep directory")
+    rows = rival_rows(records)
     seeds = sorted({int(s) for r in rows for s in r["seeds"].split()})
     spec = {"title": title, "command": command, "machine": machine, "seeds": seeds,
-            "source": "python -m cprec.report rivals " + " ".join(map(str, sweeps)) + f" --table {table}",
-            "notes": "lr chosen per (method, budget) on mean validation NDCG@10 over the lrs in lrs_tried; "
-                     "bytes are those of the seed-0 run's selected parameters",
+            "source": f"python -m cprec.report rivals SWEEP_DIR... --table {table} (from results/trials/{table}.jsonl)",
+            "notes": "lr chosen per (method, budget) on validation NDCG@10 of its seed-0 run over the lrs in "
+                     "lrs_tried; bytes are those of the seed-0 run's selected parameters",
             "columns": COLUMNS, "rows": rows}
     (results / f"{table}.json").write_text(dump_table(spec))
     return spec
