@@ -6,7 +6,7 @@
   python -m cprec.report add runs/rivals-synthetic30k --table rivals-synthetic30k
 
 Arg: comma-separated; a bare word picks the dataset (synthetic, ml100k, synthetic30k, synthetic1m),
-method=cprec|mde|lowrank|hash|qr|tt|nextitnet (default cprec), budget=20x (default; or a parameter count),
+method=cprec|mde|lowrank|hash|qr|tt|jpq|prune|nextitnet (default cprec), budget=20x (default; or a parameter count),
 backbone=nextitnet|sasrec (the encoder every method shares; SASRec with RecBole's settings,
 experiments/sasrec.py; method=nextitnet is then the uncompressed SASRec).
 
@@ -21,8 +21,14 @@ sampled softmax (the baseline with lazy Adam); CpRec keeps its tree softmax.
 Sweeps (`--sweep`, with `--launcher local|slurm`):
 - `sweep=grid` (the default): every method x the dataset's budgets (BUDGETS) x the learning rates
   (LRS, the same grid for every method: equal tuning effort), seed 0; the baseline x LRS.
-- `sweep=seeds`: every method at SEED_BUDGET with its learning rate chosen on validation NDCG@10
-  in the grid (CHOSEN_LR), seeds 1-2 (seed 0 is the grid's).
+- the same protocol in three steps, for a machine without a cluster (half the runs of `grid`):
+  `sweep=tune`: every method and the baseline at SEED_BUDGET x LRS, seed 0; then, with the
+  learning rates it chose on validation NDCG@10 written into CHOSEN_LR,
+  `sweep=budgets`: every method at the other budgets at its chosen rate, seed 0; and
+- `sweep=seeds`: every method at SEED_BUDGET with its chosen learning rate (CHOSEN_LR), seeds 1-2
+  (seed 0 is the grid's).
+`python -m cprec.report rivals` records every finished trial in results/trials/ and picks each
+(method, budget)'s rate on validation, so trials of all these sweeps, run on any machine, add up.
 """
 import ml_collections
 
@@ -34,7 +40,7 @@ from experiments.datasets import apply_dataset
 
 METHODS = ("cprec", "mde", "lowrank", "hash", "qr")
 # Added later (rivals part 2); their trials come after the first ones so earlier trial names stay.
-LATER_METHODS = ("tt",)
+LATER_METHODS = ("tt", "jpq", "prune")
 BASELINE = "nextitnet"
 BUDGETS = {"synthetic": ("5x", "10x"), "ml100k": ("5x", "10x"), "synthetic30k": ("5x", "10x", "20x", "40x"),
            "synthetic1m": ("20x",)}
@@ -98,12 +104,18 @@ def sweep(arg: str | None = None) -> list[dict]:
         compressed = product([method_overrides(m, a.data) for m in METHODS], budgets)
         later = product([method_overrides(m, a.data) for m in LATER_METHODS], budgets, {"optim.lr": list(LRS)})
         return product(compressed + [method_overrides(BASELINE, a.data)], {"optim.lr": list(LRS)}) + later
+    if a.sweep in ("tune", "budgets", "seeds") and a.data not in SEED_BUDGET:
+        raise ConfigError(f"sweep={a.sweep} has no budget for {a.data!r}; valid: {', '.join(SEED_BUDGET)}")
+    methods = METHODS + LATER_METHODS
+    if a.sweep == "tune":
+        tuned = product([method_overrides(m, a.data) for m in methods], {"model.budget": [SEED_BUDGET[a.data]]})
+        return product(tuned + [method_overrides(BASELINE, a.data)], {"optim.lr": list(LRS)})
+    chosen = CHOSEN_LR.get(a.data, {})
+    lr = lambda m: {"optim.lr": chosen[m]} if m in chosen else {}
+    if a.sweep == "budgets":
+        others = [b for b in BUDGETS[a.data] if b != SEED_BUDGET[a.data]]
+        return [{**method_overrides(m, a.data), "model.budget": b, **lr(m)} for m in methods for b in others]
     if a.sweep == "seeds":
-        if a.data not in SEED_BUDGET:
-            raise ConfigError(f"sweep=seeds has no budget for {a.data!r}; valid: {', '.join(SEED_BUDGET)}")
-        chosen = CHOSEN_LR.get(a.data, {})
-        trials = [{**method_overrides(m, a.data), "model.budget": SEED_BUDGET[a.data], **(
-            {"optim.lr": chosen[m]} if m in chosen else {})} for m in METHODS + LATER_METHODS]
-        baseline = {**method_overrides(BASELINE, a.data), **({"optim.lr": chosen[BASELINE]} if BASELINE in chosen else {})}
-        return product(trials + [baseline], seeds(2, start=1))
-    raise ConfigError(f"sweep={a.sweep!r} is unknown in experiments/rivals.py; valid: grid, seeds")
+        trials = [{**method_overrides(m, a.data), "model.budget": SEED_BUDGET[a.data], **lr(m)} for m in methods]
+        return product(trials + [{**method_overrides(BASELINE, a.data), **lr(BASELINE)}], seeds(2, start=1))
+    raise ConfigError(f"sweep={a.sweep!r} is unknown in experiments/rivals.py; valid: grid, tune, budgets, seeds")
