@@ -19,7 +19,7 @@ from cprec.model.sequential import check_tying
 from cprec.model.sharing import SHARING_SCHEMES
 from cprec.model.sampled_softmax import SAMPLERS
 from cprec.model.sasrec import block_sharing_index
-from cprec.model.tables import QR_OPS, TABLES
+from cprec.model.tables import JPQ_ASSIGN, QR_OPS, TABLES
 
 EMBEDDINGS = TABLES
 BACKBONES = ("nextitnet", "sasrec")
@@ -45,7 +45,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.kernel_size = 3
     c.model.sharing = "none"  # see cprec.model.sharing.SHARING_SCHEMES
     # The item table (cprec/model/tables/): 'full' | 'blockwise' (CpRec) | 'mde' (mixed dimensions) |
-    # 'lowrank' | 'hash' | 'qr' (quotient-remainder) | 'tt' (tensor train); the output layer shares it when tied.
+    # 'lowrank' | 'hash' | 'qr' (quotient-remainder) | 'tt' (tensor train) | 'jpq' (RecJPQ) |
+    # 'prune' (the full table, magnitude-pruned); the output layer shares it when tied.
     c.model.embedding = "full"
     c.model.softmax = "full"  # 'full' | 'sampled' (full table, sampled-softmax training) | 'tree'
     # Cluster cutoffs: absolute item counts, or fractions of V; V itself is appended.
@@ -67,6 +68,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.qr_op = "mult"  # 'mult' | 'add' | 'concat'
     c.model.mde_blocks = 8
     c.model.tt_rank = 0  # 'tt': the tensor-train rank of the three cores (0 = chosen by model.budget)
+    # 'jpq' (RecJPQ): sub-spaces m (codes per item; 0 = chosen by model.budget), centroids c per
+    # sub-space, and how codes are fixed before training: 'svd' (of the training user-item matrix) | 'random'.
+    c.model.jpq_splits = 0
+    c.model.jpq_centroids = 256
+    c.model.jpq_assign = "svd"
+    # 'prune': the full table magnitude-pruned to prune_sparsity (0 = chosen by model.budget, which
+    # counts non-zeros), the sparsity rising cubically from step prune_begin to prune_end (shares of
+    # the run), the smallest entries zeroed every prune_every steps (cprec/train/pruning.py).
+    c.model.prune_sparsity = 0.0
+    c.model.prune_begin = 0.1
+    c.model.prune_end = 0.6
+    c.model.prune_every = 50
     c.model.capacity_margin = 1.5  # static tail token capacity = expected share * margin
     c.model.dropout = 0.0  # on the input embedding (NextItNet uses none)
     # Output layer shares the input embedding's item tables (full/full: logits = h' E^T; CpRec
@@ -187,7 +200,18 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
               "softmax over block-wise tables) is model.embedding=blockwise")
     _choice("model.qr_op", m.qr_op, QR_OPS)
     _choice("model.budget_baseline", m.budget_baseline, ("same_tying", "untied"))
-    for key in ("rank", "hash_rows", "qr_buckets", "tt_rank"):
+    _choice("model.jpq_assign", m.jpq_assign, JPQ_ASSIGN)
+    if m.jpq_centroids < 2:
+        _fail("model.jpq_centroids", m.jpq_centroids, "must be >= 2 (RecJPQ uses 256)")
+    if not 0.0 <= m.prune_sparsity < 1.0:
+        _fail("model.prune_sparsity", m.prune_sparsity, "must be in [0, 1): the share of the table pruned (0 = "
+              "chosen by model.budget)")
+    if not 0.0 <= m.prune_begin < m.prune_end <= 1.0:
+        _fail("model.prune_begin", m.prune_begin, f"and model.prune_end={m.prune_end} must satisfy 0 <= begin < "
+              "end <= 1 (shares of the run)")
+    if m.prune_every < 1:
+        _fail("model.prune_every", m.prune_every, "must be >= 1 (steps between pruning rounds)")
+    for key in ("rank", "hash_rows", "qr_buckets", "tt_rank", "jpq_splits"):
         if m[key] < 0:
             _fail(f"model.{key}", m[key], "must be >= 0 (0 = chosen by model.budget)")
     if m.mde_blocks < 2:

@@ -212,7 +212,10 @@ def test_the_exclusion_width_is_set_at_export(csv_run, tmp_path):
     assert Recommender(load_artifact(out)).max_exclude == 5  # without the StableHLO signature too
 
 
-@pytest.mark.parametrize("embedding, size", [("qr", {"qr_buckets": 9}), ("lowrank", {"rank": 3})])
+@pytest.mark.parametrize("embedding, size", [pytest.param("qr", {"qr_buckets": 9}, marks=pytest.mark.slow),
+                                             pytest.param("lowrank", {"rank": 3}, marks=pytest.mark.slow),
+                                             ("jpq", {"jpq_splits": 3, "jpq_centroids": 5}),
+                                             ("prune", {"prune_sparsity": 0.8})])
 def test_a_rival_exports_and_serves_the_top20_of_its_run(tmp_path, embedding, size):
     """A compressed item table tied to the full softmax: trained, exported (float32 with StableHLO,
     int8), and served by the Recommender, with the run's own top-20."""
@@ -238,5 +241,9 @@ def test_a_rival_exports_and_serves_the_top20_of_its_run(tmp_path, embedding, si
             np.testing.assert_array_equal(got, ref_ids)
             np.testing.assert_allclose([r.scores for r in served], ref_scores, rtol=1e-5, atol=1e-5)
         else:
-            assert any(k.startswith("embed/") for k in art.manifest["quantized"])
+            assert any(k.startswith("embed/") for k in {**art.manifest["quantized"], **art.manifest["sparse"]})
             assert np.mean([len(set(a) & set(b)) / 20 for a, b in zip(got, ref_ids)]) >= 0.9
+        if embedding == "prune":  # stored as its non-zeros, which stay exactly zero when served
+            assert art.manifest["sparse"] == {"embed/embedding": {"axis": 0, "shape": [61, 8]}}
+            served_table = art.float_params()["embed"]["embedding"]
+            np.testing.assert_array_equal(served_table == 0, np.asarray(run.params["embed"]["embedding"]) == 0)

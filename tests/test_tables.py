@@ -28,6 +28,8 @@ KINDS = {
     "qr-add": dict(kind="qr", options=(("qr_buckets", 7), ("qr_op", "add"))),
     "qr-concat": dict(kind="qr", options=(("qr_buckets", 7), ("qr_op", "concat"))),
     "tt": dict(kind="tt", options=(("tt_rank", 3),)),
+    # 3 sub-spaces of widths 3, 2, 3; 5 centroids: 3-bit codes, 8 to a float, one float per item
+    "jpq": dict(kind="jpq", options=(("jpq_splits", 3), ("jpq_centroids", 5), ("jpq_assign", "random"))),
 }
 
 
@@ -55,6 +57,10 @@ def _reference_rows(name, p, ids):
         i1, i2, i3 = ids // 16, (ids // 4) % 4, ids % 4
         rows = np.einsum("...ar,...rbs,...sc->...abc", p["core_1"][i1], p["core_2"][i2], p["core_3"][i3])
         return rows.reshape(*ids.shape, D)
+    if name == "jpq":  # base-5 digits of each item's packed float, then its centroids' slices
+        codes = (p["codes"][ids, 0].astype(np.int64)[..., None] // 5 ** np.arange(3)) % 5
+        bounds = [(0, 3), (3, 5), (5, 8)]
+        return np.concatenate([p["centroids"][codes[..., k], s:e] for k, (s, e) in enumerate(bounds)], axis=-1)
     if name == "blockwise":
         dense = np.concatenate([p["head"], p["tail_1_emb"] @ p["tail_1_proj"], p["tail_2_emb"] @ p["tail_2_proj"]])
         return dense[ids]
@@ -108,6 +114,7 @@ def test_parameter_counts_equal_each_formula(name):
         "qr-add": math.ceil(V / 7) * D + 7 * D,
         "qr-concat": math.ceil(V / 7) * (D - D // 2) + 7 * (D // 2),
         "tt": 4 * 2 * 3 + 4 * 3 * 2 * 3 + 4 * 3 * 2,
+        "jpq": 5 * D + V * 1,  # centroids, and the packed codes (counted at their float32 storage)
     }[name]
     assert count_params(params) == formula
     if spec["kind"] in SIZED:
@@ -136,10 +143,10 @@ def _rival(tmp_path, embedding, budget, **model):
                        budget_baseline="untied", sharing="cross_block", dim=32, **model)
 
 
-@pytest.mark.parametrize("embedding", ["lowrank", "hash", "qr", "mde", "tt"])
+@pytest.mark.parametrize("embedding", ["lowrank", "hash", "qr", "mde", "tt", "jpq"])
 @pytest.mark.parametrize("budget", ["4x", "8x", "16x"])
 def test_each_solver_lands_within_90_to_100_percent_of_the_budget(tmp_path, embedding, budget):
-    config = _rival(tmp_path, embedding, budget)
+    config = _rival(tmp_path, embedding, budget, **({"jpq_centroids": 64} if embedding == "jpq" else {}))
     validate_config(config)
     choice = budget_choice(config, COUNTS)
     model = build_model(config, COUNTS)
@@ -148,8 +155,10 @@ def test_each_solver_lands_within_90_to_100_percent_of_the_budget(tmp_path, embe
     assert total <= choice.target
     # One rank of the low-rank table is V + dim parameters: where that step is more than a tenth of
     # the budget, the largest rank that fits may land lower (and the summary says how much lower).
-    step = len(COUNTS) + 32 if embedding == "lowrank" else 0.1 * choice.target
-    assert total >= 0.9 * choice.target or choice.target - total < step, (total, choice.target)
+    # So is one packed float of RecJPQ's codes per item (V parameters: up to 4 more sub-spaces at 64 centroids).
+    step = {"lowrank": len(COUNTS) + 32, "jpq": len(COUNTS)}.get(embedding, 0.1 * choice.target)
+    largest = embedding == "jpq" and dict(choice.options)["jpq_splits"] == 32  # one code per dimension: no larger table
+    assert total >= 0.9 * choice.target or choice.target - total < step or largest, (total, choice.target)
     plain = build_model(tiny_config(tmp_path, dim=32), COUNTS)  # untied, no output projection: the ratio's baseline
     assert choice.baseline == count_params(jax.eval_shape(lambda: init_params(plain, 0)))
     assert f"({choice.baseline / total:.2f}x" in choice.summary()
@@ -176,7 +185,7 @@ X = jnp.asarray(np.random.default_rng(4).integers(0, 61, size=(4, 10)), jnp.int3
 Y = jnp.asarray(np.random.default_rng(5).integers(1, 61, size=(4, 10)), jnp.int32)
 SMALL_COUNTS = np.concatenate([[0], np.arange(60, 0, -1)])
 TIED = {"lowrank": dict(rank=3), "hash": dict(hash_rows=13), "qr": dict(qr_buckets=7), "mde": dict(mde_blocks=4),
-        "tt": dict(tt_rank=2)}
+        "tt": dict(tt_rank=2), "jpq": dict(jpq_splits=3, jpq_centroids=5)}
 
 
 @pytest.mark.parametrize("embedding", list(TIED))
@@ -199,7 +208,10 @@ def test_tied_gradient_is_the_sum_of_both_uses(tmp_path, embedding, softmax):
     g_tied = jax.grad(loss)(params)["embed"]
     for name in g_tied:
         np.testing.assert_allclose(g_tied[name], g_in[name] + g_out[name], rtol=1e-4, atol=1e-6)
-        assert float(jnp.abs(g_out[name]).sum()) > 0  # the output use really reaches every table
+        if name == "codes":  # RecJPQ's codes are constants: no use reaches them
+            assert float(jnp.abs(g_tied[name]).sum()) == 0
+        else:
+            assert float(jnp.abs(g_out[name]).sum()) > 0  # the output use really reaches every table
 
 
 @pytest.mark.parametrize("embedding", list(TIED))
@@ -224,3 +236,57 @@ def test_tt_shapes_hold_every_item_and_factor_the_width():
     for d in (8, 48, 64, 7):
         assert math.prod(tt_dim_shape(d)) == d
     assert tt_dim_shape(64) == (4, 4, 4)
+
+
+# ----------------------------------------------------------------------------------------------
+# RecJPQ: codes fixed before training, scores gathered from sub-scores
+
+
+def test_jpq_gathered_scores_and_blocked_scores_equal_the_dense_reconstruction(monkeypatch):
+    from cprec.model.tables import jpq
+
+    table, params = _table(KINDS["jpq"])
+    want = np.asarray(H) @ _reference_rows("jpq", params, np.arange(V)).T
+    monkeypatch.setattr(tables.base, "SCORE_BLOCK", 7)  # several blocks, the last one padded
+    for rows in (H.shape[0], 0):  # the gathered sums (few rows), then the blocked rebuild
+        monkeypatch.setattr(jpq, "GATHER_ROWS", rows)
+        np.testing.assert_allclose(table.apply({"params": params}, H, method="logits"), want, rtol=1e-5, atol=1e-5)
+
+
+def test_jpq_svd_codes_are_deterministic_balanced_and_follow_the_data():
+    from cprec.model.tables.jpq import pack_codes, random_codes, svd_codes, unpack_codes
+
+    rng = np.random.default_rng(0)
+    # Two communities of windows: items 1-100 and 101-200 never meet, so the SVD's first component
+    # separates them and the first sub-space's codes split the two groups.
+    windows = np.concatenate([rng.integers(1, 101, (150, 11)), rng.integers(101, 201, (150, 11))])
+    codes = svd_codes(windows, 201, splits=4, centroids=8, seed=0)
+    np.testing.assert_array_equal(codes, svd_codes(windows, 201, splits=4, centroids=8, seed=0))
+    assert codes.shape == (201, 4) and codes.min() == 0 and codes.max() == 7
+    for k in range(4):  # equal-count bins: every centroid of every sub-space holds 25 or 26 items
+        assert set(np.bincount(codes[:, k], minlength=8)) <= {25, 26}
+    first = codes[1:, 0]
+    assert {len(set(first[:100]) & set(first[100:]))} <= {0, 1}  # the communities share at most a boundary bin
+    np.testing.assert_array_equal(np.asarray(unpack_codes(jnp.asarray(pack_codes(codes, 8)), 4, 8)), codes)
+    assert not np.array_equal(random_codes(201, 4, 8, seed=0), random_codes(201, 4, 8, seed=1))
+
+
+def test_jpq_codes_come_from_the_svd_and_never_change_in_training(tmp_path):
+    from cprec.model.builder import init_from_data
+    from cprec.model.tables.jpq import svd_codes, unpack_codes
+    from cprec.train import make_optimizer, make_train_step, new_train_state
+
+    config = tiny_config(tmp_path, embedding="jpq", jpq_splits=3, jpq_centroids=5, tie_embeddings=True)
+    config.optim.weight_decay = config.optim.table_weight_decay = 0.1  # decay must not reach the codes either
+    model = build_model(config, SMALL_COUNTS)
+    windows = np.asarray(jnp.concatenate([X, Y[:, -1:]], axis=1))
+    params = init_from_data(config, model, init_params(model, 0), windows)
+    np.testing.assert_array_equal(np.asarray(unpack_codes(params["embed"]["codes"], 3, 5)),
+                                  svd_codes(windows, 61, 3, 5, seed=config.seed))
+    before = jax.tree.map(np.array, params)  # the step donates its state
+    tx = make_optimizer(config, 10)
+    state, step = new_train_state(params, tx), make_train_step(model, tx, 0)
+    for _ in range(3):
+        state, _ = step(state, jnp.asarray(windows))
+    np.testing.assert_array_equal(state["params"]["embed"]["codes"], before["embed"]["codes"])
+    assert not np.allclose(state["params"]["embed"]["centroids"], before["embed"]["centroids"])

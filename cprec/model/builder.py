@@ -17,6 +17,8 @@ from cprec.model.nextitnet import NextItNet
 from cprec.model.sasrec import SASRec
 from cprec.model.sequential import SequentialRecommender
 from cprec.model.tables import CLUSTERED, SIZED, mde_cutoffs
+from cprec.model.tables.jpq import assign_codes, svd_codes
+from cprec.model.tables.pruned import pruned_count
 
 
 def residual_dilations(config: ml_collections.ConfigDict) -> tuple[int, ...]:
@@ -71,7 +73,7 @@ def uses_budget(config: ml_collections.ConfigDict) -> bool:
     if not str(m.budget):
         return False
     if sized(config):
-        return int(m[SIZED[m.embedding].keys[0]]) == 0
+        return float(m[SIZED[m.embedding].keys[0]]) == 0
     return clustered(config) and not (len(m.cutoffs) and len(m.ranks))
 
 
@@ -82,7 +84,7 @@ def table_options(config: ml_collections.ConfigDict, item_counts: np.ndarray) ->
     if uses_budget(config):
         return tuple(sorted(budget_choice(config, item_counts).options.items()))
     kind = SIZED[config.model.embedding]
-    return tuple((key, config.model[key]) for key in kind.keys)
+    return tuple(sorted((key, config.model[key]) for key in kind.keys))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +141,9 @@ def _solve_table(config: ml_collections.ConfigDict, counts: np.ndarray) -> Table
     options = {key: m[key] for key in kind.keys[1:]}
     smallest = {**options, kind.keys[0]: kind.smallest(num_items)}
     probe = _model(config, num_items, (), (), options=tuple(sorted(smallest.items())))
-    fixed, target, baseline = _fixed_and_target(config, probe, kind.param_count(num_items, d, smallest), num_items)
+    # The table as built (all of ``embed/``: a pruned table's zeros too) is what the rest is not.
+    built_table = count_params(jax.eval_shape(lambda: init_params(probe, 0))["embed"])
+    fixed, target, baseline = _fixed_and_target(config, probe, built_table, num_items)
     fit = kind.fit(target - fixed, num_items, d, options)
     if fit is None:
         reach = fixed + kind.param_count(num_items, d, smallest)
@@ -221,6 +225,20 @@ def init_params(model: SequentialRecommender, seed: int):
     return model.init(jax.random.PRNGKey(seed), jnp.ones((1, 2), jnp.int32))["params"]
 
 
+def init_from_data(config: ml_collections.ConfigDict, model: SequentialRecommender, params: Any,
+                   windows: np.ndarray) -> Any:
+    """``params`` with what the training data fixes before training: RecJPQ's SVD codes
+    (``model.jpq_assign='svd'``, from the training windows); the other tables start from ``params``."""
+    m = config.model
+    if m.embedding != "jpq" or m.jpq_assign != "svd":
+        return params
+    options = dict(model.table_options)
+    print(f"assigning RecJPQ codes: truncated SVD of the {len(windows):,} training windows' item matrix, "
+          f"{options['jpq_splits']} components", flush=True)
+    codes = svd_codes(windows, model.num_items, options["jpq_splits"], options["jpq_centroids"], config.seed)
+    return assign_codes(params, codes, options["jpq_centroids"])
+
+
 def count_params(tree) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
@@ -235,6 +253,11 @@ def param_report(model: SequentialRecommender, baseline: SequentialRecommender) 
     report = {f"params/{part}": count_params(shapes.get(key, {})) for part, key in
               (("embedding", "embed"), ("output", "head"))}
     report["params/residual_stack"] = total - report["params/embedding"] - report["params/output"]
+    if model.embedding == "prune":  # a pruned table counts its non-zeros
+        pruned = pruned_count(model.num_items, model.dim, dict(model.table_options)["prune_sparsity"])
+        report["params/embedding"] -= pruned
+        total -= pruned
+        report["params/pruned"] = pruned
     report["params/total"] = total
     report["params/bytes"] = int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)))
     report["params/baseline_total"] = base_total

@@ -20,11 +20,16 @@ ITEM_TABLES = (
     (re.compile(r"embed/rows"), 0),  # hashed rows [m, d] (a row per bucket of items)
     (re.compile(r"embed/(quotient|remainder)"), 0),  # quotient-remainder [ceil(V/m), d] and [m, d]
     (re.compile(r"embed/core_\d"), 0),  # tensor-train cores, item factor first
+    (re.compile(r"embed/centroids"), 0),  # RecJPQ's centroids [c, d] (a slice per centroid)
     (re.compile(r"head/kernel"), 1),  # full softmax [d, V]
     (re.compile(r"head/head"), 1),  # tree softmax head [d, k1 + n - 1]: head items and cluster tokens
     (re.compile(r"head/tokens"), 1),  # tied tree softmax: the cluster tokens' own columns [d, n - 1]
     (re.compile(r"head/tail_\d+_out"), 1),  # tree softmax tail cluster [d_j, k_j]
 )
+
+# Parameters that are constants of the model, never trained or decayed: RecJPQ's item codes, kept
+# in the parameter tree so checkpoints and exports carry them (cprec/model/tables/jpq.py).
+FROZEN = re.compile(r"embed/codes")
 
 # Layer-norm scales and biases are never decayed (the usual practice: decay pulls a scale toward
 # 0, not toward the identity, and a bias has nothing to overfit with).
@@ -48,4 +53,4 @@ def decay_group(name: str) -> str:
     """``'table'`` (item tables), ``'none'`` (layer-norm scales, biases) or ``'dense'`` (the rest)."""
     if item_table_axis(name) is not None:
         return "table"
-    return "none" if _NO_DECAY.fullmatch(name) else "dense"
+    return "none" if _NO_DECAY.fullmatch(name) or FROZEN.fullmatch(name) else "dense"

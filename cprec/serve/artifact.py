@@ -13,8 +13,11 @@ Layout (``FORMAT_VERSION`` 2), written by ``save_artifact`` (``python -m cprec.e
   int8: each quantised item table (``cprec.serve.quantize``) as three tensors ``<name>.q`` (uint8),
   ``<name>.scale`` and ``<name>.offset`` (float32, shaped to broadcast against ``q``: 1 on every axis
   but the item axis); item tables too thin to quantise row-wise (rank-1 and rank-2 tail clusters)
-  as bfloat16; the rest (conv kernels, biases, LayerNorms, projections) float32. The header metadata holds ``format`` (``cprec-params``),
-  ``dtype`` and ``quantized`` (JSON ``{name: item axis}``).
+  as bfloat16; the rest (conv kernels, biases, LayerNorms, projections) float32. Any dtype: an item
+  table with at least half its entries zero that is smaller as non-zeros and their positions (a
+  pruned one) is stored so (``cprec.serve.sparse``: ``<name>.indices``, ``.indptr`` and the values,
+  quantised for int8) and densified at load. The header metadata holds ``format`` (``cprec-params``),
+  ``dtype``, ``quantized`` (JSON ``{name: item axis}``) and ``sparse`` (JSON ``{name: {axis, shape}}``).
 - ``model.json``: the model's constructor kwargs (``model_fields``: the backbone, ``nextitnet`` when
   absent, the item layers and the backbone's own) and ``max_len`` (L, the history length the model
   was trained on, and SASRec's number of positions).
@@ -61,10 +64,14 @@ from cprec.model.builder import init_params
 from cprec.model.nextitnet import NextItNet
 from cprec.model.sasrec import SASRec
 from cprec.model.sequential import SequentialRecommender
+from cprec.serve.sparse import PARTS as SPARSE_PARTS
+from cprec.serve.sparse import densify, encode, worth_storing_sparse
 from cprec.serve.quantize import (QuantizedTable, dequantize_tree, is_quantized, item_table_axes, param_path,
                                   quantize_params)
 
 FORMAT_VERSION = 2
+# Bytes per entry of an item table stored densely (int8: its uint8 codes; scales and offsets aside).
+_DENSE_ITEM_BYTES = {"float32": 4, "bfloat16": 2, "int8": 1}
 READABLE_FORMATS = (1, 2)  # format 1: the id lists as plain JSON
 DTYPES = ("float32", "bfloat16", "int8")
 # The item layers' fields (every backbone), then each backbone's own (SASRec's max_len is model.json's).
@@ -169,8 +176,20 @@ def _unflatten(flat: Mapping[str, Any]) -> dict:
     return tree
 
 
-def _tensors(params: Any, dtype: str) -> tuple[dict[str, np.ndarray], dict[str, int], Any]:
-    """(safetensors dict, {quantised name: axis}, the params as load_artifact will return them)."""
+def _tensors(params: Any, dtype: str) -> tuple[dict[str, np.ndarray], dict[str, int], dict[str, dict], Any]:
+    """(safetensors dict, {quantised name: axis}, {sparse name: {axis, shape}}, the params as
+    load_artifact will return them). An item table that is smaller stored sparsely (a pruned one,
+    ``cprec.serve.sparse``) is; the rest as ``dtype`` says."""
+    flat_all = _flatten(params)
+    sparse, sparse_parts = {}, {}
+    for name, axis in item_table_axes(params).items():
+        table = np.asarray(flat_all[name])
+        # int8: a dense table's uint8 codes and a float32 scale and offset per slice
+        dense_bytes = table.size * _DENSE_ITEM_BYTES[dtype] + (8 * table.shape[axis] if dtype == "int8" else 0)
+        if worth_storing_sparse(table, axis, dense_bytes, dtype):
+            sparse[name] = {"axis": int(axis), "shape": list(table.shape)}
+            sparse_parts[name] = encode(table, axis, dtype)
+    params = _unflatten({k: v for k, v in flat_all.items() if k not in sparse})
     thin_tables: set[str] = set()
     if dtype == "int8":
         thin_tables = set(item_table_axes(params))
@@ -194,7 +213,15 @@ def _tensors(params: Any, dtype: str) -> tuple[dict[str, np.ndarray], dict[str, 
             tensors[name], loaded[name] = np.ascontiguousarray(stored), stored.astype(np.float32)
         else:
             tensors[name], loaded[name] = np.ascontiguousarray(array), array
-    return tensors, quantized, _unflatten(loaded)
+    for name, parts in sparse_parts.items():
+        tensors |= {f"{name}.{part}": np.ascontiguousarray(array) for part, array in parts.items()}
+        loaded[name] = np.asarray(densify(parts, tuple(sparse[name]["shape"]), sparse[name]["axis"]))
+    return tensors, quantized, sparse, _unflatten(loaded)
+
+
+def stored_param_bytes(params: Any, dtype: str) -> int:
+    """Bytes of ``params`` in an artifact's params.safetensors of ``dtype`` (tensors only, no header)."""
+    return int(sum(t.nbytes for t in _tensors(params, dtype)[0].values()))
 
 
 def _json_id(raw: Any, index: int) -> Any:
@@ -282,7 +309,7 @@ def save_artifact(out_dir: str | pathlib.Path, *, model_kwargs: dict, max_len: i
     if len(item_ids) != num_items or counts.shape != (num_items,):
         raise ValueError(f"{len(item_ids)} item ids and {counts.shape} counts for a model of {num_items} items")
     ids = [_json_id(raw, k) for k, raw in enumerate(item_ids)]
-    tensors, quantized, loaded_params = _tensors(params, dtype)
+    tensors, quantized, sparse, loaded_params = _tensors(params, dtype)
     kwargs = _model_kwargs(model_json)
     param_count = int(sum(np.prod(np.shape(t.q if is_quantized(t) else t)) for t in
                           jax.tree.leaves(loaded_params, is_leaf=is_quantized)))
@@ -294,6 +321,7 @@ def save_artifact(out_dir: str | pathlib.Path, *, model_kwargs: dict, max_len: i
         "dtype": dtype,
         "param_count": param_count,
         "quantized": quantized,
+        "sparse": sparse,
     }
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -302,7 +330,8 @@ def save_artifact(out_dir: str | pathlib.Path, *, model_kwargs: dict, max_len: i
     moved_old = False
     try:
         tmp.mkdir()
-        metadata = {"format": "cprec-params", "dtype": dtype, "quantized": json.dumps(quantized, sort_keys=True)}
+        metadata = {"format": "cprec-params", "dtype": dtype, "quantized": json.dumps(quantized, sort_keys=True),
+                    "sparse": json.dumps(sparse, sort_keys=True)}
         save_file(tensors, str(tmp / PARAMS_FILE), metadata=metadata)
         (tmp / MODEL_FILE).write_text(json.dumps(model_json, indent=2) + "\n")
         _write_compact_json(tmp / ITEMS_FILE, ids)
@@ -359,13 +388,19 @@ def _read_params(path: pathlib.Path) -> tuple[dict[str, np.ndarray], dict[str, s
     return tensors, metadata
 
 
-def params_from_tensors(tensors: Mapping[str, Any], quantized: Mapping[str, int]) -> dict:
-    """The nested parameters from the flat tensors of params.safetensors and its ``quantized``
-    metadata: QuantizedTable leaves for quantised tables, float32 for the rest (bfloat16 upcasts
-    exactly). Works on numpy and on traced jax arrays (the StableHLO export calls it inside).
+def params_from_tensors(tensors: Mapping[str, Any], quantized: Mapping[str, int],
+                        sparse: Mapping[str, Mapping] | None = None) -> dict:
+    """The nested parameters from the flat tensors of params.safetensors and its ``quantized`` and
+    ``sparse`` metadata: QuantizedTable leaves for quantised tables, float32 for the rest (bfloat16
+    upcasts exactly; a sparse table is densified). Works on numpy and on traced jax arrays (the
+    StableHLO export calls it inside).
     """
     rest = dict(tensors)
     flat: dict[str, Any] = {}
+    for name, spec in (sparse or {}).items():
+        parts = {part: rest.pop(f"{name}.{part}") for part in SPARSE_PARTS if f"{name}.{part}" in rest}
+        dense = densify(parts, tuple(spec["shape"]), int(spec["axis"]))
+        flat[name] = np.asarray(dense) if isinstance(parts["indices"], np.ndarray) else dense
     for name, axis in quantized.items():
         q, scale, offset = (rest.pop(f"{name}.{part}") for part in _QUANT_PARTS)
         flat[name] = QuantizedTable(q, scale.astype(np.float32), offset.astype(np.float32), int(axis))
@@ -404,10 +439,12 @@ def load_artifact(path: str | pathlib.Path) -> Artifact:
     tensors, metadata = _read_params(directory / PARAMS_FILE)
     try:
         quantized = {name: int(axis) for name, axis in json.loads(metadata.get("quantized", "{}")).items()}
-    except (ValueError, TypeError, AttributeError):
+        sparse = {name: {"axis": int(spec["axis"]), "shape": [int(n) for n in spec["shape"]]}
+                  for name, spec in json.loads(metadata.get("sparse", "{}")).items()}
+    except (ValueError, TypeError, AttributeError, KeyError):
         raise ArtifactError(f"{directory / PARAMS_FILE} has unreadable metadata; export the artifact again") from None
     try:
-        params = params_from_tensors(tensors, quantized)
+        params = params_from_tensors(tensors, quantized, sparse)
     except KeyError as e:
         raise ArtifactError(f"{directory / PARAMS_FILE} lacks the tensor {e}; export the artifact again") from None
     flat = _flatten(params)

@@ -53,7 +53,8 @@ TOP_N = 20
 PLATFORMS = ("cpu", "cuda")
 
 
-def recommend_fn(model: NextItNet, stats: Any, n: int, quantized: dict[str, int], padded_window: tuple) -> Callable:
+def recommend_fn(model: NextItNet, stats: Any, n: int, quantized: dict[str, int], padded_window: tuple,
+                 sparse: dict[str, dict] | None = None) -> Callable:
     """(tensors, histories [B, L], exclude [B, E], max_clusters [B]) -> (scores, ids, exact).
 
     ``tensors``: params.safetensors' flat dict. ``recommend_program``, the computation
@@ -61,7 +62,7 @@ def recommend_fn(model: NextItNet, stats: Any, n: int, quantized: dict[str, int]
     program suits CPU and GPU) and the whole batch in one pass.
     """
     def fn(tensors, histories, exclude, max_clusters):
-        scores, ids, _, exact = recommend_program(model, params_from_tensors(tensors, quantized), stats, histories,
+        scores, ids, _, exact = recommend_program(model, params_from_tensors(tensors, quantized, sparse), stats, histories,
                                                   exclude, max_clusters, n, padded_window, None, padded_conv)
         return scores, ids, exact
     return fn
@@ -91,7 +92,8 @@ def export_recommend(directory: pathlib.Path, artifact: Artifact, batch_sizes: S
     # A SASRec encodes the window as it is (padding masked); a NextItNet needs its padding's left context.
     padded = None if isinstance(model, SASRec) else jax.tree.map(
         np.asarray, jax.jit(lambda p: padding_window(model, p, max_len))(float_params))
-    fn = jax.jit(recommend_fn(model, stats, n, quantized, padded))
+    sparse = artifact.manifest.get("sparse", {})
+    fn = jax.jit(recommend_fn(model, stats, n, quantized, padded, sparse))
     files = {}
     for b in sorted(set(int(b) for b in batch_sizes)):
         args = (specs, jax.ShapeDtypeStruct((b, max_len), np.int32), jax.ShapeDtypeStruct((b, max_exclude), np.int32),

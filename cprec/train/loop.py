@@ -27,7 +27,8 @@ from cprec.errors import CprecError, WorkdirError
 from cprec.eval.evaluate import eval_splits, evaluate_split, make_rank_fn, topk_latency_ms
 from cprec.eval.metrics import popularity_ranks, rank_metrics
 from cprec.jsonfile import write_json
-from cprec.model.builder import budget_choice, build_model, init_params, param_report, uncompressed_config, uses_budget
+from cprec.model.builder import (budget_choice, build_model, init_from_data, init_params, param_report,
+                                 uncompressed_config, uses_budget)
 from cprec.model.sequential import SequentialRecommender
 from cprec.runtime.allocator import keep_freed_memory
 from cprec.runtime.checkpointing import Checkpointer, best_state_like
@@ -36,6 +37,7 @@ from cprec.train.batching import WindowBatcher
 from cprec.train.metric_writer import MetricWriter
 from cprec.train.micro_batch import num_micro_batches
 from cprec.train.sampling import Sampler
+from cprec.train.pruning import make_pruner
 from cprec.train.sparse_tables import make_sparse_train_step, new_sparse_state
 from cprec.train.step import learning_rate, loss_capacities, make_optimizer, make_train_step, new_train_state
 
@@ -124,7 +126,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         total_steps = int(config.train.num_steps)
     else:
         total_steps = int(config.train.num_epochs * batcher.steps_per_epoch)
-    state, train_step = make_training(config, model, data.item_counts, total_steps, micro_batches)
+    state, train_step = make_training(config, model, data.item_counts, total_steps, micro_batches, data.train)
 
     with contextlib.ExitStack() as closing:  # closing the checkpointers finishes their async saves, even on errors
         ckpt = Checkpointer(workdir, config.train.keep_checkpoints)
@@ -160,14 +162,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
 
 def make_training(config: ml_collections.ConfigDict, model: SequentialRecommender, item_counts: np.ndarray, total_steps: int,
-              micro_batches: int) -> tuple[dict, Callable]:
+                  micro_batches: int, windows: np.ndarray | None = None) -> tuple[dict, Callable]:
     """The initial train state and the jitted step: the optax optimizer over every parameter, or with
-    ``optim.sparse_tables`` a lazy Adam for the item tables and the optax optimizer for the rest."""
+    ``optim.sparse_tables`` a lazy Adam for the item tables and the optax optimizer for the rest.
+    ``windows``: the training windows, for what the data fixes before training (``init_from_data``)."""
     sampler = Sampler.from_config(config, item_counts)
     params = init_params(model, config.seed)
+    if windows is not None:
+        params = init_from_data(config, model, params, windows)
     if not config.optim.sparse_tables:
         tx = make_optimizer(config, total_steps)
-        return new_train_state(params, tx), make_train_step(model, tx, config.seed, micro_batches, sampler)
+        pruner = make_pruner(config, total_steps, dict(model.table_options).get("prune_sparsity"))
+        return new_train_state(params, tx), make_train_step(model, tx, config.seed, micro_batches, sampler, pruner)
     dense_tx = make_optimizer(config, total_steps, clip=False)  # the step clips every gradient at once
     lr = learning_rate(config, total_steps)
     step = make_sparse_train_step(model, config, dense_tx, lr if callable(lr) else (lambda count: lr), sampler,

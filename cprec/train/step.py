@@ -123,8 +123,9 @@ def make_batch_grads(model: SequentialRecommender, micro_batches: int = 1, froze
 
 
 def make_train_step(model: SequentialRecommender, tx: optax.GradientTransformation, seed: int, micro_batches: int = 1,
-                    sampler: Sampler | None = None):
-    """One jitted step on a [B, L+1] window batch (``make_batch_grads``, then ``tx``); the state is donated."""
+                    sampler: Sampler | None = None, pruner: Callable | None = None):
+    """One jitted step on a [B, L+1] window batch (``make_batch_grads``, then ``tx``, then ``pruner``
+    (``cprec.train.pruning``) if given); the state is donated."""
     base_rng = jax.random.PRNGKey(seed)
     batch_grads = make_batch_grads(model, micro_batches, sampler=sampler)
 
@@ -135,7 +136,10 @@ def make_train_step(model: SequentialRecommender, tx: optax.GradientTransformati
         scale = 1.0 / jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g * scale, grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": state["step"] + 1}
+        new_params = optax.apply_updates(params, updates)
+        if pruner is not None:
+            new_params = pruner(new_params, params, state["step"] + 1)
+        new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
         return new_state, {"loss": total * scale, "tokens": count, "grad_norm": optax.tree.norm(grads)}
 
     return jax.jit(step, donate_argnums=0)

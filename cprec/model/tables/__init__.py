@@ -2,7 +2,7 @@
 
 ``model.embedding`` picks one: ``full`` (uncompressed), ``blockwise`` (CpRec), ``mde``
 (mixed-dimension, Ginart et al.), ``lowrank`` (ALBERT), ``hash`` (the hashing trick), ``qr``
-(quotient-remainder, Shi et al.), ``tt`` (tensor-train, TT-Rec). Tied (``model.tie_embeddings``), the same table is the output
+(quotient-remainder, Shi et al.), ``tt`` (tensor-train, TT-Rec), ``jpq`` (RecJPQ's sub-item codes), ``prune`` (the full table, magnitude-pruned). Tied (``model.tie_embeddings``), the same table is the output
 layer of the full or sampled softmax; CpRec's tree softmax ties to ``blockwise`` only.
 """
 from __future__ import annotations
@@ -13,9 +13,11 @@ from typing import Any, Callable, NamedTuple
 from cprec.model.tables.base import ItemTable
 from cprec.model.tables.blockwise import BlockwiseEmbedding, blockwise_param_count
 from cprec.model.tables.full import FullTable, full_param_count
+from cprec.model.tables.jpq import JPQ_ASSIGN, JPQTable, jpq_fit, jpq_param_count
 from cprec.model.tables.hashing import HashTable, hash_fit, hash_param_count
 from cprec.model.tables.lowrank import LowRankTable, lowrank_fit, lowrank_param_count
 from cprec.model.tables.mde import mde_cutoffs
+from cprec.model.tables.pruned import PrunedTable, prune_fit, prune_param_count
 from cprec.model.tables.qr import QR_OPS, QRTable, qr_fit, qr_param_count
 from cprec.model.tables.tt import TTTable, tt_fit, tt_param_count
 
@@ -35,6 +37,8 @@ SIZED = {
     "hash": Sized(HashTable, ("hash_rows",), hash_param_count, hash_fit, lambda v: 1),
     "qr": Sized(QRTable, ("qr_buckets", "qr_op"), qr_param_count, qr_fit, lambda v: math.isqrt(v - 1) + 1),
     "tt": Sized(TTTable, ("tt_rank",), tt_param_count, tt_fit, lambda v: 1),
+    "jpq": Sized(JPQTable, ("jpq_splits", "jpq_centroids", "jpq_assign"), jpq_param_count, jpq_fit, lambda v: 1),
+    "prune": Sized(PrunedTable, ("prune_sparsity",), prune_param_count, prune_fit, lambda v: 1 - 1 / v),
 }
 CLUSTERED = ("blockwise", "mde")  # sized by cutoffs and ranks (cprec.model.budget)
 TABLES = ("full",) + CLUSTERED + tuple(SIZED)
@@ -50,5 +54,5 @@ def make_table(kind: str, num_items: int, dim: int, cutoffs: tuple[int, ...] = (
     return SIZED[kind].module(num_items, dim, **dict(options))
 
 
-__all__ = ["BlockwiseEmbedding", "CLUSTERED", "FullTable", "HashTable", "ItemTable", "LowRankTable", "QRTable",
+__all__ = ["BlockwiseEmbedding", "CLUSTERED", "FullTable", "HashTable", "ItemTable", "JPQ_ASSIGN", "JPQTable", "LowRankTable", "PrunedTable", "QRTable",
            "QR_OPS", "SIZED", "TTTable", "TABLES", "blockwise_param_count", "full_param_count", "make_table", "mde_cutoffs"]
