@@ -4,6 +4,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from cprec.bench.serving_conv import main
 from cprec.model.nextitnet import NextItNet
@@ -12,6 +13,7 @@ from cprec.serve.artifact import model_kwargs_of, save_artifact
 V = 40
 
 
+@pytest.mark.slow  # kept out of CI: another test covers this path faster (run with -m slow)
 def test_conv_ab_reports_both_convs_and_identical_answers(tmp_path):
     model = NextItNet(num_items=V, dim=8, dilations=(1, 2, 4), embedding="blockwise", softmax="tree",
                       cutoffs=(10, 25, V), ranks=(8, 4, 2), sharing="cross_block")

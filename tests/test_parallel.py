@@ -105,6 +105,7 @@ def test_a_host_late_to_its_first_collective_is_waited_for():
     assert all("TOTAL 2.0" in out for out in outs), outs
 
 
+@pytest.mark.slow  # kept out of CI: another test covers this path faster (run with -m slow)
 def test_two_hosts_match_one(one_device):
     """Two processes joined by jax.distributed, as two SLURM tasks would be, train like one device."""
     _run_hosts([SCRIPT, str(one_device / "cache"), str(one_device / "hosts"), "16", "0"], ports_from=40000)

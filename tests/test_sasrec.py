@@ -98,6 +98,7 @@ def test_conv_only_sharing_schemes_are_a_config_error(tmp_path, sharing):
         validate_config(tiny_config(tmp_path, backbone="sasrec", sharing=sharing))
 
 
+@pytest.mark.slow  # kept out of CI: another test covers this path faster (run with -m slow)
 def test_sasrec_with_cprec_layers_trains_and_evaluates(tmp_path):
     from cprec.train import train_and_evaluate
 

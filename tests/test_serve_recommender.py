@@ -269,7 +269,7 @@ def test_per_row_exclusions_and_an_empty_session_start(served):
     assert session.recommend(10).items == want.items
 
 
-@pytest.mark.parametrize("context", ["window", "stream"])
+@pytest.mark.parametrize("context", ["window", pytest.param("stream", marks=pytest.mark.slow)])
 def test_encoding_in_row_chunks_equals_the_whole_batch(context):
     """A batch over the encoder's chunk size runs as lax.map over chunks: same answers as one pass
     (up to float32 rounding: XLA blocks the matmuls of another shape differently)."""
@@ -288,7 +288,7 @@ def test_encoding_in_row_chunks_equals_the_whole_batch(context):
                                rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("context", ["window", "stream"])
+@pytest.mark.parametrize("context", ["window", pytest.param("stream", marks=pytest.mark.slow)])
 def test_short_histories_encode_at_a_narrower_width_with_the_same_answers(context):
     """Length buckets: a batch is encoded at the smallest width holding its longest history, the
     padding before it taken from the activations computed at load; same answers as full width."""

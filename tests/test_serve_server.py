@@ -167,6 +167,7 @@ def test_a_batch_failing_after_its_first_round_applies_no_event_twice(served, mo
         np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow  # kept out of CI: another test covers this path faster (run with -m slow)
 def test_a_session_says_whether_it_was_cached_new_or_rebuilt(served):
     running, _ = served
     url = running.url + "/v1/sessions/{}/events"
@@ -458,6 +459,7 @@ def _requests_of_every_shape(rec, store):
     return out
 
 
+@pytest.mark.slow  # kept out of CI: another test covers this path faster (run with -m slow)
 def test_warmup_compiles_every_batch_size_and_history_width(artifact):
     """After the whole warm-up no request of the default shapes compiles: any batch size up to the
     maximum, any history length (each length bucket), session events, up to 256 candidates."""
@@ -471,6 +473,7 @@ def test_warmup_compiles_every_batch_size_and_history_width(artifact):
     assert _compiled(rec) == compiled
 
 
+@pytest.mark.slow  # kept out of CI: another test covers this path faster (run with -m slow)
 def test_the_first_warmup_stage_answers_everything_without_a_compile(artifact):
     """Before the background warm-up compiled anything, every request is answered by the one-row
     shapes (a batch in chunks of one row), with the same answers as a fully compiled server."""

@@ -44,8 +44,8 @@ def _steps(config, counts, batches, sparse: bool):
     return state, losses
 
 
-@pytest.mark.parametrize("tied", [False, True])
-@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+@pytest.mark.parametrize("tied", [False, pytest.param(True, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("schedule", ["constant", pytest.param("cosine", marks=pytest.mark.slow)])
 def test_rows_touched_at_every_step_follow_dense_adam(tied, schedule):
     # Every id is an input and a target of every batch (padding included), so every row of both
     # tables has a gradient at every step: lazy and dense Adam must agree on every parameter.

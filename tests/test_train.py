@@ -289,8 +289,10 @@ def _validated_steps(workdir):
     return [line["step"] for line in lines if "val/ndcg@10" in line], [line["step"] for line in lines if "train/loss" in line]
 
 
-@pytest.mark.parametrize("stop_at,eval_every,softmax,sparse", [(11, 6, "full", False), (5, 1, "full", False),
-                                                                (7, 6, "sampled", False), (7, 6, "sampled", True)])
+@pytest.mark.parametrize("stop_at,eval_every,softmax,sparse", [(11, 6, "full", False),
+                                                                pytest.param(5, 1, "full", False, marks=pytest.mark.slow),
+                                                                pytest.param(7, 6, "sampled", False, marks=pytest.mark.slow),
+                                                                (7, 6, "sampled", True)])
 def test_a_resumed_run_does_what_an_uninterrupted_one_does(tiny, tmp_path, monkeypatch, stop_at, eval_every, softmax,
                                                            sparse):
     # (11, 6): resumed one step before the end, whose first step is the last; it must still validate,

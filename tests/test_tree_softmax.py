@@ -463,6 +463,7 @@ def _near_tie_clusters(rows: int, seed: int):
     return jnp.asarray(head), projs, outs, jnp.asarray(h)
 
 
+@pytest.mark.slow  # kept out of CI: another test covers this path faster (run with -m slow)
 def test_early_stop_stays_exact_when_matmuls_round_like_tf32(emulated_tf32):
     from cprec.model.tree_softmax import tree_log_prob, tree_top_k
 
