@@ -105,18 +105,18 @@ def test_the_rivals_grid_keeps_its_trial_names_and_validates_for_both_backbones(
     from cprec.config import load_config_file
     grid = expand(f"{ROOT}/experiments/rivals.py:synthetic30k")
     # part 1: 5 methods x 4 budgets x 2 lrs + the baseline x 2 lrs, in the order the first runs were named
-    assert len(grid) == 5 * 4 * 2 + 2 + 2 * 4 * 2
+    assert len(grid) == 5 * 4 * 2 + 2 + 3 * 4 * 2
     assert grid[4].name == "04_embedding=blockwise,softmax=tree,budget=20x,lr=0.001"
     assert grid[40].overrides["model.embedding"] == "full" and grid[40].overrides["model.sharing"] == "none"
-    assert {t.overrides["model.embedding"] for t in grid[42:]} == {"tt", "jpq"}  # later methods come after
+    assert {t.overrides["model.embedding"] for t in grid[42:]} == {"tt", "jpq", "prune"}  # later methods come after
     seeds = expand(f"{ROOT}/experiments/rivals.py:synthetic30k,sweep=seeds")
-    assert len(seeds) == 8 * 2 and {t.overrides["seed"] for t in seeds} == {1, 2}
-    assert len(expand(f"{ROOT}/experiments/rivals.py:ml100k,backbone=sasrec")) == 5 * 2 * 2 + 2 + 2 * 2 * 2
+    assert len(seeds) == 9 * 2 and {t.overrides["seed"] for t in seeds} == {1, 2}
+    assert len(expand(f"{ROOT}/experiments/rivals.py:ml100k,backbone=sasrec")) == 5 * 2 * 2 + 2 + 3 * 2 * 2
     # the grid in three steps: every method and the baseline x the rates at 20x, then the other budgets
     tune = expand(f"{ROOT}/experiments/rivals.py:synthetic30k,sweep=tune")
-    assert len(tune) == 8 * 2 and {t.overrides["model.budget"] for t in tune if "model.budget" in t.overrides} == {"20x", ""}
+    assert len(tune) == 9 * 2 and {t.overrides["model.budget"] for t in tune if "model.budget" in t.overrides} == {"20x", ""}
     budgets = expand(f"{ROOT}/experiments/rivals.py:synthetic30k,sweep=budgets")
-    assert len(budgets) == 7 * 3 and "20x" not in {t.overrides["model.budget"] for t in budgets}
+    assert len(budgets) == 8 * 3 and "20x" not in {t.overrides["model.budget"] for t in budgets}
     sasrec = load_config_file(f"{ROOT}/experiments/rivals.py:synthetic30k,method=qr,backbone=sasrec")
     assert (sasrec.model.backbone, sasrec.model.embedding, sasrec.model.tie_embeddings) == ("sasrec", "qr", True)
     with pytest.raises(ConfigError, match="method='pq' is unknown"):
