@@ -14,6 +14,7 @@ from tests.helpers import tiny_config
 TREE = dict(embedding="blockwise", softmax="tree", cutoffs=(20, 40), ranks=(8, 4, 2))
 
 
+@pytest.mark.slow
 def test_frozen_tables_get_no_gradient_and_the_rest_the_same(tmp_path):
     counts = zipf_counts(61, 1.0)
     model = build_model(tiny_config(tmp_path, **TREE), counts)

@@ -133,6 +133,7 @@ def test_ranks_without_cutoffs_and_budget_without_clusters_are_refused(tmp_path)
         validate_config(tiny_config(tmp_path, budget="2x"))
 
 
+@pytest.mark.slow
 def test_a_run_records_the_choice_and_loads_back_the_same_model(tmp_path, capsys):
     config = tiny_config(tmp_path / "data", embedding="blockwise", softmax="tree", budget="1.5x")  # 61 ids
     workdir = tmp_path / "run"

@@ -59,6 +59,7 @@ def _top20(model, params, x):
     return np.asarray(scores), np.asarray(ids)
 
 
+@pytest.mark.slow
 def test_every_dtype_recommends_like_the_run(csv_run, tmp_path, capsys):
     run = load_run(csv_run / "run")
     x = np.asarray(run.data.test_inputs[:16])
@@ -216,6 +217,7 @@ def test_the_exclusion_width_is_set_at_export(csv_run, tmp_path):
                                              pytest.param("lowrank", {"rank": 3}, marks=pytest.mark.slow),
                                              ("jpq", {"jpq_splits": 3, "jpq_centroids": 5}),
                                              ("prune", {"prune_sparsity": 0.8})])
+@pytest.mark.slow
 def test_a_rival_exports_and_serves_the_top20_of_its_run(tmp_path, embedding, size):
     """A compressed item table tied to the full softmax: trained, exported (float32 with StableHLO,
     int8), and served by the Recommender, with the run's own top-20."""

@@ -71,6 +71,7 @@ def _untied_params(shared_params, scheme):
     return p
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheme", [s for s in SHARING_SCHEMES if s != "none"])
 def test_shared_forward_equals_hand_tied_and_grad_sums_uses(scheme):
     shared = ResidualStack(D, DILATIONS, scheme)

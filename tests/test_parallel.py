@@ -56,6 +56,7 @@ def _same_run(root: pathlib.Path, name: str) -> None:
 
 
 # Whole batch; 2 micro-batches of 2 rows per device (slow: 30 s, the micro-batched step has its own tests).
+@pytest.mark.slow
 @pytest.mark.parametrize("micro_batch_size", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_four_devices_match_one(one_device, micro_batch_size):
     _train(one_device, f"four-{micro_batch_size}", 4, micro_batch_size=micro_batch_size)

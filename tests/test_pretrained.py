@@ -24,6 +24,7 @@ def tree_run(tmp_path_factory):
     return base / "run", config, test
 
 
+@pytest.mark.slow
 def test_load_run_reproduces_the_test_metrics(tree_run):
     workdir, config, test = tree_run
     run = load_run(workdir)
@@ -61,6 +62,7 @@ def test_load_run_errors(tmp_path, tree_run):
         load_run(copy)
 
 
+@pytest.mark.slow
 def test_trained_topk_bench_matches_the_full_ranking(tree_run, tmp_path, capsys):
     out = tmp_path / "bench.json"
     res = trained_topk.main([str(tree_run[0]), "--n", "5", "--batches", "1", "8", "--repeats", "1", "--out", str(out)])
@@ -71,6 +73,7 @@ def test_trained_topk_bench_matches_the_full_ranking(tree_run, tmp_path, capsys)
     assert "identical True" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_serving_bench_scores_the_exports_with_the_runs_own_evaluation(tree_run, tmp_path, capsys):
     workdir, _, test = tree_run
     res = serving.main([str(workdir), "--exports", str(tmp_path / "exports"), "--sections", "sizes,quality",

@@ -115,6 +115,7 @@ def test_sasrec_with_cprec_layers_trains_and_evaluates(tmp_path):
     assert isinstance(run.model, SASRec) and run.model.embedding == "blockwise"
 
 
+@pytest.mark.slow
 def test_a_sasrec_run_exports_and_serves_its_top20_and_sessions(tmp_path):
     """Export (float32 with StableHLO) -> Recommender gives the run's top-20; a session's appends
     (past a full window) give what a stateless request for the same history gives."""
@@ -145,6 +146,7 @@ def test_a_sasrec_run_exports_and_serves_its_top20_and_sessions(tmp_path):
     assert session.recommend(10, exclude_seen=False).items == want.items
 
 
+@pytest.mark.slow
 def test_kv_cache_state_equals_a_full_recompute_and_batches_equal_single_rows(tmp_path):
     from cprec.serve import kv_cache
 

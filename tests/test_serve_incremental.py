@@ -79,6 +79,7 @@ def setup(request):
     return model, params, inc.padding_row(model, params)
 
 
+@pytest.mark.slow
 def test_receptive_field_is_exact():
     model = make_model()
     params = perturbed_params(model)
@@ -119,6 +120,7 @@ def test_encoding_a_suffix_equals_encode_of_the_whole_window(setup, suffix):
         inc.window_prefixes(model, inc.padding_window(model, params, t), t + 1)
 
 
+@pytest.mark.slow
 def test_append_matches_encode_of_a_long_padded_window(setup):
     model, params, row = setup
     hist = histories(LENGTHS, max(LENGTHS), seed=0)
@@ -138,6 +140,7 @@ def test_append_matches_encode_of_a_long_padded_window(setup):
         assert_states_close(s, state)
 
 
+@pytest.mark.slow
 def test_appending_more_equals_recomputing_the_whole_history(setup):
     model, params, row = setup
     first_lengths, more_lengths = (0, 2, 30, 9, 55), (4, 0, 25, 1, 12)
@@ -169,6 +172,7 @@ def test_masked_steps_leave_the_state_unchanged(setup):
     np.testing.assert_array_equal(h[~mask], state["h"][~mask])
 
 
+@pytest.mark.slow
 def test_padding_state_is_not_zero_and_matters():
     model = make_model("none", "blockwise")
     params = perturbed_params(model)

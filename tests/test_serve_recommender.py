@@ -120,6 +120,7 @@ def test_bad_n_is_a_request_error(served):
             rec.recommend([_raw([1])], n=n)
 
 
+@pytest.mark.slow
 def test_cluster_budget_trades_exactness(served):
     art, rec = served
     full = rec.recommend([_raw(h) for h in HISTORIES], n=25, exclude_seen=False)
@@ -215,6 +216,7 @@ def test_session_store_is_bounded_lru(served):
     assert small.delete("z") and not small.delete("z")
 
 
+@pytest.mark.slow
 def test_batched_session_appends_equal_one_at_a_time():
     art = _artifact("tree")  # the output layer does not matter here; the tree one has cluster budgets
     stream = Recommender(art, context="stream", max_batch=2)  # 3 sessions: two batches, one padded
@@ -253,6 +255,7 @@ def test_batched_session_appends_equal_one_at_a_time():
         assert b.seen == a.seen
 
 
+@pytest.mark.slow
 def test_per_row_exclusions_and_an_empty_session_start(served):
     art, rec = served
     mixed = rec.recommend([_raw(h) for h in HISTORIES[:2]], n=10, exclude_seen=[True, False])
@@ -269,6 +272,7 @@ def test_per_row_exclusions_and_an_empty_session_start(served):
     assert session.recommend(10).items == want.items
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("context", ["window", pytest.param("stream", marks=pytest.mark.slow)])
 def test_encoding_in_row_chunks_equals_the_whole_batch(context):
     """A batch over the encoder's chunk size runs as lax.map over chunks: same answers as one pass
@@ -288,6 +292,7 @@ def test_encoding_in_row_chunks_equals_the_whole_batch(context):
                                rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("context", ["window", pytest.param("stream", marks=pytest.mark.slow)])
 def test_short_histories_encode_at_a_narrower_width_with_the_same_answers(context):
     """Length buckets: a batch is encoded at the smallest width holding its longest history, the

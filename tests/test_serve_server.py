@@ -385,6 +385,7 @@ def test_an_exception_outside_the_compute_fails_its_batch_and_the_batcher_goes_o
     assert second.status_code == 200
 
 
+@pytest.mark.slow
 def test_delete_and_healthz_do_not_wait_for_a_session_batch(served, monkeypatch):
     running, rec = served
     assert _post(running.url, "/v1/sessions/to-delete/events", {"items": ["movie-1"]}).status_code == 200
@@ -552,6 +553,7 @@ def _start_command(artifact, *args):
     return proc, f"http://127.0.0.1:{port}", lines
 
 
+@pytest.mark.slow
 def test_the_command_serves_stops_cleanly_on_sigterm_and_keeps_its_sessions(artifact, tmp_path):
     sessions = tmp_path / "sessions"
     proc, url, lines = _start_command(artifact, "--max-batch-size", "4", "--batch-timeout-ms", "3000",

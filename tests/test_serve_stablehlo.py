@@ -82,6 +82,7 @@ def artifacts(tmp_path_factory):
             [("tree", "float32"), ("tree", "int8"), ("tree", "bfloat16"), ("full", "float32")]}
 
 
+@pytest.mark.slow
 def test_the_exports_recommend_like_the_recommender_without_cprec(artifacts, tmp_path):
     n = 15
     request = {"artifacts": [str(a) for a in artifacts.values()], "histories": [_raw(h) for h in HISTORIES],

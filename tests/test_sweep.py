@@ -182,6 +182,7 @@ def test_bad_sweeps_are_config_errors(tmp_path, body, message):
         (["--summarize=nowhere"], "nowhere is not a directory"),
     ],
 )
+@pytest.mark.slow
 def test_cli_sweep_errors_are_one_line(tmp_path, args, message):
     path = write_config(tmp_path, 'return seeds(2)')
     args = [a.replace("ARG_SWEEP", f"{path}:sweep=x") for a in args]
@@ -205,6 +206,7 @@ def test_cli_lists_trials_without_running_them(tmp_path):
 
 # --- the local launcher and summaries -------------------------------------------------------------
 
+@pytest.mark.slow
 def test_local_launcher_records_failures_skips_finished_and_summarizes(tmp_path):
     path = write_config(tmp_path, """
         good = product({"model.sharing": ["none", "cross_layer"]})

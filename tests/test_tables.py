@@ -188,6 +188,7 @@ TIED = {"lowrank": dict(rank=3), "hash": dict(hash_rows=13), "qr": dict(qr_bucke
         "tt": dict(tt_rank=2), "jpq": dict(jpq_splits=3, jpq_centroids=5)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("embedding", list(TIED))
 @pytest.mark.parametrize("softmax", ["full", "sampled"])
 def test_tied_gradient_is_the_sum_of_both_uses(tmp_path, embedding, softmax):

@@ -23,6 +23,7 @@ def _snapshot(path: pathlib.Path) -> dict[str, bytes]:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("micro_batches", [1, 4])
 def test_train_step_compiles_once(tiny, micro_batches):
     config = tiny()
@@ -237,6 +238,7 @@ def test_failed_start_leaves_no_workdir(tiny, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_compression_report_is_saved(tiny, tmp_path):
     config = tiny(embedding="blockwise", softmax="tree", sharing="cross_block", cutoffs=(20, 40))
     config.train.num_steps = 4

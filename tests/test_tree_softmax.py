@@ -216,6 +216,7 @@ def test_cluster_bound_is_an_upper_bound(params, scale):
         np.testing.assert_allclose(best, -np.log(k), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_top_k_flat_model_skips_clusters_whose_token_beats_the_nth_item(params):
     """A flat model: every cluster token beats the n-th best item, but no single tail item does."""
     module = _module()

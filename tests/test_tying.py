@@ -145,6 +145,7 @@ def test_decay_groups_name_tables_dense_weights_and_the_undecayed():
     assert decay_group("stack/ln_0_1/scale") == decay_group("stack/biases") == decay_group("head/proj/bias") == "none"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["adam", "adamw"])
 def test_weight_decay_moves_exactly_its_group(tmp_path, name):
     config = tiny_config(tmp_path, **TREE, tie_embeddings=True, output_projection=True)
