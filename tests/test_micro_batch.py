@@ -15,7 +15,6 @@ from cprec.train import make_optimizer, make_train_step, new_train_state
 
 @pytest.mark.parametrize("layers", [{}, pytest.param({"embedding": "blockwise", "softmax": "tree", "cutoffs": (20, 40)},
                                                      marks=pytest.mark.slow)])
-@pytest.mark.slow
 def test_micro_batched_step_equals_the_whole_batch_step(tiny, layers):
     config = tiny(**layers)
     config.optim.name, config.optim.lr, config.optim.clip_norm = "sgd", 1.0, 0.0  # params - grads

@@ -55,9 +55,9 @@ def _same_run(root: pathlib.Path, name: str) -> None:
     assert b == pytest.approx(a, rel=1e-4, abs=1e-6)
 
 
-# Whole batch; 2 micro-batches of 2 rows per device (slow: 30 s, the micro-batched step has its own tests).
+# Whole batch; 2 micro-batches of 2 rows per device.
 @pytest.mark.slow
-@pytest.mark.parametrize("micro_batch_size", [0, pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("micro_batch_size", [0, 2])
 def test_four_devices_match_one(one_device, micro_batch_size):
     _train(one_device, f"four-{micro_batch_size}", 4, micro_batch_size=micro_batch_size)
     _same_run(one_device, f"four-{micro_batch_size}")

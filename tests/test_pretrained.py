@@ -24,7 +24,6 @@ def tree_run(tmp_path_factory):
     return base / "run", config, test
 
 
-@pytest.mark.slow
 def test_load_run_reproduces_the_test_metrics(tree_run):
     workdir, config, test = tree_run
     run = load_run(workdir)

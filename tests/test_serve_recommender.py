@@ -273,7 +273,7 @@ def test_per_row_exclusions_and_an_empty_session_start(served):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("context", ["window", pytest.param("stream", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("context", ["window", "stream"])
 def test_encoding_in_row_chunks_equals_the_whole_batch(context):
     """A batch over the encoder's chunk size runs as lax.map over chunks: same answers as one pass
     (up to float32 rounding: XLA blocks the matmuls of another shape differently)."""
@@ -293,7 +293,7 @@ def test_encoding_in_row_chunks_equals_the_whole_batch(context):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("context", ["window", pytest.param("stream", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("context", ["window", "stream"])
 def test_short_histories_encode_at_a_narrower_width_with_the_same_answers(context):
     """Length buckets: a batch is encoded at the smallest width holding its longest history, the
     padding before it taken from the activations computed at load; same answers as full width."""

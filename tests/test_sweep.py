@@ -182,7 +182,6 @@ def test_bad_sweeps_are_config_errors(tmp_path, body, message):
         (["--summarize=nowhere"], "nowhere is not a directory"),
     ],
 )
-@pytest.mark.slow
 def test_cli_sweep_errors_are_one_line(tmp_path, args, message):
     path = write_config(tmp_path, 'return seeds(2)')
     args = [a.replace("ARG_SWEEP", f"{path}:sweep=x") for a in args]
