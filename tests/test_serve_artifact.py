@@ -79,7 +79,9 @@ def test_item_table_axes_names_exactly_the_item_tables(tmp_path):
     assert {n for n, k in kinds.items() if k} == {"embed/head", "embed/tail_1_emb", "head/head", "head/tail_1_out"}
 
 
-@pytest.mark.parametrize("kw", [{}, TREE, {"tie_embeddings": True, "output_projection": True},
+# CI: the plain model and CpRec with every table tied; the two between them with -m slow.
+@pytest.mark.parametrize("kw", [{}, pytest.param(TREE, marks=pytest.mark.slow),
+                                pytest.param({"tie_embeddings": True, "output_projection": True}, marks=pytest.mark.slow),
                                 # d = 16: at d = 8 the tied tables are so few that safetensors' headers
                                 # for the codes, scales and offsets outweigh the bytes int8 saves
                                 {**TREE, "dim": 16, "ranks": (16, 4, 2), "tie_embeddings": True,

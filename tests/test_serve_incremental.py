@@ -68,11 +68,12 @@ def assert_states_close(a, b):
 
 
 # Every sharing scheme and both embeddings (they do not interact: the embedding goes through the model,
-# sharing only picks kernels), kept to four models for the run time.
-CASES = [("none", "full"), ("none", "blockwise"), ("cross_block", "full"), ("adjacent_block", "blockwise")]
+# sharing only picks kernels), kept to four models for the run time; the two without sharing run with -m slow.
+CASES = [pytest.param(("none", "full"), marks=pytest.mark.slow), pytest.param(("none", "blockwise"), marks=pytest.mark.slow),
+         ("cross_block", "full"), ("adjacent_block", "blockwise")]
 
 
-@pytest.fixture(scope="module", params=CASES, ids=lambda c: f"{c[0]}-{c[1]}")
+@pytest.fixture(scope="module", params=CASES, ids=["none-full", "none-blockwise", "cross_block-full", "adjacent_block-blockwise"])
 def setup(request):
     model = make_model(*request.param)
     params = perturbed_params(model)

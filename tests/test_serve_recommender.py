@@ -54,7 +54,10 @@ def _reference_top(model, params, histories, n, exclude_seen, window=L):
 
 
 # Two rivals: the factorised score (lowrank) and the generic blocked one (qr); tests/test_tables.py has the rest.
-@pytest.fixture(scope="module", params=["tree", "full", "tree-tied", "lowrank", "qr"])
+# CI serves the two output layers (tree and full); the tied and rival tables run with -m slow, and
+# tests/test_tables.py checks every rival's top-k against its full log_prob in CI.
+@pytest.fixture(scope="module", params=["tree", "full", *(pytest.param(k, marks=pytest.mark.slow)
+                                                         for k in ("tree-tied", "lowrank", "qr"))])
 def served(request):
     art = _artifact(request.param)
     return art, Recommender(art)

@@ -173,13 +173,14 @@ def test_bad_sweeps_are_config_errors(tmp_path, body, message):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--sweep", "--config.model.dimm=3"], "unknown config key 'model.dimm'"),
+        # Two in CI (the other flags' checks are a few lines of run.py; 2-3 s of imports each).
+        pytest.param(["--sweep", "--config.model.dimm=3"], "unknown config key 'model.dimm'", marks=pytest.mark.slow),
         (["--sweep", "--config.seed=3"], "--config.seed is set by the sweep itself"),
-        (["--launcher=local"], "launches a sweep; add --sweep"),
-        (["--sweep", "--workdir=runs/x"], "--workdir is for a single run"),
+        pytest.param(["--launcher=local"], "launches a sweep; add --sweep", marks=pytest.mark.slow),
+        pytest.param(["--sweep", "--workdir=runs/x"], "--workdir is for a single run", marks=pytest.mark.slow),
         (["--config=ARG_SWEEP", "--workdir=runs/x"], "names a sweep variant; add --sweep"),
-        (["--sweep", "--launcher=local", "--parallel=0"], "--parallel=0 is invalid"),
-        (["--summarize=nowhere"], "nowhere is not a directory"),
+        pytest.param(["--sweep", "--launcher=local", "--parallel=0"], "--parallel=0 is invalid", marks=pytest.mark.slow),
+        pytest.param(["--summarize=nowhere"], "nowhere is not a directory", marks=pytest.mark.slow),
     ],
 )
 def test_cli_sweep_errors_are_one_line(tmp_path, args, message):

@@ -215,7 +215,9 @@ def test_tied_gradient_is_the_sum_of_both_uses(tmp_path, embedding, softmax):
             assert float(jnp.abs(g_out[name]).sum()) > 0  # the output use really reaches every table
 
 
-@pytest.mark.parametrize("embedding", list(TIED))
+# CI: the factorised (lowrank), generic blocked (qr) and gathered (jpq) scores; the rest with -m slow.
+@pytest.mark.parametrize("embedding", [e if e in ("lowrank", "qr", "jpq") else pytest.param(e, marks=pytest.mark.slow)
+                                       for e in TIED])
 def test_tied_top_k_is_the_exact_top_of_the_full_log_prob(tmp_path, embedding):
     model = build_model(tiny_config(tmp_path, embedding=embedding, tie_embeddings=True, output_projection=True,
                                     **TIED[embedding]), SMALL_COUNTS)

@@ -10,9 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cprec.sweep import apply_overrides
 from cprec.train.batching import WindowBatcher
 from cprec.data import load_dataset
-from cprec.errors import DataError, WorkdirError
+from cprec.errors import ConfigError, DataError, WorkdirError
 from cprec.model.builder import build_model, init_params
 from cprec.train import TrainingDiverged, make_optimizer, make_train_step, new_train_state, train_and_evaluate
 
@@ -168,18 +169,36 @@ def _tiny_flags(cache):
             "--config.model.num_blocks=1", "--config.train.batch_size=16", "--config.eval.batch_size=32"]
 
 
+# Each bad value is a ConfigError raised before anything is written (checked in-process: a
+# subprocess per value costs 2-3 s of imports); two of them also through the CLI, where a
+# ConfigError becomes one line on stderr and exit status 2.
+BAD_CONFIGS = [
+    ({"model.dim": 0}, "config.model.dim=0 is invalid: must be > 0"),
+    ({"model.dilations": ()}, "config.model.dilations=() is invalid: must not be empty"),
+    ({"model.dilations": (1, 0)}, "every dilation must be >= 1"),
+    ({"data.max_len": 1}, "config.data.max_len=1 is invalid: L must be >= 2"),
+    ({"model.sharing": "foo"}, "valid choices: none, cross_layer"),
+    ({"train.micro_batch_size": -1}, "config.train.micro_batch_size=-1 is invalid: must be >= 0"),
+    ({"train.micro_batch_size": 5}, "micro_batch_size=5 does not divide the 16 rows"),
+    ({"eval.ks": (0,)}, "config.eval.ks=(0,) is invalid: must be a non-empty tuple of positive cut-offs"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD_CONFIGS)
+def test_bad_config_is_a_config_error_before_anything_is_written(tiny, tmp_path, override, message):
+    config = tiny()
+    apply_overrides(config, override)
+    with pytest.raises(ConfigError) as info:
+        train_and_evaluate(config, str(tmp_path / "run"))
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize(
     "override,message",
     [
         ("--config.model.dimm=3", "unknown config key 'model.dimm' (did you mean 'model.dim'?)"),
-        ("--config.model.dim=0", "config.model.dim=0 is invalid: must be > 0"),
-        ("--config.model.dilations=()", "config.model.dilations=() is invalid: must not be empty"),
         ("--config.model.dilations=(1,0)", "every dilation must be >= 1"),
-        ("--config.data.max_len=1", "config.data.max_len=1 is invalid: L must be >= 2"),
-        ("--config.model.sharing=foo", "valid choices: none, cross_layer"),
-        ("--config.train.micro_batch_size=-1", "config.train.micro_batch_size=-1 is invalid: must be >= 0"),
-        ("--config.train.micro_batch_size=5", "micro_batch_size=5 does not divide the 16 rows"),
-        ("--config.eval.ks=(0,)", "config.eval.ks=(0,) is invalid: must be a non-empty tuple of positive cut-offs"),
     ],
 )
 def test_cli_bad_config_is_one_line(tmp_path, override, message):

@@ -76,7 +76,7 @@ def test_log_prob_is_a_distribution_with_tree_semantics(params):
 
 # (8, 8, 32) in test_blocked_paths. Without capacities, 300 rows route the clusters' tokens into
 # different ones of the 64 / 128 / 256 / 300-row buffers.
-@pytest.mark.parametrize("capacities, n", [(None, 64), (None, 300), ((8, 8, 8), 64)])
+@pytest.mark.parametrize("capacities, n", [pytest.param(None, 64, marks=pytest.mark.slow), (None, 300), ((8, 8, 8), 64)])
 def test_loss_and_grads_match_reference(params, capacities, n):
     module = _module(capacities)
     h = _h(n)

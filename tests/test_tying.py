@@ -78,7 +78,9 @@ def _untied_copy(kw, tied_params):
 TIED_KWS = [dict(), dict(output_projection=True), dict(**TREE), dict(**TREE, tie_projections=True, output_projection=True)]
 
 
-@pytest.mark.parametrize("kw", TIED_KWS, ids=["full", "full-proj", "tree", "tree-tieproj-proj"])
+# CI: the two with the output projection (they include the others' paths); those without with -m slow.
+@pytest.mark.parametrize("kw", [pytest.param(kw, marks=pytest.mark.slow) if "output_projection" not in kw else kw
+                                for kw in TIED_KWS], ids=["full", "full-proj", "tree", "tree-tieproj-proj"])
 def test_tied_gradient_is_the_sum_of_both_uses_and_outputs_match_untied(tmp_path, kw):
     tied_model = _model(tmp_path, **kw, tie_embeddings=True)
     untied_kw = {k: v for k, v in kw.items() if k != "tie_projections"}
