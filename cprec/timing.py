@@ -18,3 +18,19 @@ def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) 
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def interleaved_median_seconds(fns: dict[str, Callable[[], object]], repeats: int = 5,
+                               warmup: int = 1) -> dict[str, float]:
+    """Median wall time of each fn, the fns timed in turn within every round (A/B/A/B...), so a
+    noisy shared machine's slow spells fall on all of them alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            jax.block_until_ready(fn())
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}

@@ -39,8 +39,8 @@ from cprec.model.builder import build_model, init_params
 from cprec.runtime.checkpointing import Checkpointer
 from cprec.serve.artifact import DTYPES, load_artifact
 from cprec.serve.quantize import dequantize_tree
-from cprec.serve.recommender import Recommender
-from cprec.timing import median_seconds
+from cprec.serve.recommender import Recommender, left_padded
+from cprec.timing import interleaved_median_seconds, median_seconds
 
 SECTIONS = ("sizes", "quality", "latency")
 SCORE_CANDIDATES = (100, 1_000, 10_000)
@@ -200,14 +200,18 @@ def latency(exports: pathlib.Path, histories: list[np.ndarray], batch: int, repe
 
 
 def score_costs(rec: Recommender, history: np.ndarray, repeats: int) -> dict:
-    """``score`` of M random candidates against a full log_prob over the catalogue, batch 1."""
+    """``score`` of M random candidates against encode + a full log_prob over the catalogue, batch 1,
+    timed in turn within each round: ``score_*_ms`` end to end (raw ids in, Python floats out),
+    ``score_*_device_ms`` the one jitted call alone (internal ids in, the array out)."""
     model = rec.model
     full = jax.jit(lambda p, h: model.apply({"params": dequantize_tree(p)}, h, method=lambda m, x: m.head.log_prob(x)))
     raw_history = [rec.ids.raw[i] for i in history]
+    x = left_padded([list(history)], rec.history_width([list(history)]), 1)
     h = rec.hidden([list(history)])
-    out = {"full_log_prob_ms": _ms(lambda: full(rec.params, h), repeats)}
-    rng = np.random.default_rng(0)
     lp = np.asarray(full(rec.params, h))[0]
+    encode_full = lambda: full(rec.params, rec.hidden([list(history)]))
+    out = {}
+    rng = np.random.default_rng(0)
     counts = np.asarray(rec.artifact.item_counts, np.float64)[1:] + 1.0
     for m in SCORE_CANDIDATES:
         # Uniform candidates reach every tail cluster (the worst case: all normalisers); a retrieval
@@ -215,11 +219,17 @@ def score_costs(rec: Recommender, history: np.ndarray, repeats: int) -> dict:
         for kind, internal in (("uniform", rng.integers(1, rec.num_items, m)),
                                ("popular", rng.choice(np.arange(1, rec.num_items), m, p=counts / counts.sum()))):
             cands = [rec.ids.raw[int(i)] for i in internal]
-            out[f"score_{m}_{kind}_ms"] = _ms(lambda: rec.score(raw_history, cands), repeats)
+            padded = np.zeros((1, rec.candidate_width(m)), np.int32)
+            padded[0, :m] = internal
+            # score() returns Python lists: nothing to wait for (block_until_ready would walk 10,000 floats).
+            t = interleaved_median_seconds({"full": encode_full, "score": lambda: rec.score(raw_history, cands) and None,
+                                            "device": lambda: rec._score_fn(rec.params, x, padded)}, repeats, warmup=2)
+            out[f"score_{m}_{kind}_ms"], out[f"score_{m}_{kind}_device_ms"] = 1e3 * t["score"], 1e3 * t["device"]
+            out[f"score_{m}_{kind}_encode_full_log_prob_ms"] = 1e3 * t["full"]
             got = np.asarray(rec.score(raw_history, cands).scores, np.float64)
             out[f"score_{m}_{kind}_max_abs_error"] = float(np.max(np.abs(got - lp[internal])))
     # score() encodes the history too: the comparison that counts is against encode + full log_prob.
-    out["encode_full_log_prob_ms"] = _ms(lambda: full(rec.params, rec.hidden([list(history)])), repeats)
+    out["encode_full_log_prob_ms"] = float(np.median([v for k, v in out.items() if k.endswith("_full_log_prob_ms")]))
     print("[latency] score: " + ", ".join(f"{k} {v:.3g}" for k, v in out.items()), flush=True)
     return out
 

@@ -139,7 +139,7 @@ def server(results: pathlib.Path) -> plt.Figure:
     tp.set_ylabel("throughput (requests/s)")
     p99.set_ylabel("p99 latency (ms, log scale)")
     p99.set_yscale("log")
-    fig.suptitle("HTTP server, 1M items, int8 CpRec, 2-core CPU (wrk, 10 s per point)", fontsize=10)
+    fig.suptitle("HTTP server, 1M items, int8 CpRec, 2-core CPU (wrk, closed loop)", fontsize=10)
     fig.tight_layout()
     return fig
 

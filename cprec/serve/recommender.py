@@ -538,10 +538,11 @@ class Recommender:
                 scores = np.asarray(self._score_fn(self.params, x, cand))
                 for k, r in enumerate(chunk):
                     ids = internal[r]
-                    values = scores[k, :len(ids)].astype(object)
-                    missing = np.flatnonzero(ids == 0)
-                    values[missing] = None
-                    out[r] = Scores(values.tolist(), [*unknown[r], *(candidates[r][j] for j in missing)])
+                    values = scores[k, :len(ids)].tolist()  # Python floats at once (no object array)
+                    missing = np.flatnonzero(ids == 0).tolist()
+                    for j in missing:
+                        values[j] = None
+                    out[r] = Scores(values, [*unknown[r], *(candidates[r][j] for j in missing)])
                 self.shapes.note("score", shape)
         return out
 
