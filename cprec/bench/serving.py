@@ -202,7 +202,8 @@ def latency(exports: pathlib.Path, histories: list[np.ndarray], batch: int, repe
 def score_costs(rec: Recommender, history: np.ndarray, repeats: int) -> dict:
     """``score`` of M random candidates against encode + a full log_prob over the catalogue, batch 1,
     timed in turn within each round: ``score_*_ms`` end to end (raw ids in, Python floats out),
-    ``score_*_device_ms`` the one jitted call alone (internal ids in, the array out)."""
+    ``score_*_device_ms`` the one jitted call alone (internal ids in, the array out), and
+    ``score_*_full_log_prob_end_to_end_ms`` the full log_prob doing score()'s whole job."""
     model = rec.model
     full = jax.jit(lambda p, h: model.apply({"params": dequantize_tree(p)}, h, method=lambda m, x: m.head.log_prob(x)))
     raw_history = [rec.ids.raw[i] for i in history]
@@ -210,6 +211,13 @@ def score_costs(rec: Recommender, history: np.ndarray, repeats: int) -> dict:
     h = rec.hidden([list(history)])
     lp = np.asarray(full(rec.params, h))[0]
     encode_full = lambda: full(rec.params, rec.hidden([list(history)]))
+
+    def full_then_pick(cands: list) -> None:
+        """What score() replaces, end to end as score() is: raw ids looked up, the full log_prob
+        computed, the candidates' entries picked and returned as Python floats."""
+        known, _ = rec.ids.internal(raw_history)
+        np.asarray(full(rec.params, rec.hidden([known])))[0, rec.ids.lookup_array(cands)].tolist()
+
     out = {}
     rng = np.random.default_rng(0)
     counts = np.asarray(rec.artifact.item_counts, np.float64)[1:] + 1.0
@@ -223,9 +231,11 @@ def score_costs(rec: Recommender, history: np.ndarray, repeats: int) -> dict:
             padded[0, :m] = internal
             # score() returns Python lists: nothing to wait for (block_until_ready would walk 10,000 floats).
             t = interleaved_median_seconds({"full": encode_full, "score": lambda: rec.score(raw_history, cands) and None,
-                                            "device": lambda: rec._score_fn(rec.params, x, padded)}, repeats, warmup=2)
+                                            "device": lambda: rec._score_fn(rec.params, x, padded),
+                                            "full_pick": lambda: full_then_pick(cands)}, repeats, warmup=2)
             out[f"score_{m}_{kind}_ms"], out[f"score_{m}_{kind}_device_ms"] = 1e3 * t["score"], 1e3 * t["device"]
             out[f"score_{m}_{kind}_encode_full_log_prob_ms"] = 1e3 * t["full"]
+            out[f"score_{m}_{kind}_full_log_prob_end_to_end_ms"] = 1e3 * t["full_pick"]
             got = np.asarray(rec.score(raw_history, cands).scores, np.float64)
             out[f"score_{m}_{kind}_max_abs_error"] = float(np.max(np.abs(got - lp[internal])))
     # score() encodes the history too: the comparison that counts is against encode + full log_prob.
