@@ -4,7 +4,7 @@ Runs in its own virtual environment, no part of requirements.txt (RecBole 1.2.1 
 
   python -m venv ../recbole-venv
   ../recbole-venv/bin/pip install "setuptools<70" torch==2.13.0 "recbole==1.2.1" "numpy<2" "pandas<2.2" "scipy<1.14"
-  ../recbole-venv/bin/python experiments/peers/recbole_sasrec.py --data_path ../shared/data --out results/peer-recbole-sasrec-ml100k.json
+  ../recbole-venv/bin/python experiments/peers/recbole_sasrec.py --data_path ../shared/data --out bench_results/peer-recbole-sasrec-ml100k.json
 
 The protocol is cprec's `experiments/sasrec.py:ml100k`: users and items with at least 5
 interactions, leave-one-out by time (the last item of each user is the test target, the one before
@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import tempfile
 import time
 
 # RecBole 1.2.1 reloads its own best checkpoint with torch.load, which torch >= 2.6 refuses by default.
@@ -40,16 +41,18 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=2020, help="RecBole's default seed")
     p.add_argument("--epochs", type=int, default=300)
     args = p.parse_args()
+    data_path, out_path = os.path.abspath(args.data_path), os.path.abspath(args.out)
+    os.chdir(tempfile.mkdtemp(prefix="recbole-"))  # RecBole writes log_tensorboard/ into the working directory
     start = time.perf_counter()
     config = Config(model="SASRec", dataset="ml-100k", config_dict={
-        "data_path": args.data_path, "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
+        "data_path": data_path, "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
         "user_inter_num_interval": "[5,inf)", "item_inter_num_interval": "[5,inf)",
         "MAX_ITEM_LIST_LENGTH": 50, "loss_type": "CE", "train_neg_sample_args": None,
         "train_batch_size": 256, "eval_batch_size": 256, "epochs": args.epochs, "eval_step": 1, "stopping_step": 10,
         "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full", "group_by": "user"},
         "metrics": ["Hit", "NDCG", "MRR"], "topk": [5, 10, 20], "valid_metric": "MRR@10",
         "seed": args.seed, "reproducibility": True, "use_gpu": False, "show_progress": False,
-        "checkpoint_dir": "/tmp/recbole-saved"})
+        "checkpoint_dir": "saved"})
     init_seed(config["seed"], config["reproducibility"])
     dataset = create_dataset(config)
     train_data, valid_data, test_data = data_preparation(config, dataset)
@@ -88,7 +91,8 @@ def main() -> None:
            "median_train_epoch_s": sorted(r["train_s"] for r in epochs)[len(epochs) // 2],
            "test": {k: float(v) for k, v in test.items()},
            "command": "python experiments/peers/recbole_sasrec.py --data_path DATA --out OUT"}
-    with open(args.out, "w") as f:
+    os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    with open(out_path, "w") as f:
         json.dump(out, f, indent=1)
     print(json.dumps({k: out[k] for k in ("best_epoch", "wall_s_to_best", "median_train_epoch_s", "test")}), flush=True)
 
