@@ -201,3 +201,22 @@ def test_the_rivals_table_chooses_the_lr_on_validation_and_averages_its_seeds(tm
     _rival_trial(tmp_path / "again", "e", "lowrank", "20x", 3e-3, 1, val=0.10, mrr=0.30)
     rows = rival_rows(update_records([tmp_path / "again"], records, with_bytes=False))
     assert rows[0]["seeds"] == "0 1" and rows[0]["test/mrr@5"] == pytest.approx(0.35)
+
+
+def test_a_rate_not_yet_tried_by_every_method_at_a_budget_is_not_chosen(tmp_path):
+    from cprec.report.rivals import rival_rows, update_records
+
+    sweep = tmp_path / "tune"
+    _rival_trial(sweep, "a", "lowrank", "20x", 1e-3, 0, val=0.50, mrr=0.50)
+    _rival_trial(sweep, "b", "lowrank", "20x", 3e-3, 0, val=0.90, mrr=0.90)  # better, but hash lacks 3e-3 so far
+    _rival_trial(sweep, "c", "hash", "20x", 1e-3, 0, val=0.30, mrr=0.30)
+    _rival_trial(sweep, "d", "hash", "10x", 3e-3, 0, val=0.20, mrr=0.20)  # another budget: its own rates
+    rows = {(r["method"], r["budget"]): r for r in rival_rows(update_records([sweep], tmp_path / "t.jsonl", False))}
+    low = rows[("low-rank", "20x")]
+    assert low["lr"] == 1e-3 and low["test/mrr@5"] == 0.50 and low["lrs_tried"] == "0.001 (+0.003)"
+    assert rows[("hashing", "10x")]["lr"] == 3e-3
+    # once every method at 20x has tried 3e-3, it competes
+    _rival_trial(tmp_path / "later", "e", "hash", "20x", 3e-3, 0, val=0.10, mrr=0.10)
+    rows = {(r["method"], r["budget"]): r for r in rival_rows(update_records([tmp_path / "later"], tmp_path / "t.jsonl", False))}
+    assert rows[("low-rank", "20x")]["lr"] == 3e-3 and rows[("low-rank", "20x")]["lrs_tried"] == "0.001, 0.003"
+    assert rows[("hashing", "20x")]["lr"] == 1e-3

@@ -3,7 +3,8 @@
 Each finished trial of the sweeps is recorded in results/trials/NAME.jsonl (committed, so trials run
 in different sessions or on different machines add up; a rerun of a setting replaces its record),
 and the table is rendered from every record. For each (method, budget): the learning rate whose seed-0 run has the
-best validation NDCG@10 (the tuning rule every method gets; test metrics never choose), then the
+best validation NDCG@10 among the rates every method at that budget has tried (the tuning rule every
+method gets; test metrics never choose; a rate not yet tried by all is shown in parentheses), then the
 mean and sample standard deviation over that rate's seeds of the test metrics, and the parameters,
 training speed and top-20 latency; the stored bytes of the seed-0 run's selected parameters in
 float32 and as an int8 export (row-wise 8-bit item tables, ``cprec.serve.quantize``; a pruned table
@@ -98,12 +99,22 @@ def rival_rows(records: list[dict]) -> list[dict]:
     groups: dict[tuple, dict[float, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for t in records:
         groups[(t["method"], t["budget"])][t["lr"]].append(t)
+    # Equal tuning effort while trials accumulate: at each budget, only the rates that every method
+    # there has tried can be chosen (a method's other rates are shown in parentheses, not used), so
+    # no method gets an extra rate before the others; no common rate: each group's own rates.
+    common: dict[str, set[float]] = {}
+    for (method, budget), by_lr in groups.items():
+        common[budget] = common.get(budget, set(by_lr)) & set(by_lr)
     rows = []
     for (method, budget), by_lr in groups.items():
-        lr, runs = max(by_lr.items(), key=lambda kv: _selection_score(kv[1]))
+        eligible = {lr: runs for lr, runs in by_lr.items() if lr in common[budget]} or by_lr
+        lr, runs = max(eligible.items(), key=lambda kv: _selection_score(kv[1]))
         runs = sorted(runs, key=lambda r: r["seed"])
+        pending = sorted(set(by_lr) - set(eligible))
+        tried = ", ".join(f"{x:g}" for x in sorted(eligible)) + (
+            f" (+{', '.join(f'{x:g}' for x in pending)})" if pending else "")
         row = {"method": method, "budget": budget, "lr": lr, "size": runs[0]["size"],
-               "seeds": " ".join(str(r["seed"]) for r in runs), "lrs_tried": ", ".join(f"{x:g}" for x in sorted(by_lr))}
+               "seeds": " ".join(str(r["seed"]) for r in runs), "lrs_tried": tried}
         for key in (*RECORDED, SELECT):
             column = [r[key] for r in runs if key in r]
             if column:
