@@ -57,7 +57,8 @@ def trial_record(run: pathlib.Path, with_bytes: bool = True) -> dict:
     m = config["model"]
     size = config.get("budget", {})
     if "options" in size:
-        chosen = ", ".join(f"{k} {v}" for k, v in sorted(size["options"].items()) if k != "qr_op")
+        chosen = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                           for k, v in sorted(size["options"].items()) if k != "qr_op")
     elif size:
         chosen = "ranks " + "/".join(map(str, size["ranks"]))
     else:
