@@ -88,9 +88,9 @@ def test_blocked_scores_equal_the_dense_product(name, block, monkeypatch):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["qr-mult", "tt"])
+@pytest.mark.parametrize("name", ["qr-mult"])
 def test_the_generic_blocked_path_scores_tables_without_a_factorised_score(monkeypatch, name):
-    # qr-mult and tt have no factorised score; their logits must come from ItemTable.logits' blocks.
+    # qr-mult has no factorised score; its logits must come from ItemTable.logits' blocks.
     calls = []
     real = tables.base.jax.lax.map
     monkeypatch.setattr(tables.base.jax.lax, "map", lambda f, xs: calls.append(xs.shape) or real(f, xs))
@@ -98,6 +98,21 @@ def test_the_generic_blocked_path_scores_tables_without_a_factorised_score(monke
     table, params = _table(KINDS[name])
     table.apply({"params": params}, H, method="logits")
     assert calls == [(4, 16)]
+
+
+def test_tt_scores_and_rebuilds_its_table_as_a_train_not_row_by_row(monkeypatch):
+    from cprec.model.tables.tt import TTTable
+
+    table, params = _table(KINDS["tt"])
+    rows = _reference_rows("tt", params, np.arange(V))
+
+    def no_row_lookups(self, ids):
+        raise AssertionError("TT scoring gathered rows one by one")
+
+    monkeypatch.setattr(TTTable, "__call__", no_row_lookups)
+    np.testing.assert_allclose(table.apply({"params": params}, method="dense"), rows, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(table.apply({"params": params}, H, method="logits"), np.asarray(H) @ rows.T,
+                               rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", list(KINDS))
