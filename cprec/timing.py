@@ -10,14 +10,7 @@ import jax
 
 def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
     """Median wall time of fn() over `repeats` runs after `warmup` runs (blocks on jax outputs)."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return interleaved_median_seconds({"fn": fn}, repeats, warmup)["fn"]
 
 
 def interleaved_median_seconds(fns: dict[str, Callable[[], object]], repeats: int = 5,
