@@ -63,6 +63,10 @@ def test_train_and_evaluate_outputs_and_no_retrain(tiny, tmp_path, capsys):
     assert json.loads((workdir / "config.json").read_text())["model"]["dim"] == 8
     val = [(line["val/ndcg@10"], -line["step"]) for line in lines if "val/ndcg@10" in line]
     assert lines[-1]["test/selected_step"] == -max(val)[1]  # first step with the best validation score
+    walls = [line["val/wall_s"] for line in lines if "val/wall_s" in line]
+    results = json.loads((workdir / "results.json").read_text())
+    assert len(walls) == len(val) and walls == sorted(walls) and 0 < walls[0]
+    assert results["wall_s"] > walls[-1] and results["wall_s_resumed_from_step"] == 0
     assert list(workdir.glob("events.out.tfevents.*"))
     assert (workdir / "checkpoints" / "12").is_dir()
     before = _snapshot(workdir)

@@ -88,6 +88,7 @@ def _format_eta(seconds: float) -> str:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
     """Trains, evaluates on validation periodically and on test at the end; returns the test metrics."""
+    started = time.perf_counter()  # wall times (val/wall_s, results' wall_s) count data preparation and compiling
     validate_config(config)
     keep_freed_memory()  # faster steps on CPU: freed buffers are reused, not returned (cprec/runtime/allocator.py)
     initialize_distributed()  # before any computation: joins the hosts of a multi-task SLURM job
@@ -144,7 +145,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         if not start:
             _write_run_header(writer, config, data, report)
         validator = _Validator(config, data, model, parallel)
-        progress = _Progress(total_steps, batcher.steps_per_epoch, ckpt.directory, writer)
+        progress = _Progress(total_steps, batcher.steps_per_epoch, ckpt.directory, writer, started)
         state = _train(config.train, state, start, total_steps, train_step, batcher, parallel, ckpt, best,
                        progress, validator, writer)
         params = best.params() if best.step else state["params"]
@@ -156,8 +157,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     # The command and date a results/ table cites (results/README.md).
     provenance = {"command": " ".join(["python", *map(shlex.quote, sys.argv)]),
                   "date": datetime.datetime.now(datetime.timezone.utc).date().isoformat()}
+    # A resumed run's wall time is that of its last attempt, and says so.
+    wall = {"wall_s": time.perf_counter() - started, "wall_s_resumed_from_step": start}
     write_json(results_path, {"step": total_steps, "test": test, "test_params": tested, "report": report,
-                              **provenance}, sort_keys=True)
+                              **wall, **provenance}, sort_keys=True)
     return test
 
 
@@ -201,7 +204,7 @@ def _train(t: ml_collections.ConfigDict, state: dict, start: int, total_steps: i
             progress.log(done)
         if validate:
             val = validator("val", state["params"], done)
-            writer.scalars(done, {f"val/{k}": v for k, v in val.items()})
+            writer.scalars(done, {f"val/{k}": v for k, v in val.items()} | {"val/wall_s": progress.wall_s()})
             best.offer(done, val, state["params"])
             print(f"step {done} validation: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items() if "@" in k), flush=True)
         if save:
@@ -304,8 +307,10 @@ class _Progress:
     without waiting for the host. The step that compiled is left out of the throughput.
     """
 
-    def __init__(self, total_steps: int, steps_per_epoch: int, ckpt_dir: pathlib.Path, writer: MetricWriter) -> None:
+    def __init__(self, total_steps: int, steps_per_epoch: int, ckpt_dir: pathlib.Path, writer: MetricWriter,
+                 started: float | None = None) -> None:
         self.total_steps, self.steps_per_epoch, self.ckpt_dir, self.writer = total_steps, steps_per_epoch, ckpt_dir, writer
+        self.started = time.perf_counter() if started is None else started
         self._pending: list[dict[str, jax.Array]] = []  # on the device, not yet checked
         self._fetched: list[dict[str, np.ndarray]] = []  # checked, not yet logged
         self._timer: float | None = None
@@ -317,6 +322,10 @@ class _Progress:
             jax.block_until_ready(metrics["loss"])
             self._timer, self._untimed = time.perf_counter(), self._untimed + 1
         self._pending.append(metrics)
+
+    def wall_s(self) -> float:
+        """Seconds since the run (this attempt of it) started, data preparation and compiling included."""
+        return time.perf_counter() - self.started
 
     def check_finite(self, done: int) -> None:
         fetched = jax.device_get(self._pending)
