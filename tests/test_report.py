@@ -75,9 +75,10 @@ def test_add_puts_a_runs_results_json_in_a_table(tmp_path):
     run = tmp_path / "runs" / "mine"
     run.mkdir(parents=True)
     (run / "results.json").write_text(json.dumps(
-        {"step": 10, "test": {"mrr@5": 0.61234}, "report": {"params/total": 5000}}))
+        {"step": 10, "test": {"mrr@5": 0.61234}, "report": {"params/total": 5000}, "wall_s": 12.5}))
     row = add_run(run, "t", {"run": "mine"}, results)
     assert row["test/mrr@5"] == 0.61234 and row["params/total"] == 5000 and row["_source"].endswith("results.json")
+    assert run_values(run)["wall_s"] == 12.5  # the run's wall time, for a table's time-to-quality column
     add_run(run / "results.json", "t", {"run": "mine"}, results)  # the file names its run too
     rows = load_table("t", results)["rows"]
     assert [r["run"] for r in rows] == ["old", "mine"]  # the run's row replaced, not duplicated

@@ -18,6 +18,8 @@ def run_values(run: pathlib.Path) -> dict:
         raise ResultFileError(f"{path}: no results.json (the run has not finished)")
     res = json.loads(path.read_text())
     flat = {"step": res.get("step")} | dict(res.get("report", {}))
+    if "wall_s" in res:  # start to end of the run's last attempt, data preparation and compiling included
+        flat["wall_s"] = res["wall_s"]
     flat |= {f"test/{k}": v for k, v in res.get("test", {}).items()}
     metrics = run / "metrics.jsonl"
     if metrics.exists():
