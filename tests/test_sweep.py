@@ -123,6 +123,10 @@ def test_the_rivals_grid_keeps_its_trial_names_and_validates_for_both_backbones(
         load_config_file(f"{ROOT}/experiments/rivals.py:synthetic30k,method=pq")
     assert len(expand(f"{ROOT}/experiments/sasrec.py:ml100k")) == 6
     assert load_config_file(f"{ROOT}/experiments/sasrec.py:synthetic30k,cprec=true").model.budget == "20x"
+    # CpRec on ml-100k: the SASRec preset's schedule and optimiser, CpRec's own model keys, a reachable budget
+    plain, cp = (load_config_file(f"{ROOT}/experiments/sasrec.py:ml100k{x}") for x in ("", ",cprec=true"))
+    assert (cp.optim.lr, cp.train.batch_size, cp.train.num_epochs) == (plain.optim.lr, 64, 20)
+    assert (cp.model.budget, cp.model.tie_embeddings, cp.model.embedding) == ("3x", True, "blockwise")
 
 
 def test_slugs_are_short_safe_and_distinct():
