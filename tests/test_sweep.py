@@ -121,7 +121,7 @@ def test_the_rivals_grid_keeps_its_trial_names_and_validates_for_both_backbones(
     assert (sasrec.model.backbone, sasrec.model.embedding, sasrec.model.tie_embeddings) == ("sasrec", "qr", True)
     with pytest.raises(ConfigError, match="method='pq' is unknown"):
         load_config_file(f"{ROOT}/experiments/rivals.py:synthetic30k,method=pq")
-    assert len(expand(f"{ROOT}/experiments/sasrec.py:ml100k")) == 6
+    assert len(expand(f"{ROOT}/experiments/sasrec.py:ml100k")) == 7
     assert load_config_file(f"{ROOT}/experiments/sasrec.py:synthetic30k,cprec=true").model.budget == "20x"
     # CpRec on ml-100k: the SASRec preset's schedule and optimiser, CpRec's own model keys, a reachable budget
     plain, cp = (load_config_file(f"{ROOT}/experiments/sasrec.py:ml100k{x}") for x in ("", ",cprec=true"))
