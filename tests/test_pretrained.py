@@ -12,6 +12,9 @@ from cprec.bench import serving, trained_topk
 from cprec.errors import WorkdirError
 from cprec.eval.evaluate import evaluate_split, make_rank_fn
 from cprec.eval.pretrained import load_run
+from cprec.export import export
+from cprec.serve.artifact import load_artifact
+from cprec.serve.recommender import Recommender
 from cprec.train import train_and_evaluate
 from tests.helpers import tiny_config, user_error
 
@@ -96,9 +99,21 @@ def test_serving_bench_latency_section(tree_run, tmp_path):
     for dtype in ("float32", "int8"):
         lat = res["latency"][dtype]
         assert {"batch1", "batch4", "score", "max_clusters"} <= set(lat)
+        assert {"session_append_ms", "short_session_append_ms", "short_window_encode_ms"} <= set(lat["batch4"])
         assert lat["score"]["score_100_uniform_max_abs_error"] < 1e-4 and lat["score"]["score_100_popular_max_abs_error"] < 1e-4
         assert [r["max_clusters"] for r in lat["max_clusters"]] == [0, 1, None]
         assert lat["max_clusters"][-1]["recall@20"] == 1.0 and lat["max_clusters"][-1]["exact_rows"] == 1.0
+
+
+def test_serving_bench_budget_table_excludes_what_a_request_would(tree_run, tmp_path):
+    # histories longer than max_exclude distinct items: the table excludes the most recent ones, as
+    # recommend does, instead of refusing the request
+    export(tree_run[0], tmp_path / "f32", stablehlo_batch_sizes=())
+    rec = Recommender(load_artifact(tmp_path / "f32"), max_exclude=2)
+    histories, _ = serving.test_histories(load_run(tree_run[0]))
+    assert max(len(set(h.tolist())) for h in histories[:4]) > 2
+    rows = serving.budget_table(rec, histories[:4], repeats=1)
+    assert rows[-1]["max_clusters"] is None and rows[-1]["recall@20"] == 1.0
 
 
 def test_trained_topk_bench_refuses_a_full_softmax_run(tmp_path, tiny, capsys):

@@ -149,6 +149,7 @@ def test_a_sasrec_run_exports_and_serves_its_top20_and_sessions(tmp_path):
 @pytest.mark.slow
 def test_kv_cache_state_equals_a_full_recompute_and_batches_equal_single_rows(tmp_path):
     from cprec.serve import kv_cache
+    from cprec.serve.quantize import dequantize_tree, is_quantized, quantize_params
 
     model = _sasrec(tmp_path)
     params = init_params(model, 4)
@@ -167,6 +168,17 @@ def test_kv_cache_state_equals_a_full_recompute_and_batches_equal_single_rows(tm
         items[r, width - len(s):] = s
     batched, _ = kv_cache.append_many(model, params, rows, jnp.asarray(items),
                                       lengths=jnp.asarray([len(s) for s in streams]))
+    chunked, _ = kv_cache.append_many(model, params, rows, jnp.asarray(items),  # full windows re-encoded row by row
+                                      lengths=jnp.asarray([len(s) for s in streams]), encoder_rows=1)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), chunked, batched)
+    # int8 item tables go in as they are stored (each branch dequantizes what it reads): the same
+    # state as the dequantized tables give
+    q = quantize_params(params)
+    assert any(is_quantized(x) for x in jax.tree.leaves(q, is_leaf=is_quantized))
+    lengths = jnp.asarray([len(s) for s in streams])
+    from_int8, _ = kv_cache.append_many(model, q, rows, jnp.asarray(items), lengths=lengths)
+    from_float, _ = kv_cache.append_many(model, dequantize_tree(q), rows, jnp.asarray(items), lengths=lengths)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), from_int8, from_float)
     for r, stream in enumerate(streams):
         single = kv_cache.padding_row(model, params)
         for item in stream:

@@ -13,7 +13,9 @@
   test user's history, as a session sees it ("stream").
 - latency (median of --repeats, batch 1 and --batch): one new event and a top-20, from session
   states (``advance``: append and recommend in one call) against recomputing the window
-  (``recommend``), and each half alone; ``recommend`` with and without ``exclude_seen``;
+  (``recommend``), and each half alone, for the test histories and for their first 16 items
+  (``short_``: a new user; a SASRec session's cache fills until L items, and once full each
+  append re-encodes the window); ``recommend`` with and without ``exclude_seen``;
   ``score`` of M = 100, 1,000, 10,000 candidates against the full ``log_prob``; and per
   ``max_clusters`` budget, latency and recall@20 against the exact top-20.
 
@@ -39,11 +41,12 @@ from cprec.model.builder import build_model, init_params
 from cprec.runtime.checkpointing import Checkpointer
 from cprec.serve.artifact import DTYPES, load_artifact
 from cprec.serve.quantize import dequantize_tree
-from cprec.serve.recommender import Recommender, left_padded
+from cprec.serve.recommender import Recommender, left_padded, recent_distinct
 from cprec.timing import interleaved_median_seconds, median_seconds
 
 SECTIONS = ("sizes", "quality", "latency")
 SCORE_CANDIDATES = (100, 1_000, 10_000)
+SHORT = 16  # the latency section's short histories (a new user's first events)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -176,27 +179,34 @@ def latency(exports: pathlib.Path, histories: list[np.ndarray], batch: int, repe
     rows = {}
     for dtype in ("float32", "int8"):
         art = load_artifact(exports / dtype)
-        raw = art.item_ids
         window = Recommender(art, max_batch=max(batch, 1))
         stream = Recommender(art, context="stream", max_batch=max(batch, 1))
         per = rows[dtype] = {}
         for b in (1, batch):
-            hist = [[raw[i] for i in h] for h in histories[:b]]
-            sessions = stream.sessions(hist)
-            event = [[raw[int(h[-1])]] for h in histories[:b]]  # any known item: the cost does not depend on it
-            r = per[f"batch{b}"] = {
-                "session_append_ms": _ms(lambda: stream.append_sessions(sessions, event), repeats),
-                "session_append_top20_ms": _ms(lambda: stream.advance(sessions, event, 20), repeats),
-                "window_encode_ms": _ms(lambda: window.hidden([list(h) for h in histories[:b]]), repeats),
-                "window_top20_ms": _ms(lambda: window.recommend(hist, 20), repeats),
-                "window_top20_no_exclude_ms": _ms(lambda: window.recommend(hist, 20, exclude_seen=False), repeats),
-            }
-            r["session_speedup_top20"] = r["window_top20_ms"] / r["session_append_top20_ms"]
-            r["session_speedup_state_only"] = r["window_encode_ms"] / r["session_append_ms"]
+            r = per[f"batch{b}"] = append_costs(window, stream, histories[:b], repeats)
+            # a new user's first events: a SASRec session's KV cache is not full yet
+            r |= {f"short_{k}": v for k, v in append_costs(window, stream, [h[:SHORT] for h in histories[:b]],
+                                                           repeats).items()}
             print(f"[latency] {dtype} batch {b}: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items()), flush=True)
         per["score"] = score_costs(window, histories[0], repeats)
         per["max_clusters"] = budget_table(window, histories[:batch], repeats)
     return rows
+
+
+def append_costs(window: Recommender, stream: Recommender, histories: list[np.ndarray], repeats: int) -> dict:
+    """One new event and a top-20 for each history: from session states against recomputing the window."""
+    raw = window.artifact.item_ids
+    hist = [[raw[i] for i in h] for h in histories]
+    sessions = stream.sessions(hist)
+    event = [[raw[int(h[-1])]] for h in histories]  # any known item: the cost does not depend on it
+    r = {"session_append_ms": _ms(lambda: stream.append_sessions(sessions, event), repeats),
+         "session_append_top20_ms": _ms(lambda: stream.advance(sessions, event, 20), repeats),
+         "window_encode_ms": _ms(lambda: window.hidden([list(h) for h in histories]), repeats),
+         "window_top20_ms": _ms(lambda: window.recommend(hist, 20), repeats),
+         "window_top20_no_exclude_ms": _ms(lambda: window.recommend(hist, 20, exclude_seen=False), repeats)}
+    r["session_speedup_top20"] = r["window_top20_ms"] / r["session_append_top20_ms"]
+    r["session_speedup_state_only"] = r["window_encode_ms"] / r["session_append_ms"]
+    return r
 
 
 def score_costs(rec: Recommender, history: np.ndarray, repeats: int) -> dict:
@@ -248,7 +258,7 @@ def score_costs(rec: Recommender, history: np.ndarray, repeats: int) -> dict:
 def budget_table(rec: Recommender, histories: list[np.ndarray], repeats: int) -> list[dict]:
     """Per max_clusters budget: latency at batch 1 and len(histories), recall@20 against the exact top-20."""
     hidden = rec.hidden([list(h) for h in histories])
-    seen = [sorted(set(h.tolist())) for h in histories]
+    seen = [list(recent_distinct(h.tolist(), rec.max_exclude)) for h in histories]  # what recommend excludes
     exact = rec.top(hidden, 20, seen, [None] * len(histories))
     rows = []
     for budget in [*range(rec.num_tail_clusters), None]:

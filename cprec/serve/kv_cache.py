@@ -27,6 +27,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from cprec.model.sasrec import SASRec
+from cprec.serve.chunks import in_row_chunks
+from cprec.serve.quantize import dequantize_tree
 
 State = dict[str, Any]
 
@@ -54,27 +56,40 @@ def encode_state(model: SASRec, params: Any, histories: jax.Array, row: State | 
     return {"keys": gather(keys), "values": gather(values), "ids": ids, "count": n, "h": h[:, -1]}, h[:, -1]
 
 
-def append(model: SASRec, params: Any, state: State, items: jax.Array,
-           mask: jax.Array | None = None) -> tuple[State, jax.Array]:
+def append(model: SASRec, params: Any, state: State, items: jax.Array, mask: jax.Array | None = None,
+           encoder_rows: int | None = None) -> tuple[State, jax.Array]:
     """Appends one event per row: ``items`` [B] -> (new state, h [B, dim]); rows where ``mask`` is
-    False keep their state."""
+    False keep their state. ``encoder_rows``: rows per pass when full windows are re-encoded
+    (``cprec.serve.chunks.in_row_chunks``). ``params`` may hold int8 tables (``QuantizedTable``):
+    each branch dequantizes what it reads, so XLA gathers the rows it needs instead of passing the
+    whole dequantized table into the branches."""
     items = jnp.asarray(items, jnp.int32)
     mask = jnp.ones(items.shape, bool) if mask is None else jnp.asarray(mask, bool)
     length, count = model.max_len, state["count"]
     full = count >= length
     rows = jnp.arange(items.shape[0])
-    h, keys, values = model.apply({"params": params}, items, jnp.minimum(count, length - 1), state["keys"],
-                                  state["values"], method="step")
-    ids = state["ids"].at[rows, jnp.minimum(count, length - 1)].set(items)
-    grown = {"keys": keys, "values": values, "ids": ids, "count": jnp.minimum(count + 1, length), "h": h}
+
+    def grow(_):  # one position through every block, against the cache
+        h, keys, values = model.apply({"params": dequantize_tree(params)}, items, jnp.minimum(count, length - 1),
+                                      state["keys"], state["values"], method="step")
+        ids = state["ids"].at[rows, jnp.minimum(count, length - 1)].set(items)
+        return {"keys": keys, "values": values, "ids": ids, "count": jnp.minimum(count + 1, length), "h": h}
 
     def slide(_):  # full rows: the newest L items, re-encoded as one window
         window = jnp.concatenate([state["ids"][:, 1:], items[:, None]], axis=1)
-        return encode_state(model, params, window)[0]
+        encode = lambda w: model.apply({"params": dequantize_tree(params)}, w, method="encode_cached")
+        h, keys, values = in_row_chunks(encode, window, encoder_rows)
+        # A full row's window holds L items, so slot p is window index p: no gather (encode_state's).
+        return {"keys": keys, "values": values, "ids": window, "count": jnp.full_like(count, length), "h": h[:, -1]}
 
-    slid = lax.cond(jnp.any(full & mask), slide, lambda _: grown, None)
-    new = jax.tree.map(lambda g, s, old: jnp.where(_rows(mask, old), jnp.where(_rows(full, old), s, g), old),
-                       grown, slid, state)
+    def both(_):
+        grown, slid = grow(None), slide(None)
+        return jax.tree.map(lambda g, s: jnp.where(_rows(full, g), s, g), grown, slid)
+
+    # Only the work some row needs: most batches are all growing (new sessions) or all sliding (long ones).
+    sliding, growing = jnp.any(full & mask), jnp.any(~full & mask)
+    new = lax.switch(jnp.where(sliding, jnp.where(growing, 2, 1), 0), (grow, slide, both), None)
+    new = jax.tree.map(lambda n, old: jnp.where(_rows(mask, old), n, old), new, state)
     return new, new["h"]
 
 
@@ -83,7 +98,7 @@ def _rows(flags: jax.Array, like: jax.Array) -> jax.Array:
 
 
 def append_many(model: SASRec, params: Any, state: State, items: jax.Array, lengths: jax.Array | None = None,
-                mask: jax.Array | None = None) -> tuple[State, jax.Array]:
+                mask: jax.Array | None = None, encoder_rows: int | None = None) -> tuple[State, jax.Array]:
     """Appends several events per row, ``items`` [B, T] (``lengths`` or ``mask`` as
     ``cprec.serve.incremental.append_many``): a scan over ``append``."""
     items = jnp.asarray(items, jnp.int32)
@@ -91,6 +106,10 @@ def append_many(model: SASRec, params: Any, state: State, items: jax.Array, leng
     if mask is None:
         mask = jnp.ones(items.shape, bool) if lengths is None else \
             jnp.arange(t)[None, :] >= t - jnp.asarray(lengths)[:, None]
-    state, _ = lax.scan(lambda carry, xs: (append(model, params, carry, xs[0], xs[1])[0], None), state,
-                        (items.T, jnp.asarray(mask, bool).T))
+    mask = jnp.asarray(mask, bool)
+    step = lambda carry, x, m: append(model, params, carry, x, m, encoder_rows)[0]
+    if t == 1:  # a session's usual event: no loop (a scan would copy the cache in and out)
+        state = step(state, items[:, 0], mask[:, 0])
+    else:
+        state, _ = lax.scan(lambda carry, xs: (step(carry, *xs), None), state, (items.T, mask.T))
     return state, state["h"]

@@ -33,6 +33,7 @@ from cprec.model.sasrec import SASRec
 from cprec.model.sequential import SequentialRecommender
 from cprec.serve.artifact import Artifact, load_artifact
 from cprec.serve import incremental, kv_cache
+from cprec.serve.chunks import in_row_chunks
 from cprec.serve.incremental import (encode_suffix, padding_window,
                                      receptive_field, window_prefixes)
 from cprec.serve.quantize import dequantize_tree
@@ -62,18 +63,6 @@ def default_length_buckets(context_len: int, smallest: int = 16) -> tuple[int, .
         widths.append(b)
         b *= 2
     return (*widths, context_len)
-
-
-def in_row_chunks(fn: Callable, x: jax.Array, rows: int | None) -> Any:
-    """``fn(x)`` for x [B, ...] computed as ``lax.map`` over chunks of ``rows`` rows (fn is row-wise).
-
-    The batch buckets are powers of two, so B > rows divides by rows; any other B runs whole.
-    """
-    b = x.shape[0]
-    if rows is None or b <= rows or b % rows:
-        return fn(x)
-    out = jax.lax.map(fn, x.reshape(b // rows, rows, *x.shape[1:]))
-    return jax.tree.map(lambda a: a.reshape(b, *a.shape[2:]), out)
 
 
 def recommend_program(model: SequentialRecommender, params: Any, stats: Any, histories: jax.Array, exclude: jax.Array,
@@ -355,8 +344,12 @@ class Recommender:
                                 method=lambda m, *a: m.head.score(*a))
 
     def _append(self, params, packed, items, mask):
-        state, _ = self._sessions.append_many(self.model, dequantize_tree(params), self._unpack(packed), items,
-                                              mask=mask)
+        if self.sasrec:  # a full KV cache re-encodes its window; its branches dequantize what they read
+            state, _ = kv_cache.append_many(self.model, params, self._unpack(packed), items, mask=mask,
+                                            encoder_rows=self.encoder_rows)
+        else:
+            state, _ = incremental.append_many(self.model, dequantize_tree(params), self._unpack(packed), items,
+                                               mask=mask)
         return self._pack(state), state["h"]
 
     def _pack(self, state):
