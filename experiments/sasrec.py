@@ -14,8 +14,8 @@ attention dropout 0.5, Adam at 1e-3, the item table tied to the output (logits =
 trains every position of a window at once with the full softmax (cross-entropy over all items),
 as RecBole's CE loss does for the last one. At 1M items the full softmax becomes the sampled one.
 The ml100k preset (TUNED) departs from RecBole where validation said so: an untied output table,
-AdamW at 3e-3 with weight decay 0.2, batches of 64 windows, 20 epochs; cprec=true keeps its schedule and optimiser, at 3x on
-ml-100k (CPREC_BUDGET) and 20x elsewhere by default.
+AdamW at 3e-3 with weight decay 0.2, batches of 64 windows, 20 epochs; cprec=true keeps its
+schedule and optimiser, at 3x on ml-100k (CPREC_BUDGET) and 20x elsewhere by default.
 
 Sweeps (`--sweep`, with `--launcher local|slurm`):
 - `sweep=tuning` (the default): seven settings around RecBole's, seed 0 (docs/results.md#sasrec-on-ml-100k).
@@ -39,8 +39,8 @@ TUNING = [_TIED, {**_TIED, **_DROP_02}, {**_TIED, **_DROP_02, **_ADAMW}, {**_TIE
           # added once the untied table (#4) and weight decay (#3) both led: the two together
           {"model.tie_embeddings": False, **_ADAMW}]
 
-# What won TUNING on validation NDCG@10, mean of seeds 0-2 for the three best of seed 0
-# (docs/results.md#sasrec-on-ml-100k): the untied output table, AdamW at 3e-3 with weight decay 0.2,
+# What won TUNING on the mean validation NDCG@10 of seeds 0-2, among the reference, the best three
+# of seed 0 and the last setting (docs/results.md#sasrec-on-ml-100k): the untied output table, AdamW at 3e-3 with weight decay 0.2,
 # RecBole's dropout. Batches of 64 windows give 760 updates in 20 epochs; RecBole, one target per
 # sample, makes about 380 updates per epoch.
 TUNED = {

@@ -70,9 +70,10 @@ def append(model: SASRec, params: Any, state: State, items: jax.Array, mask: jax
     rows = jnp.arange(items.shape[0])
 
     def grow(_):  # one position through every block, against the cache
-        h, keys, values = model.apply({"params": dequantize_tree(params)}, items, jnp.minimum(count, length - 1),
-                                      state["keys"], state["values"], method="step")
-        ids = state["ids"].at[rows, jnp.minimum(count, length - 1)].set(items)
+        slot = jnp.minimum(count, length - 1)
+        h, keys, values = model.apply({"params": dequantize_tree(params)}, items, slot, state["keys"],
+                                      state["values"], method="step")
+        ids = state["ids"].at[rows, slot].set(items)
         return {"keys": keys, "values": values, "ids": ids, "count": jnp.minimum(count + 1, length), "h": h}
 
     def slide(_):  # full rows: the newest L items, re-encoded as one window
