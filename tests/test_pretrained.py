@@ -195,3 +195,30 @@ def test_an_export_claims_test_metrics_only_for_the_parameters_they_belong_to(tr
     assert ckpt.manifest["metrics_note"] == (
         f"the run's test metrics belong to best/ step {best_step}, not to the exported checkpoints/ step {other}; "
         f"score these with python -m cprec.eval RUN --source checkpoints --step {other}")
+
+
+def test_a_rivals_record_holds_the_int8_exports_bytes_and_test_metrics(tree_run, tmp_path, monkeypatch):
+    """The rivals table's int8 column is the int8 artifact's: its tensors' bytes, and test metrics of
+    the parameters that artifact serves (not of the float32 ones)."""
+    from safetensors.numpy import load_file
+
+    from cprec.eval import evaluate
+    from cprec.report.rivals import stored
+
+    workdir, config, test = tree_run
+    scored = []
+    real = evaluate.evaluate_split
+    monkeypatch.setattr(evaluate, "evaluate_split", lambda rank_fn, params, *a, **k: (
+        scored.append(params), real(rank_fn, params, *a, **k))[1])
+    got = stored(workdir)
+    out = export(workdir, tmp_path / "int8", dtype="int8", stablehlo_batch_sizes=None, log=lambda *a: None)
+    art = load_artifact(out)
+    assert got["bytes_int8"] == sum(t.nbytes for t in load_file(out / "params.safetensors").values())
+    assert got["bytes_float32"] > got["bytes_int8"]
+    served, run = art.float_params(), load_run(workdir)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, rtol=1e-6), scored[0], served)
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(served), jax.tree.leaves(run.params)))
+    want = real(make_rank_fn(run.model), served, run.data.test_inputs, run.data.test_targets,
+                config.eval.batch_size, config.eval.ks)
+    for key in ("mrr@5", "ndcg@10", "hr@10"):
+        assert got[f"int8/test/{key}"] == pytest.approx(want[key], rel=1e-6), key

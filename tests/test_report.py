@@ -121,7 +121,8 @@ def test_the_plots_render(tmp_path):
     pytest.importorskip("matplotlib")
     from cprec.report.plots import render_plots
     files = render_plots(out=tmp_path)
-    assert [f.name for f in files] == ["pareto.png", "early-stop.png", "server.png", "rivals-synthetic30k.png"]
+    assert [f.name for f in files] == ["pareto.png", "early-stop.png", "server.png", "rivals-synthetic30k.png",
+                                         "rivals-synthetic30k-bytes.png"]
     assert all(f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in files)
 
 
@@ -165,10 +166,10 @@ def test_every_config_key_is_in_docs_configs():
 
 
 def _rival_trial(sweep: pathlib.Path, name: str, embedding: str, budget: str, lr: float, seed: int, val: float,
-                 mrr: float) -> None:
+                 mrr: float, backbone: str = "nextitnet") -> None:
     trial = sweep / name
     trial.mkdir(parents=True)
-    config = {"seed": seed, "model": {"embedding": embedding, "budget": budget}, "optim": {"lr": lr},
+    config = {"seed": seed, "model": {"embedding": embedding, "budget": budget, "backbone": backbone}, "optim": {"lr": lr},
               "budget": {"options": {"rank": 5}} if embedding == "lowrank" else {}}
     (trial / "config.json").write_text(json.dumps(config))
     (trial / "results.json").write_text(json.dumps(
@@ -221,3 +222,18 @@ def test_a_rate_not_yet_tried_by_every_method_at_a_budget_is_not_chosen(tmp_path
     rows = {(r["method"], r["budget"]): r for r in rival_rows(update_records([tmp_path / "later"], tmp_path / "t.jsonl", False))}
     assert rows[("low-rank", "20x")]["lr"] == 3e-3 and rows[("low-rank", "20x")]["lrs_tried"] == "0.001, 0.003"
     assert rows[("hashing", "20x")]["lr"] == 1e-3
+
+
+def test_each_backbone_is_its_own_comparison_in_the_rivals_table(tmp_path):
+    from cprec.report.rivals import rival_rows, update_records
+
+    sweep = tmp_path / "grid"
+    _rival_trial(sweep, "a", "lowrank", "20x", 1e-3, 0, val=0.50, mrr=0.50)
+    _rival_trial(sweep, "b", "lowrank", "20x", 3e-3, 0, val=0.90, mrr=0.90)
+    # SASRec's methods have tried one rate so far: that does not hold back NextItNet's second one
+    _rival_trial(sweep, "c", "qr", "20x", 1e-3, 0, val=0.30, mrr=0.30, backbone="sasrec")
+    _rival_trial(sweep, "d", "full", "", 1e-3, 0, val=0.40, mrr=0.40, backbone="sasrec")
+    rows = {r["method"]: r for r in rival_rows(update_records([sweep], tmp_path / "t.jsonl", False))}
+    assert list(rows) == ["low-rank", "QR / SASRec", "SASRec (uncompressed)"]
+    assert rows["low-rank"]["lr"] == 3e-3 and rows["low-rank"]["lrs_tried"] == "0.001, 0.003"
+    assert rows["QR / SASRec"]["lrs_tried"] == "0.001"

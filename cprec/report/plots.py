@@ -172,9 +172,40 @@ def rivals(results: pathlib.Path, dataset: str) -> plt.Figure:
     return fig
 
 
+def rivals_bytes(results: pathlib.Path, dataset: str) -> plt.Figure:
+    """Test MRR@5 against stored bytes: each method's float32 artifact (filled) and its int8 export
+    (hollow, joined to its float32 point), where the table has the int8 export's metrics."""
+    spec = load_table(f"rivals-{dataset}", results)
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    markers = iter("os^Dvp<>*hX")
+    for method in dict.fromkeys(r["method"] for r in spec["rows"]):
+        mine = [r for r in spec["rows"] if r["method"] == method]
+        marker = next(markers)
+        f32 = ax.scatter([r["bytes_float32"] for r in mine], [r["test/mrr@5"] for r in mine], marker=marker, s=36,
+                         label=f"{method}, float32", zorder=3)
+        q8 = [r for r in mine if "int8/test/mrr@5" in r]
+        if not q8:
+            continue
+        color = f32.get_facecolor()[0]
+        ax.scatter([r["bytes_int8"] for r in q8], [r["int8/test/mrr@5"] for r in q8], marker=marker, s=36,
+                   facecolors="none", edgecolors=[color], label=f"{method}, int8", zorder=3)
+        for r in q8:
+            ax.plot([r["bytes_float32"], r["bytes_int8"]], [r["test/mrr@5"], r["int8/test/mrr@5"]], color=color,
+                    lw=0.8, alpha=0.6)
+    ax.set_xscale("log")
+    ax.set_xlabel("stored bytes of the parameters (log scale)")
+    ax.set_ylabel("test MRR@5 (full ranking)")
+    ax.set_title(f"{dataset}: quality against artifact size, float32 and int8 exports", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    return fig
+
+
 RIVAL_DATASETS = ("synthetic30k",)  # the rivals tables drawn (results/rivals-DATASET.json)
 PLOTS = {"pareto.png": pareto, "early-stop.png": early_stop, "server.png": server,
-         **{f"rivals-{d}.png": (lambda results, d=d: rivals(results, d)) for d in RIVAL_DATASETS}}
+         **{f"rivals-{d}.png": (lambda results, d=d: rivals(results, d)) for d in RIVAL_DATASETS},
+         **{f"rivals-{d}-bytes.png": (lambda results, d=d: rivals_bytes(results, d)) for d in RIVAL_DATASETS}}
 
 
 def render_plots(results: pathlib.Path = RESULTS, out: pathlib.Path = IMG) -> list[pathlib.Path]:

@@ -8,7 +8,8 @@ method gets; test metrics never choose; a rate not yet tried by all is shown in 
 mean and sample standard deviation over that rate's seeds of the test metrics, and the parameters,
 training speed and top-20 latency; the stored bytes of the seed-0 run's selected parameters in
 float32 and as an int8 export (row-wise 8-bit item tables, ``cprec.serve.quantize``; a pruned table
-stored as its non-zeros, ``cprec.serve.sparse``).
+stored as its non-zeros, ``cprec.serve.sparse``), and the int8 export's test metrics (mean over the
+seeds whose runs were on disk when recorded).
 """
 from __future__ import annotations
 
@@ -28,8 +29,9 @@ METHOD_NAMES = {"blockwise": "CpRec", "mde": "MDE", "lowrank": "low-rank", "hash
                 "tt": "TT-Rec", "jpq": "RecJPQ", "prune": "pruning", "full": "uncompressed"}
 BACKBONE_NAMES = {"nextitnet": "NextItNet", "sasrec": "SASRec"}
 METRICS = ("test/mrr@5", "test/ndcg@10", "test/hr@10")
+INT8 = tuple(f"int8/{k}" for k in METRICS)  # the int8 export's test metrics
 SELECT = "val/ndcg@10"
-RECORDED = (*METRICS, "params/total", "params/compression_ratio", "train_tokens_s", "serve/top20_ms_batch1",
+RECORDED = (*METRICS, *INT8, "params/total", "params/compression_ratio", "train_tokens_s", "serve/top20_ms_batch1",
             "serve/top20_ms_batch256")
 COLUMNS = [
     {"key": "method", "label": "method"},
@@ -43,6 +45,7 @@ COLUMNS = [
     {"keys": ["test/ndcg@10", "test/ndcg@10_std"], "label": "NDCG@10", "format": "{:.4f}", "sep": " ± "},
     {"keys": ["test/hr@10", "test/hr@10_std"], "label": "HR@10", "format": "{:.4f}", "sep": " ± "},
     {"keys": ["bytes_float32", "bytes_int8"], "label": "stored bytes (float32 / int8)", "format": "{:,}", "sep": " / "},
+    {"key": "int8/test/mrr@5", "label": "int8 MRR@5", "format": "{:.4f}"},
     {"key": "train_tokens_s", "label": "train tokens/s", "format": "{:,.0f}"},
     {"keys": ["serve/top20_ms_batch1", "serve/top20_ms_batch256"], "label": "top-20 ms (batch 1 / 256)",
      "format": "{:.2f}", "sep": " / "},
@@ -70,11 +73,11 @@ def trial_record(run: pathlib.Path, with_bytes: bool = True) -> dict:
     elif backbone != "nextitnet":
         method = f"{method} / {BACKBONE_NAMES.get(backbone, backbone)}"
     values = run_values(run)
-    record = {"trial": run.name, "method": method, "budget": str(m.get("budget") or "none"),
+    record = {"trial": run.name, "method": method, "backbone": backbone, "budget": str(m.get("budget") or "none"),
               "lr": config["optim"]["lr"], "seed": config["seed"], "size": chosen,
               **{k: values[k] for k in (*RECORDED, SELECT) if k in values}}
     if with_bytes:
-        record["bytes_float32"], record["bytes_int8"] = stored_bytes(run)
+        record |= stored(run)
     return record
 
 
@@ -85,14 +88,23 @@ def _selection_score(runs: list[dict]) -> float:
     return statistics.fmean(r.get(SELECT, float("-inf")) for r in grid)
 
 
-def stored_bytes(run: pathlib.Path) -> tuple[int, int]:
-    """(float32, int8) bytes of the run's selected parameters as ``python -m cprec.export`` stores them
-    (item tables row-wise 8-bit in int8; a pruned table as its non-zeros in both)."""
+def stored(run: pathlib.Path) -> dict:
+    """The stored bytes of the run's selected parameters as ``python -m cprec.export`` writes them in
+    float32 and int8 (item tables row-wise 8-bit; a pruned table as its non-zeros in both), and the
+    int8 artifact's test metrics (the same users and ranking as the run's own test)."""
+    from cprec.eval.evaluate import eval_splits, evaluate_split, make_rank_fn
     from cprec.eval.pretrained import load_run
-    from cprec.serve.artifact import stored_param_bytes
+    from cprec.serve.artifact import stored_params
+    from cprec.serve.quantize import dequantize_tree
 
-    params = jax.tree.map(np.asarray, load_run(run).params)
-    return stored_param_bytes(params, "float32"), stored_param_bytes(params, "int8")
+    run_ = load_run(run)
+    params = jax.tree.map(np.asarray, run_.params)
+    out = {"bytes_float32": stored_params(params, "float32")[0]}
+    out["bytes_int8"], int8 = stored_params(params, "int8")
+    inputs, targets = eval_splits(run_.data, run_.config.eval.num_users)["test"]
+    metrics = evaluate_split(make_rank_fn(run_.model), dequantize_tree(int8), inputs, targets,
+                             run_.config.eval.batch_size, run_.config.eval.ks, split="test (int8)")
+    return out | {f"int8/{k}": metrics[k.split("/")[1]] for k in METRICS}
 
 
 def rival_rows(records: list[dict]) -> list[dict]:
@@ -102,13 +114,16 @@ def rival_rows(records: list[dict]) -> list[dict]:
         groups[(t["method"], t["budget"])][t["lr"]].append(t)
     # Equal tuning effort while trials accumulate: at each budget, only the rates that every method
     # there has tried can be chosen (a method's other rates are shown in parentheses, not used), so
-    # no method gets an extra rate before the others; no common rate: each group's own rates.
-    common: dict[str, set[float]] = {}
+    # no method gets an extra rate before the others; no common rate: each group's own rates. Each
+    # backbone is its own comparison.
+    backbone = {key: next(iter(by_lr.values()))[0].get("backbone", "nextitnet") for key, by_lr in groups.items()}
+    common: dict[tuple[str, str], set[float]] = {}
     for (method, budget), by_lr in groups.items():
-        common[budget] = common.get(budget, set(by_lr)) & set(by_lr)
+        at = (backbone[method, budget], budget)
+        common[at] = common.get(at, set(by_lr)) & set(by_lr)
     rows = []
     for (method, budget), by_lr in groups.items():
-        eligible = {lr: runs for lr, runs in by_lr.items() if lr in common[budget]} or by_lr
+        eligible = {lr: runs for lr, runs in by_lr.items() if lr in common[backbone[method, budget], budget]} or by_lr
         lr, runs = max(eligible.items(), key=lambda kv: _selection_score(kv[1]))
         runs = sorted(runs, key=lambda r: r["seed"])
         pending = sorted(set(by_lr) - set(eligible))
@@ -120,7 +135,7 @@ def rival_rows(records: list[dict]) -> list[dict]:
             column = [r[key] for r in runs if key in r]
             if column:
                 row[key] = statistics.fmean(column)
-                if key in METRICS and len(column) > 1:
+                if key in METRICS + INT8 and len(column) > 1:
                     row[f"{key}_std"] = statistics.stdev(column)
         row["params/total"] = int(row["params/total"])
         for key in ("bytes_float32", "bytes_int8"):  # the seed-0 run's (seeds share a size)
@@ -130,7 +145,8 @@ def rival_rows(records: list[dict]) -> list[dict]:
         rows.append(row)
     order = [*METHOD_NAMES.values(), *(f"{b} (uncompressed)" for b in BACKBONE_NAMES.values())]
     rank = lambda name: order.index(name.split(" / ")[0]) if name.split(" / ")[0] in order else len(order)
-    return sorted(rows, key=lambda r: (" / " in r["method"], rank(r["method"]), -r["params/total"]))
+    first = lambda r: backbone[r["method"], r["budget"]] != "nextitnet"  # NextItNet's rows, then SASRec's
+    return sorted(rows, key=lambda r: (first(r), rank(r["method"]), -r["params/total"]))
 
 
 def load_records(path: pathlib.Path) -> list[dict]:

@@ -219,9 +219,11 @@ def _tensors(params: Any, dtype: str) -> tuple[dict[str, np.ndarray], dict[str, 
     return tensors, quantized, sparse, _unflatten(loaded)
 
 
-def stored_param_bytes(params: Any, dtype: str) -> int:
-    """Bytes of ``params`` in an artifact's params.safetensors of ``dtype`` (tensors only, no header)."""
-    return int(sum(t.nbytes for t in _tensors(params, dtype)[0].values()))
+def stored_params(params: Any, dtype: str) -> tuple[int, Any]:
+    """(bytes of ``params`` in an artifact's params.safetensors of ``dtype``, tensors only, no header;
+    the parameters as ``load_artifact`` returns them, quantised tables as QuantizedTable leaves)."""
+    tensors, _, _, loaded = _tensors(params, dtype)
+    return int(sum(t.nbytes for t in tensors.values())), loaded
 
 
 def _json_id(raw: Any, index: int) -> Any:
