@@ -1,0 +1,46 @@
+"""The rivals' training-speed bench: every method's own train step, timed in turn, ratios to CpRec's."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from cprec.bench import rivals
+
+CONFIG = '''
+from tests.helpers import tiny_config
+
+def get_config(arg):
+    kv = dict(x.split("=") for x in arg.split(",") if "=" in x)
+    table = {{"cprec": dict(embedding="blockwise", softmax="tree", cutoffs=(20, 40)),
+              "qr": dict(embedding="qr", tie_embeddings=True, output_projection=True, qr_buckets=9),
+              "prune": dict(embedding="prune", tie_embeddings=True, output_projection=True, prune_sparsity=0.8),
+              "nextitnet": dict(embedding="full")}}[kv["method"]]
+    return tiny_config({cache!r}, **table)
+'''
+
+
+def test_the_bench_times_every_methods_train_step_and_writes_a_docs_table(tmp_path, monkeypatch, capsys):
+    config = tmp_path / "protocol.py"
+    config.write_text(CONFIG.format(cache=str(tmp_path / "cache")))
+    monkeypatch.setattr(rivals, "RESULTS", tmp_path)
+    res = rivals.main(["--config", f"{config}:tiny", "--methods", "cprec,qr,prune,nextitnet", "--repeats", "2",
+                       "--out", str(tmp_path / "bench.json"), "--table", "speed"])
+    rows = {r["method"]: r for r in res["rows"]}
+    assert list(rows) == ["CpRec", "QR", "pruning", "NextItNet (uncompressed)"]
+    assert rows["CpRec"]["output"] == "tree" and rows["QR"]["output"] == "full"
+    assert rows["CpRec"]["vs_cprec"] == 1.0
+    tokens = res["batch"][0] * (res["batch"][1] - 1)
+    assert res["batch"] == [16, 11]
+    for r in rows.values():
+        assert r["tokens_s"] == pytest.approx(tokens / (r["step_ms"] / 1e3))
+        assert r["vs_cprec"] == pytest.approx(rows["CpRec"]["step_ms"] / r["step_ms"])
+    # a pruned table counts its non-zeros, as its budget does
+    from cprec.model.builder import init_params, pruned_count
+    dense = sum(x.size for x in jax.tree.leaves(init_params(rivals.build_model(
+        rivals.load_config_file(f"{config}:method=prune"), np.ones(61)), 0)))
+    assert rows["pruning"]["params"] == dense - pruned_count(61, 8, 0.8)
+    assert json.loads((tmp_path / "bench.json").read_text())["rows"] == res["rows"]
+    table = json.loads((tmp_path / "speed.json").read_text())
+    assert [r["method"] for r in table["rows"]] == list(rows) and "interleaved" in table["title"]
+    assert "x CpRec's speed" in capsys.readouterr().out
