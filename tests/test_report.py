@@ -237,3 +237,26 @@ def test_each_backbone_is_its_own_comparison_in_the_rivals_table(tmp_path):
     assert list(rows) == ["low-rank", "QR / SASRec", "SASRec (uncompressed)"]
     assert rows["low-rank"]["lr"] == 3e-3 and rows["low-rank"]["lrs_tried"] == "0.001, 0.003"
     assert rows["QR / SASRec"]["lrs_tried"] == "0.001"
+
+
+def test_recording_again_keeps_what_the_same_runs_parameters_gave(tmp_path, monkeypatch):
+    """The stored bytes and the int8 test are measured once per run: re-recording an unchanged run
+    reuses them, a run whose results changed (a rerun of its setting) is measured again."""
+    from cprec.report import rivals
+
+    calls = []
+    monkeypatch.setattr(rivals, "stored", lambda run: calls.append(run.name) or {
+        "bytes_float32": 8, "bytes_int8": 2, **{k: 0.5 for k in rivals.INT8}})
+    sweep, records = tmp_path / "grid", tmp_path / "t.jsonl"
+    _rival_trial(sweep, "a", "lowrank", "20x", 1e-3, 0, val=0.50, mrr=0.50)
+    _rival_trial(sweep, "b", "qr", "20x", 1e-3, 0, val=0.50, mrr=0.40)
+    rivals.update_records([sweep], records)
+    assert calls == ["a", "b"]
+    rivals.update_records([sweep], records)
+    assert calls == ["a", "b"]
+    import shutil
+    shutil.rmtree(sweep / "b")
+    _rival_trial(sweep, "b", "qr", "20x", 1e-3, 0, val=0.50, mrr=0.45)
+    rows = {r["method"]: r for r in rivals.rival_rows(rivals.update_records([sweep], records))}
+    assert calls == ["a", "b", "b"]
+    assert rows["QR"]["bytes_int8"] == 2 and rows["QR"]["int8/test/mrr@5"] == 0.5
