@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         print(add_run(a.run, a.table, sets))
         argv = []
     elif argv[:1] == ["rivals"]:
-        from cprec.report.rivals import write_rivals_table  # loads runs: jax and the model
+        from cprec.report.rivals import write_rivals_table
         p = argparse.ArgumentParser(prog="python -m cprec.report rivals")
         p.add_argument("sweeps", nargs="*", help="sweep directories of experiments/rivals.py whose finished trials to record (none: re-render from results/trials/)")
         p.add_argument("--table", required=True, help="results/NAME.json to (re)write")

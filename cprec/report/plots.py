@@ -13,6 +13,7 @@ matplotlib.use("Agg")  # no display: the PNGs are files, rendered the same on an
 import matplotlib.pyplot as plt  # noqa: E402
 
 from cprec.report.paths import IMG, RESULTS  # noqa: E402
+from cprec.report.rivals import BACKBONE_NAMES  # noqa: E402
 from cprec.report.table import load_table  # noqa: E402
 
 
@@ -144,60 +145,76 @@ def server(results: pathlib.Path) -> plt.Figure:
     return fig
 
 
+def _by_backbone(rows: list[dict]) -> tuple[dict[str, list[dict]], dict[str, dict]]:
+    """The rivals table's rows per backbone (NextItNet first), and one style per method, the same in
+    every panel: a method's rows on SASRec ("QR / SASRec") look like its rows on NextItNet."""
+    panels: dict[str, list[dict]] = {}
+    for r in rows:
+        panels.setdefault(r.get("backbone", "nextitnet"), []).append(r)
+    base = lambda r: r["method"].split(" / ")[0]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    names = dict.fromkeys(base(r) for r in rows if r["budget"] != "none")
+    styles = {n: {"marker": "os^Dvp<>*hX"[i % 11], "color": colors[i % len(colors)]} for i, n in enumerate(names)}
+    return panels, {r["method"]: styles.get(base(r), {"marker": "*", "color": "k"}) for r in rows}
+
+
+def _panels(count: int) -> tuple[plt.Figure, list]:
+    fig, axes = plt.subplots(count, 1, figsize=(9, 4.4 * count), squeeze=False)
+    return fig, list(axes[:, 0])
+
+
 def rivals(results: pathlib.Path, dataset: str) -> plt.Figure:
     """Test MRR@5 against parameters, one line per compression method (results/rivals-DATASET.json),
-    seed spread as error bars, the uncompressed NextItNet as a horizontal line."""
+    seed spread as error bars, the uncompressed backbone as a horizontal line; a panel per backbone."""
     spec = load_table(f"rivals-{dataset}", results)
-    rows = spec["rows"]
-    fig, ax = plt.subplots(figsize=(9, 4.8))
-    markers = iter("os^Dvp<>")
-    for method in dict.fromkeys(r["method"] for r in rows if r["budget"] != "none"):
-        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["params/total"])
-        x = [r["params/total"] for r in mine]
-        y = [r["test/mrr@5"] for r in mine]
-        err = [r.get("test/mrr@5_std", 0.0) for r in mine]
-        ax.errorbar(x, y, yerr=err, marker=next(markers), ms=6, capsize=3, lw=1.2, label=method)
-    for r in rows:
-        if r["budget"] == "none":
-            ax.axhline(r["test/mrr@5"], color="k", ls="--", lw=1,
-                       label=f"{r['method']} ({r['params/total']:,} params)")
-    ax.set_xscale("log")
-    ax.set_xlabel("parameters (count, log scale)")
-    ax.set_ylabel("test MRR@5 (full ranking)")
-    ax.set_title(f"{dataset}: compression methods at equal budgets (lr chosen on validation; "
-                 f"seeds {', '.join(map(str, spec.get('seeds', [])))})", fontsize=9)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: no point hidden
+    panels, styles = _by_backbone(spec["rows"])
+    fig, axes = _panels(len(panels))
+    for ax, (backbone, rows) in zip(axes, panels.items()):
+        for method in dict.fromkeys(r["method"] for r in rows if r["budget"] != "none"):
+            mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["params/total"])
+            x = [r["params/total"] for r in mine]
+            y = [r["test/mrr@5"] for r in mine]
+            err = [r.get("test/mrr@5_std", 0.0) for r in mine]
+            ax.errorbar(x, y, yerr=err, ms=6, capsize=3, lw=1.2, label=method, **styles[method])
+        for r in rows:
+            if r["budget"] == "none":
+                ax.axhline(r["test/mrr@5"], color="k", ls="--", lw=1,
+                           label=f"{r['method']} ({r['params/total']:,} params)")
+        ax.set_xscale("log")
+        ax.set_xlabel("parameters (count, log scale)")
+        ax.set_ylabel("test MRR@5 (full ranking)")
+        ax.set_title(f"{dataset}, {BACKBONE_NAMES.get(backbone, backbone)}: compression methods at equal budgets "
+                     f"(lr chosen on validation; seeds {', '.join(map(str, spec.get('seeds', [])))})", fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: no point hidden
     fig.tight_layout()
     return fig
 
 
 def rivals_bytes(results: pathlib.Path, dataset: str) -> plt.Figure:
     """Test MRR@5 against stored bytes: each method's float32 artifact (filled) and its int8 export
-    (hollow, joined to its float32 point), where the table has the int8 export's metrics."""
+    (hollow, joined to its float32 point), where the table has the int8 export's metrics; a panel per backbone."""
     spec = load_table(f"rivals-{dataset}", results)
-    fig, ax = plt.subplots(figsize=(9, 4.8))
-    markers = iter("os^Dvp<>*hX")
-    for method in dict.fromkeys(r["method"] for r in spec["rows"]):
-        mine = [r for r in spec["rows"] if r["method"] == method]
-        marker = next(markers)
-        f32 = ax.scatter([r["bytes_float32"] for r in mine], [r["test/mrr@5"] for r in mine], marker=marker, s=36,
-                         label=f"{method}, float32", zorder=3)
-        q8 = [r for r in mine if "int8/test/mrr@5" in r]
-        if not q8:
-            continue
-        color = f32.get_facecolor()[0]
-        ax.scatter([r["bytes_int8"] for r in q8], [r["int8/test/mrr@5"] for r in q8], marker=marker, s=36,
-                   facecolors="none", edgecolors=[color], label=f"{method}, int8", zorder=3)
-        for r in q8:
-            ax.plot([r["bytes_float32"], r["bytes_int8"]], [r["test/mrr@5"], r["int8/test/mrr@5"]], color=color,
-                    lw=0.8, alpha=0.6)
-    ax.set_xscale("log")
-    ax.set_xlabel("stored bytes of the parameters (log scale)")
-    ax.set_ylabel("test MRR@5 (full ranking)")
-    ax.set_title(f"{dataset}: quality against artifact size, float32 and int8 exports", fontsize=9)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    panels, styles = _by_backbone(spec["rows"])
+    fig, axes = _panels(len(panels))
+    for ax, (backbone, rows) in zip(axes, panels.items()):
+        for r in rows:
+            style = styles[r["method"]]
+            ax.scatter([r["bytes_float32"]], [r["test/mrr@5"]], marker=style["marker"], color=style["color"], s=36,
+                       label=f"{r['method']}, float32", zorder=3)
+            if "int8/test/mrr@5" not in r:
+                continue
+            ax.scatter([r["bytes_int8"]], [r["int8/test/mrr@5"]], marker=style["marker"], s=36, facecolors="none",
+                       edgecolors=[style["color"]], label=f"{r['method']}, int8", zorder=3)
+            ax.plot([r["bytes_float32"], r["bytes_int8"]], [r["test/mrr@5"], r["int8/test/mrr@5"]],
+                    color=style["color"], lw=0.8, alpha=0.6)
+        ax.set_xscale("log")
+        ax.set_xlabel("stored bytes of the parameters (log scale)")
+        ax.set_ylabel("test MRR@5 (full ranking)")
+        ax.set_title(f"{dataset}, {BACKBONE_NAMES.get(backbone, backbone)}: quality against artifact size, "
+                     "float32 and int8 exports", fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     return fig
 

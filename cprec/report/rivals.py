@@ -18,9 +18,6 @@ import pathlib
 import statistics
 from collections import defaultdict
 
-import jax
-import numpy as np
-
 from cprec.report.add_run import run_values
 from cprec.report.paths import RESULTS
 from cprec.report.table import ResultFileError, dump_table
@@ -91,6 +88,9 @@ def stored(run: pathlib.Path) -> dict:
     """The stored bytes of the run's selected parameters as ``python -m cprec.export`` writes them in
     float32 and int8 (item tables row-wise 8-bit; a pruned table as its non-zeros in both), and the
     int8 artifact's test metrics (the same users and ranking as the run's own test)."""
+    import jax  # the parameters' work only: the records and rows need neither jax nor the model
+    import numpy as np
+
     from cprec.eval.evaluate import eval_splits, evaluate_split, make_rank_fn
     from cprec.eval.pretrained import load_run
     from cprec.serve.artifact import stored_params
@@ -128,7 +128,7 @@ def rival_rows(records: list[dict]) -> list[dict]:
         pending = sorted(set(by_lr) - set(eligible))
         tried = ", ".join(f"{x:g}" for x in sorted(eligible)) + (
             f" (+{', '.join(f'{x:g}' for x in pending)})" if pending else "")
-        row = {"method": method, "budget": budget, "lr": lr, "size": runs[0]["size"],
+        row = {"method": method, "backbone": backbone[method, budget], "budget": budget, "lr": lr, "size": runs[0]["size"],
                "seeds": " ".join(str(r["seed"]) for r in runs), "lrs_tried": tried}
         for key in (*RECORDED, SELECT):
             column = [r[key] for r in runs if key in r]
