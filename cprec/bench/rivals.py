@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -28,7 +29,7 @@ from cprec.config import load_config_file, validate_config
 from cprec.data.dataset import load_dataset
 from cprec.model.builder import build_model, param_report, uncompressed_config
 from cprec.report.paths import RESULTS
-from cprec.report.rivals import BACKBONE_NAMES, METHOD_NAMES
+from cprec.report.rivals import method_label
 from cprec.report.table import dump_table
 from cprec.timing import interleaved_median_seconds
 from cprec.train.loop import make_training
@@ -45,14 +46,11 @@ COLUMNS = [
 ]
 
 
-def method_name(config) -> str:
-    m = config.model
-    name = METHOD_NAMES.get(m.embedding, m.embedding)
-    return f"{BACKBONE_NAMES[m.backbone]} (uncompressed)" if m.embedding == "full" else name
+METHODS = "cprec,mde,lowrank,hash,qr,tt,jpq,prune,nextitnet"  # experiments/rivals.py's, the baseline last
 
 
-def build(config, counts: np.ndarray, batch) -> tuple[dict, object, dict]:
-    """(state holder, step, facts) of one method: the model, state and jitted step a run would train."""
+def build(config, counts: np.ndarray, batch) -> tuple[Callable[[], object], dict]:
+    """(one training step, facts) of one method: the model, state and jitted step a run would train."""
     model = build_model(config, counts, loss_capacities(config, counts, 1))
     micro = num_micro_batches(config, 1, num_items=len(counts))
     state, step = make_training(config, model, counts, int(config.train.num_steps or 1000), micro)
@@ -63,12 +61,10 @@ def build(config, counts: np.ndarray, batch) -> tuple[dict, object, dict]:
         return metrics["loss"]
 
     report = param_report(model, build_model(uncompressed_config(config), counts))
-    facts = {"method": method_name(config), "params": report["params/total"], "micro_batches": micro,
-             "output": config.model.softmax}  # params: a pruned table's non-zeros, as the budget counts them
-    return holder, one_step, facts
-
-
-METHODS = "cprec,mde,lowrank,hash,qr,tt,jpq,prune,nextitnet"  # experiments/rivals.py's, the baseline last
+    # params: a pruned table's non-zeros, as the budget counts them
+    facts = {"method": method_label(config.model.embedding, config.model.backbone), "params": report["params/total"],
+             "micro_batches": micro, "output": config.model.softmax}
+    return one_step, facts
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -85,7 +81,7 @@ def run(args: argparse.Namespace) -> dict:
     steps, rows = {}, {}
     for m, c in configs.items():
         t0 = time.perf_counter()
-        _, steps[m], rows[m] = build(c, data.item_counts, batch)
+        steps[m], rows[m] = build(c, data.item_counts, batch)
         print(f"{rows[m]['method']:>26}: {rows[m]['params']:,} params, built in {time.perf_counter() - t0:.0f} s",
               flush=True)
     t0 = time.perf_counter()

@@ -51,6 +51,15 @@ COLUMNS = [
 ]
 
 
+def method_label(embedding: str, backbone: str) -> str:
+    """A method's name in the tables: "QR", "QR / SASRec", "SASRec (uncompressed)"."""
+    name = BACKBONE_NAMES.get(backbone, backbone)
+    if embedding == "full":
+        return f"{name} (uncompressed)"
+    method = METHOD_NAMES.get(embedding, embedding)
+    return method if backbone == "nextitnet" else f"{method} / {name}"
+
+
 def trial_record(run: pathlib.Path) -> dict:
     """A finished trial as one JSON-able record: its setting (method, backbone, budget, lr, seed) and
     the numbers its results.json and metrics hold (``stored`` adds what needs its parameters)."""
@@ -65,11 +74,7 @@ def trial_record(run: pathlib.Path) -> dict:
     else:
         chosen = ""
     backbone = m.get("backbone", "nextitnet")
-    method = METHOD_NAMES.get(m["embedding"], m["embedding"])
-    if m["embedding"] == "full":
-        method = f"{BACKBONE_NAMES.get(backbone, backbone)} (uncompressed)"
-    elif backbone != "nextitnet":
-        method = f"{method} / {BACKBONE_NAMES.get(backbone, backbone)}"
+    method = method_label(m["embedding"], backbone)
     values = run_values(run)
     record = {"trial": run.name, "method": method, "backbone": backbone, "budget": str(m.get("budget") or "none"),
               "lr": config["optim"]["lr"], "seed": config["seed"], "size": chosen,
@@ -144,8 +149,8 @@ def rival_rows(records: list[dict]) -> list[dict]:
         rows.append(row)
     order = [*METHOD_NAMES.values(), *(f"{b} (uncompressed)" for b in BACKBONE_NAMES.values())]
     rank = lambda name: order.index(name.split(" / ")[0]) if name.split(" / ")[0] in order else len(order)
-    first = lambda r: backbone[r["method"], r["budget"]] != "nextitnet"  # NextItNet's rows, then SASRec's
-    return sorted(rows, key=lambda r: (first(r), rank(r["method"]), -r["params/total"]))
+    # NextItNet's rows, then SASRec's
+    return sorted(rows, key=lambda r: (r["backbone"] != "nextitnet", rank(r["method"]), -r["params/total"]))
 
 
 def load_records(path: pathlib.Path) -> list[dict]:
