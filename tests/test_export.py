@@ -216,7 +216,7 @@ def test_the_exclusion_width_is_set_at_export(csv_run, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("embedding, size", [("qr", {"qr_buckets": 9}), ("lowrank", {"rank": 3}),
                                              ("jpq", {"jpq_splits": 3, "jpq_centroids": 5}),
-                                             ("prune", {"prune_sparsity": 0.8})])
+                                             ("prune", {"prune_sparsity": 0.8}), ("tt", {"tt_rank": 3})])
 def test_a_rival_exports_and_serves_the_top20_of_its_run(tmp_path, embedding, size):
     """A compressed item table tied to the full softmax: trained, exported (float32 with StableHLO,
     int8), and served by the Recommender, with the run's own top-20."""

@@ -260,3 +260,7 @@ def test_recording_again_keeps_what_the_same_runs_parameters_gave(tmp_path, monk
     rows = {r["method"]: r for r in rivals.rival_rows(rivals.update_records([sweep], records))}
     assert calls == ["a", "b", "b"]
     assert rows["QR"]["bytes_int8"] == 2 and rows["QR"]["int8/test/mrr@5"] == 0.5
+    # A new storage scheme (STORED_FORMAT raised) measures every run on disk again.
+    monkeypatch.setattr(rivals, "STORED_FORMAT", rivals.STORED_FORMAT + 1)
+    rivals.update_records([sweep], records)
+    assert calls == ["a", "b", "b", "a", "b"]

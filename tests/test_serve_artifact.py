@@ -79,6 +79,29 @@ def test_item_table_axes_names_exactly_the_item_tables(tmp_path):
     assert {n for n, k in kinds.items() if k} == {"embed/head", "embed/tail_1_emb", "head/head", "head/tail_1_out"}
 
 
+def test_tensor_train_cores_are_quantised_per_item_factor_slice(tmp_path):
+    """TT-Rec's cores are 3-D and 4-D, item factor first: int8 quantises each of their slices (one per
+    value of that factor), so an int8 TT artifact is smaller than float32 and scores like it."""
+    model, params = _model(tmp_path, embedding="tt", tie_embeddings=True, output_projection=True, tt_rank=3)
+    cores = {n: a.shape for n, a in _flat(params).items() if n.startswith("embed/core_")}
+    assert sorted(len(s) for s in cores.values()) == [3, 3, 4]
+    assert {n: a for n, a in item_table_axes(params).items() if n in cores} == {n: 0 for n in cores}
+    q = quantize_params(params)
+    assert all(isinstance(q["embed"][n.split("/")[1]], QuantizedTable) for n in cores)
+    x = jnp.asarray(np.random.default_rng(1).integers(0, 61, size=(3, 10)), jnp.int32)
+    ref = model.apply({"params": params}, x, method=NextItNet.last_log_prob)
+    got = model.apply({"params": dequantize_tree(q)}, x, method=NextItNet.last_log_prob)
+    np.testing.assert_allclose(got, ref, atol=0.01 * np.ptp(ref))  # 8 bits in each of three chained factors
+    sizes = {dtype: _save(tmp_path / dtype, model, params, dtype) for dtype in ("float32", "int8")}
+    art = load_artifact(sizes["int8"])
+    assert set(cores) <= set(art.manifest["quantized"])
+    core_bytes = {}
+    for dtype, out in sizes.items():
+        with safe_open(str(out / "params.safetensors"), framework="np") as f:
+            core_bytes[dtype] = sum(f.get_tensor(k).nbytes for k in f.keys() if k.startswith("embed/core_"))
+    assert core_bytes["int8"] < core_bytes["float32"] / 2
+
+
 # CI: the plain model and CpRec with every table tied; the two between them with -m slow.
 @pytest.mark.parametrize("kw", [{}, pytest.param(TREE, marks=pytest.mark.slow),
                                 pytest.param({"tie_embeddings": True, "output_projection": True}, marks=pytest.mark.slow),

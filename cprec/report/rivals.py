@@ -28,6 +28,9 @@ BACKBONE_NAMES = {"nextitnet": "NextItNet", "sasrec": "SASRec"}
 METRICS = ("test/mrr@5", "test/ndcg@10", "test/hr@10")
 INT8 = tuple(f"int8/{k}" for k in METRICS)  # the int8 export's test metrics
 STORED = ("bytes_float32", "bytes_int8", *INT8)  # what ``stored`` measures
+# The export's storage scheme that ``stored`` measured; raised whenever an artifact's layout changes
+# (2: TT-Rec's 3-D and 4-D cores quantised in int8), so that re-recording measures every run on disk again.
+STORED_FORMAT = 2
 SELECT = "val/ndcg@10"
 RECORDED = (*METRICS, *INT8, "params/total", "params/compression_ratio", "train_tokens_s", "serve/top20_ms_batch1",
             "serve/top20_ms_batch256")
@@ -168,8 +171,10 @@ def update_records(sweeps: list[pathlib.Path], path: pathlib.Path, with_bytes: b
             old = records.get(key(record), {})
             if with_bytes:  # the stored bytes and the int8 test cost an evaluation: kept from the same run's record
                 kept = {k: old[k] for k in STORED if k in old}
-                same = old.get("trial") == record["trial"] and all(old.get(k) == record.get(k) for k in METRICS)
+                same = (old.get("trial") == record["trial"] and old.get("stored_format", 1) == STORED_FORMAT
+                        and all(old.get(k) == record.get(k) for k in METRICS))
                 record |= kept if same and len(kept) == len(STORED) else stored(f.parent)
+                record["stored_format"] = STORED_FORMAT
             records[key(record)] = record
             print(f"recorded {record['method']} {record['budget']} lr={record['lr']:g} seed={record['seed']} "
                   f"({f.parent})", flush=True)

@@ -12,7 +12,8 @@ Item tables (``item_table_axes``) are the tables with one slice per item: the in
 (``embed/embedding`` or block-wise ``embed/head`` and ``embed/tail_{j}_emb``, axis 0) and the
 output layer (``head/kernel`` of a full softmax, or the tree softmax's ``head/head``, whose columns
 are the head items and the cluster tokens, and ``head/tail_{j}_out``, axis 1; the list is
-``cprec.model.param_groups.ITEM_TABLES``; a tied model has only the ``embed/`` ones). Everything else (conv
+``cprec.model.param_groups.ITEM_TABLES``; a tied model has only the ``embed/`` ones; a rival's
+tables too, TT-Rec's 3-D and 4-D cores with one slice per value of their item factor). Everything else (conv
 kernels, biases, LayerNorms, the low-rank projections ``tail_{j}_proj``) stays float32.
 ``quantize_params`` quantises the item tables whose slices hold at least ``MIN_SLICE`` elements:
 below that (CpRec's rank-1 and rank-2 tail clusters) the 8 bytes of scale and offset per slice
@@ -98,7 +99,7 @@ def item_table_axes(params: Any) -> dict[str, int]:
     for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]:
         name = param_path(path)
         axis = item_table_axis(name)
-        if axis is not None and len(np.shape(leaf.q if is_quantized(leaf) else leaf)) == 2:
+        if axis is not None and len(np.shape(leaf.q if is_quantized(leaf) else leaf)) >= 2:
             axes[name] = axis
     return axes
 
