@@ -117,6 +117,10 @@ def test_the_rivals_grid_keeps_its_trial_names_and_validates_for_both_backbones(
     assert len(tune) == 9 * 2 and {t.overrides["model.budget"] for t in tune if "model.budget" in t.overrides} == {"20x", ""}
     budgets = expand(f"{ROOT}/experiments/rivals.py:synthetic30k,sweep=budgets")
     assert len(budgets) == 8 * 3 and "20x" not in {t.overrides["model.budget"] for t in budgets}
+    # 1M items: every method and the baseline once, at the rate synthetic30k chose, the full tables sampled
+    million = expand(f"{ROOT}/experiments/rivals.py:synthetic1m,sweep=chosen")
+    assert len(million) == 9 and {t.overrides["optim.lr"] for t in million} == {3e-3}
+    assert {t.overrides["model.softmax"] for t in million} == {"tree", "sampled"}
     sasrec = load_config_file(f"{ROOT}/experiments/rivals.py:synthetic30k,method=qr,backbone=sasrec")
     assert (sasrec.model.backbone, sasrec.model.embedding, sasrec.model.tie_embeddings) == ("sasrec", "qr", True)
     with pytest.raises(ConfigError, match="method='pq' is unknown"):
