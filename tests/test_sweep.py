@@ -15,6 +15,7 @@ from ml_collections import config_flags
 
 from cprec.sweep import expand as sweep, launch
 from cprec.errors import ConfigError, CprecError
+from cprec.sweep import apply_overrides
 from cprec.sweep.expand import expand, product, seeds, slug, zip_
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -125,7 +126,12 @@ def test_the_rivals_grid_keeps_its_trial_names_and_validates_for_both_backbones(
     assert (sasrec.model.backbone, sasrec.model.embedding, sasrec.model.tie_embeddings) == ("sasrec", "qr", True)
     with pytest.raises(ConfigError, match="method='pq' is unknown"):
         load_config_file(f"{ROOT}/experiments/rivals.py:synthetic30k,method=pq")
-    assert len(expand(f"{ROOT}/experiments/sasrec.py:ml100k")) == 7
+    tuning = expand(f"{ROOT}/experiments/sasrec.py:ml100k")
+    assert len(tuning) == 12
+    # each setting is whole: the reference is RecBole's Adam without decay, not the preset's AdamW
+    ref = load_config_file(f"{ROOT}/experiments/sasrec.py:ml100k")
+    apply_overrides(ref, tuning[0].overrides)
+    assert (ref.optim.name, ref.optim.weight_decay, ref.model.tie_embeddings) == ("adam", 0.0, True)
     assert load_config_file(f"{ROOT}/experiments/sasrec.py:synthetic30k,cprec=true").model.budget == "20x"
     # CpRec on ml-100k: the SASRec preset's schedule and optimiser, CpRec's own model keys, a reachable budget
     plain, cp = (load_config_file(f"{ROOT}/experiments/sasrec.py:ml100k{x}") for x in ("", ",cprec=true"))
