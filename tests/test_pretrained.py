@@ -222,3 +222,8 @@ def test_a_rivals_record_holds_the_int8_exports_bytes_and_test_metrics(tree_run,
                 config.eval.batch_size, config.eval.ks)
     for key in ("mrr@5", "ndcg@10", "hr@10"):
         assert got[f"int8/test/{key}"] == pytest.approx(want[key], rel=1e-6), key
+    # An earlier format's measurement: kept where the bytes are the same, measured again where not.
+    earlier = {**got, "int8/test/mrr@5": -1.0}
+    assert stored(workdir, earlier)["int8/test/mrr@5"] == -1.0 and len(scored) == 1
+    assert stored(workdir, {**earlier, "bytes_int8": 1})["int8/test/mrr@5"] == got["int8/test/mrr@5"]
+    assert len(scored) == 2

@@ -245,7 +245,7 @@ def test_recording_again_keeps_what_the_same_runs_parameters_gave(tmp_path, monk
     from cprec.report import rivals
 
     calls = []
-    monkeypatch.setattr(rivals, "stored", lambda run: calls.append(run.name) or {
+    monkeypatch.setattr(rivals, "stored", lambda run, earlier=None: calls.append(run.name) or {
         "bytes_float32": 8, "bytes_int8": 2, **{k: 0.5 for k in rivals.INT8}})
     sweep, records = tmp_path / "grid", tmp_path / "t.jsonl"
     _rival_trial(sweep, "a", "lowrank", "20x", 1e-3, 0, val=0.50, mrr=0.50)

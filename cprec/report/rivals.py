@@ -92,10 +92,12 @@ def _selection_score(runs: list[dict]) -> float:
     return statistics.fmean(r.get(SELECT, float("-inf")) for r in grid)
 
 
-def stored(run: pathlib.Path) -> dict:
+def stored(run: pathlib.Path, earlier: dict | None = None) -> dict:
     """The stored bytes of the run's selected parameters as ``python -m cprec.export`` writes them in
     float32 and int8 (item tables row-wise 8-bit; a pruned table as its non-zeros in both), and the
-    int8 artifact's test metrics (the same users and ranking as the run's own test)."""
+    int8 artifact's test metrics (the same users and ranking as the run's own test). ``earlier``: this
+    run's measurement under an older storage format, whose int8 metrics are kept if the bytes are
+    the same (the export's layout did not change for this model: its int8 parameters are the same)."""
     import jax  # the parameters' work only: the records and rows need neither jax nor the model
     import numpy as np
 
@@ -108,6 +110,8 @@ def stored(run: pathlib.Path) -> dict:
     params = jax.tree.map(np.asarray, run_.params)
     out = {"bytes_float32": stored_params(params, "float32")[0]}
     out["bytes_int8"], int8 = stored_params(params, "int8")
+    if earlier and all(earlier.get(k) == out[k] for k in out):
+        return {**earlier, **out}
     inputs, targets = eval_splits(run_.data, run_.config.eval.num_users)["test"]
     metrics = evaluate_split(make_rank_fn(run_.model), dequantize_tree(int8), inputs, targets,
                              run_.config.eval.batch_size, run_.config.eval.ks, split="test (int8)")
@@ -171,9 +175,12 @@ def update_records(sweeps: list[pathlib.Path], path: pathlib.Path, with_bytes: b
             old = records.get(key(record), {})
             if with_bytes:  # the stored bytes and the int8 test cost an evaluation: kept from the same run's record
                 kept = {k: old[k] for k in STORED if k in old}
-                same = (old.get("trial") == record["trial"] and old.get("stored_format", 1) == STORED_FORMAT
+                same = (old.get("trial") == record["trial"] and len(kept) == len(STORED)
                         and all(old.get(k) == record.get(k) for k in METRICS))
-                record |= kept if same and len(kept) == len(STORED) else stored(f.parent)
+                if same and old.get("stored_format", 1) == STORED_FORMAT:
+                    record |= kept
+                else:
+                    record |= stored(f.parent, kept if same else None)
                 record["stored_format"] = STORED_FORMAT
             records[key(record)] = record
             print(f"recorded {record['method']} {record['budget']} lr={record['lr']:g} seed={record['seed']} "
