@@ -100,6 +100,22 @@ def test_the_generic_blocked_path_scores_tables_without_a_factorised_score(monke
     assert calls == [(4, 16)]
 
 
+@pytest.mark.parametrize("tail_from", [10**6, 1])
+def test_tt_rows_are_the_same_from_per_id_slices_and_from_the_shared_tail(monkeypatch, tail_from):
+    """Both lookups (the shared core_2 x core_3 contraction for many ids, per-id slices for a few)
+    give the hand-indexed rows, and the same gradients."""
+    from cprec.model.tables import tt
+
+    table, params = _table(KINDS["tt"])
+    monkeypatch.setattr(tt, "TAIL_FROM", tail_from)
+    np.testing.assert_allclose(table.apply({"params": params}, IDS), _reference_rows("tt", params, IDS),
+                               rtol=1e-5, atol=1e-6)
+    grad = lambda p: jax.grad(lambda q: jnp.sum(table.apply({"params": q}, IDS) ** 2))(p)
+    got = grad(params)
+    monkeypatch.setattr(tt, "TAIL_FROM", 1 if tail_from > 1 else 10**6)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), got, grad(params))
+
+
 def test_tt_scores_and_rebuilds_its_table_as_a_train_not_row_by_row(monkeypatch):
     from cprec.model.tables.tt import TTTable
 
