@@ -116,11 +116,12 @@ def sweep(arg: str | None = None) -> list[dict]:
         later = product([method_overrides(m, a.data) for m in LATER_METHODS], budgets, {"optim.lr": list(LRS)})
         return product(compressed + [method_overrides(BASELINE, a.data)], {"optim.lr": list(LRS)}) + later
     chosen = CHOSEN_LR.get(a.data, {})
-    lr = lambda m: {"optim.lr": chosen[m]} if m in chosen else {}
+    # a method at a budget (the baseline: at none) at its chosen rate, where one is chosen
+    at = lambda m, budget=None: {**method_overrides(m, a.data), **({"model.budget": budget} if budget else {}),
+                                 **({"optim.lr": chosen[m]} if m in chosen else {})}
     methods = METHODS + LATER_METHODS
     if a.sweep == "chosen":
-        return [{**method_overrides(m, a.data), "model.budget": b, **lr(m)} for b in BUDGETS[a.data] for m in methods] \
-            + [{**method_overrides(BASELINE, a.data), **lr(BASELINE)}]
+        return [at(m, b) for b in BUDGETS[a.data] for m in methods] + [at(BASELINE)]
     if a.sweep in ("tune", "budgets", "seeds") and a.data not in SEED_BUDGET:
         raise ConfigError(f"sweep={a.sweep} has no budget for {a.data!r}; valid: {', '.join(SEED_BUDGET)}")
     if a.sweep == "tune":
@@ -128,8 +129,7 @@ def sweep(arg: str | None = None) -> list[dict]:
         return product(tuned + [method_overrides(BASELINE, a.data)], {"optim.lr": list(LRS)})
     if a.sweep == "budgets":
         others = [b for b in BUDGETS[a.data] if b != SEED_BUDGET[a.data]]
-        return [{**method_overrides(m, a.data), "model.budget": b, **lr(m)} for m in methods for b in others]
+        return [at(m, b) for m in methods for b in others]
     if a.sweep == "seeds":
-        trials = [{**method_overrides(m, a.data), "model.budget": SEED_BUDGET[a.data], **lr(m)} for m in methods]
-        return product(trials + [{**method_overrides(BASELINE, a.data), **lr(BASELINE)}], seeds(2, start=1))
+        return product([at(m, SEED_BUDGET[a.data]) for m in methods] + [at(BASELINE)], seeds(2, start=1))
     raise ConfigError(f"sweep={a.sweep!r} is unknown in experiments/rivals.py; valid: grid, tune, budgets, seeds, chosen")
