@@ -183,8 +183,9 @@ def rivals(results: pathlib.Path, dataset: str) -> plt.Figure:
         ax.set_xscale("log")
         ax.set_xlabel("parameters (count, log scale)")
         ax.set_ylabel("test MRR@5 (full ranking)")
+        seeds = sorted({int(s) for r in rows for s in str(r.get("seeds", "")).split()})  # this panel's, not the table's
         ax.set_title(f"{dataset}, {BACKBONE_NAMES.get(backbone, backbone)}: compression methods at equal budgets "
-                     f"(lr chosen on validation; seeds {', '.join(map(str, spec.get('seeds', [])))})", fontsize=9)
+                     f"(lr chosen on validation; seeds {', '.join(map(str, seeds))})", fontsize=9)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: no point hidden
     fig.tight_layout()
