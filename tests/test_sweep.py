@@ -137,6 +137,10 @@ def test_the_rivals_grid_keeps_its_trial_names_and_validates_for_both_backbones(
     plain, cp = (load_config_file(f"{ROOT}/experiments/sasrec.py:ml100k{x}") for x in ("", ",cprec=true"))
     assert (cp.optim.lr, cp.train.batch_size, cp.train.num_epochs) == (plain.optim.lr, 64, 20)
     assert (cp.model.budget, cp.model.tie_embeddings, cp.model.embedding) == ("3x", True, "blockwise")
+    # 1M items: the plain SASRec trains sampled with lazy-Adam tables, as NextItNet does; CpRec keeps its tree
+    big, big_cp = (load_config_file(f"{ROOT}/experiments/sasrec.py:synthetic1m{x}") for x in ("", ",cprec=true"))
+    assert (big.model.softmax, big.optim.sparse_tables) == ("sampled", True)
+    assert (big_cp.model.softmax, big_cp.optim.sparse_tables) == ("tree", False)
 
 
 def test_slugs_are_short_safe_and_distinct():
