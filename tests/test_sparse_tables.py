@@ -14,11 +14,13 @@ from cprec.train.step import learning_rate, make_optimizer, make_train_step, new
 V = 10  # ids 0..9, 0 = padding
 
 
-def _config(tied: bool, **optim):
+def _config(tied: bool, backbone: str = "nextitnet", **optim):
     c = base_config()
     c.model.dim, c.model.dilations, c.model.num_blocks = 8, (1, 2), 1
     c.model.softmax, c.model.num_negatives, c.model.sampler = "sampled", 6, "uniform"
     c.model.tie_embeddings = c.model.output_projection = tied
+    if backbone == "sasrec":  # tied without a projection: logits = h E^T, no output module at all
+        c.model.backbone, c.model.inner_dim, c.model.output_projection = "sasrec", 16, False
     c.optim.sparse_tables, c.optim.lr = True, 1e-2
     c.optim.update(optim)
     validate_config(c)
@@ -44,12 +46,13 @@ def _steps(config, counts, batches, sparse: bool):
     return state, losses
 
 
-@pytest.mark.parametrize("tied", [False, pytest.param(True, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("tied, backbone", [(False, "nextitnet"), pytest.param(True, "nextitnet", marks=pytest.mark.slow),
+                                            (True, "sasrec")])
 @pytest.mark.parametrize("schedule", ["constant", pytest.param("cosine", marks=pytest.mark.slow)])
-def test_rows_touched_at_every_step_follow_dense_adam(tied, schedule):
+def test_rows_touched_at_every_step_follow_dense_adam(tied, backbone, schedule):
     # Every id is an input and a target of every batch (padding included), so every row of both
     # tables has a gradient at every step: lazy and dense Adam must agree on every parameter.
-    config = _config(tied, schedule=schedule, warmup_steps=2, clip_norm=0.5)
+    config = _config(tied, backbone, schedule=schedule, warmup_steps=2, clip_norm=0.5)
     counts = np.r_[0, np.arange(V - 1, 0, -1)]
     row = np.r_[0, 0, np.arange(1, V)]
     batches = [np.stack([np.roll(row, 0), np.r_[0, 0, np.arange(V - 1, 0, -1)], np.r_[0, 0, 0, np.arange(1, V - 1)],

@@ -51,7 +51,8 @@ def _without(tree: dict, paths: list[tuple[str, ...]]) -> dict:
 
 def table_paths(params: dict) -> list[tuple[str, ...]]:
     """The item tables of ``params`` updated row by row: the input embedding and an untied output kernel."""
-    return [p for p in (_INPUT, _OUTPUT) if p[-1] in _get(params, p[:-1])]
+    # A tied model without an output projection (SASRec's logits = h E^T) has no head module at all.
+    return [p for p in (_INPUT, _OUTPUT) if p[-1] in params.get(p[0], {})]
 
 
 def _unique(ids: jax.Array, size: int, num_items: int) -> tuple[jax.Array, jax.Array]:
