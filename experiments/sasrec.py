@@ -12,7 +12,8 @@ the sharing scheme (none, cross_block, adjacent_block).
 RecBole's defaults: 2 blocks of 2 heads, d = 64, feed-forward width 256, GELU, hidden and
 attention dropout 0.5, Adam at 1e-3, the item table tied to the output (logits = h E^T); cprec
 trains every position of a window at once with the full softmax (cross-entropy over all items),
-as RecBole's CE loss does for the last one. At 1M items the full softmax becomes the sampled one.
+as RecBole's CE loss does for the last one. At 1M items the full softmax becomes the sampled one
+(1,024 unigram negatives, log-Q corrected; lazy-Adam item table, `optim.sparse_tables`).
 The ml100k preset (TUNED) departs from RecBole where validation said so: AdamW at 5e-3 with weight
 decay 0.2 (the item table too), batches of 64 windows, 20 epochs; cprec=true keeps its
 schedule and optimiser, at 3x on ml-100k (CPREC_BUDGET) and 20x elsewhere by default.
