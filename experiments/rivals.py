@@ -40,6 +40,7 @@ from cprec.errors import ConfigError
 from cprec.sweep import apply_overrides, product, seeds
 from experiments.cprec import TUNED as CPREC_TUNED
 from experiments.datasets import apply_dataset
+from experiments.nextitnet import SAMPLED_BY_DEFAULT  # where full output tables train sampled
 
 METHODS = ("cprec", "mde", "lowrank", "hash", "qr")
 # Added later (rivals part 2); their trials come after the first ones so earlier trial names stay.
@@ -60,7 +61,6 @@ CHOSEN_LR: dict[str, dict[str, float]] = {
 # At 1M items a run takes a core for most of an hour, so the rates are not tuned there again: each
 # method gets the one synthetic30k chose for it (the same generator, 33x the items; equal effort).
 CHOSEN_LR["synthetic1m"] = dict(CHOSEN_LR["synthetic30k"])
-SAMPLED = ("synthetic1m",)  # datasets whose full output tables train with the sampled softmax
 
 # What every compressed method shares (the baseline undoes it).
 COMMON = {"model.sharing": "cross_block", "model.tie_embeddings": True, "model.tie_projections": True,
@@ -73,7 +73,7 @@ TRAINING = {"ml100k": {k: v for k, v in CPREC_TUNED["ml100k"].items() if k.split
 
 def method_overrides(method: str, data: str) -> dict:
     """The config keys that make ``method`` on top of the protocol's common settings."""
-    full = "sampled" if data in SAMPLED else "full"
+    full = "sampled" if data in SAMPLED_BY_DEFAULT else "full"
     if method == BASELINE:
         out = {"model.embedding": "full", "model.softmax": full, "model.sharing": "none",
                "model.tie_embeddings": False, "model.output_projection": False, "model.budget": ""}

@@ -87,7 +87,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         apply_overrides(config, tuned)
     if a.share:
         m.sharing = a.share
-    # Lazy Adam for the sampled softmax's 1M-row table (1.7x faster steps), as experiments/nextitnet.py.
+    # Lazy Adam for the sampled softmax's 1M-row table, as experiments/nextitnet.py (its speed-up on
+    # SASRec: docs/results.md#one-million-items).
     config.optim.sparse_tables = m.softmax == "sampled"
     return config
 
