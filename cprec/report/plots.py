@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display: the PNGs are files, rendered the same on any machine
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 
 from cprec.report.paths import IMG, RESULTS  # noqa: E402
 from cprec.report.rivals import BACKBONE_NAMES  # noqa: E402
@@ -163,6 +164,30 @@ def _panels(count: int) -> tuple[plt.Figure, list]:
     return fig, list(axes[:, 0])
 
 
+def _short(value: float, _pos=None) -> str:
+    """180k, 4.1M: tick labels that fit beside each other."""
+    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return f"{value:.3g}"
+
+
+def _log_x(ax: plt.Axes, label: str) -> None:
+    """A log x axis with short labels at 1, 2 and 5 of each decade; over a narrow range (one panel's
+    methods at one budget) a few evenly spaced ones, where matplotlib's default labels every minor
+    tick in scientific notation, overlapping."""
+    ax.set_xscale("log")
+    ax.set_xlabel(label)
+    lo, hi = ax.get_xlim()
+    if hi / lo < 3:
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(5))
+        ax.xaxis.set_minor_locator(ticker.NullLocator())
+    else:
+        ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(_short))
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+
+
 def rivals(results: pathlib.Path, dataset: str) -> plt.Figure:
     """Test MRR@5 against parameters, one line per compression method (results/rivals-DATASET.json),
     seed spread as error bars, the uncompressed backbone as a horizontal line; a panel per backbone."""
@@ -180,8 +205,7 @@ def rivals(results: pathlib.Path, dataset: str) -> plt.Figure:
             if r["budget"] == "none":
                 ax.axhline(r["test/mrr@5"], color="k", ls="--", lw=1,
                            label=f"{r['method']} ({r['params/total']:,} params)")
-        ax.set_xscale("log")
-        ax.set_xlabel("parameters (count, log scale)")
+        _log_x(ax, "parameters (count, log scale)")
         ax.set_ylabel("test MRR@5 (full ranking)")
         seeds = sorted({int(s) for r in rows for s in str(r.get("seeds", "")).split()})  # this panel's, not the table's
         ax.set_title(f"{dataset}, {BACKBONE_NAMES.get(backbone, backbone)}: compression methods at equal budgets "
@@ -199,18 +223,24 @@ def rivals_bytes(results: pathlib.Path, dataset: str) -> plt.Figure:
     panels, styles = _by_backbone(spec["rows"])
     fig, axes = _panels(len(panels))
     for ax, (backbone, rows) in zip(axes, panels.items()):
+        labelled: set[str] = set()  # a method at several budgets gets one legend entry per format
+
+        def label(text: str) -> str | None:
+            new = text not in labelled
+            labelled.add(text)
+            return text if new else None
+
         for r in rows:
             style = styles[r["method"]]
             ax.scatter([r["bytes_float32"]], [r["test/mrr@5"]], marker=style["marker"], color=style["color"], s=36,
-                       label=f"{r['method']}, float32", zorder=3)
+                       label=label(f"{r['method']}, float32"), zorder=3)
             if "int8/test/mrr@5" not in r:
                 continue
             ax.scatter([r["bytes_int8"]], [r["int8/test/mrr@5"]], marker=style["marker"], s=36, facecolors="none",
-                       edgecolors=[style["color"]], label=f"{r['method']}, int8", zorder=3)
+                       edgecolors=[style["color"]], label=label(f"{r['method']}, int8"), zorder=3)
             ax.plot([r["bytes_float32"], r["bytes_int8"]], [r["test/mrr@5"], r["int8/test/mrr@5"]],
                     color=style["color"], lw=0.8, alpha=0.6)
-        ax.set_xscale("log")
-        ax.set_xlabel("stored bytes of the parameters (log scale)")
+        _log_x(ax, "stored bytes of the parameters (log scale)")
         ax.set_ylabel("test MRR@5 (full ranking)")
         ax.set_title(f"{dataset}, {BACKBONE_NAMES.get(backbone, backbone)}: quality against artifact size, "
                      "float32 and int8 exports", fontsize=9)
