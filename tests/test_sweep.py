@@ -143,6 +143,15 @@ def test_the_rivals_grid_keeps_its_trial_names_and_validates_for_both_backbones(
     assert (big_cp.model.softmax, big_cp.optim.sparse_tables) == ("tree", False)
 
 
+def test_sampled_nextitnet_takes_the_negatives_validation_chose():
+    from cprec.config import load_config_file
+    # softmax=sampled: the count sweep=sampled chose per dataset; 1M items keeps the config's default
+    negatives = {data: load_config_file(f"{ROOT}/experiments/nextitnet.py:{data},softmax=sampled").model.num_negatives
+                 for data in ("ml100k", "synthetic30k", "synthetic1m")}
+    assert negatives == {"ml100k": 256, "synthetic30k": 4096, "synthetic1m": 1024}
+    assert load_config_file(f"{ROOT}/experiments/nextitnet.py:synthetic30k").model.softmax == "full"
+
+
 def test_slugs_are_short_safe_and_distinct():
     safe = re.compile(r"^[A-Za-z0-9._=+,-]+$")
     a = slug({"model.cutoffs": (20_000, 60_000, 150_000), "optim.lr": 3e-4, "data.path": "/a b/c.csv"})
