@@ -275,14 +275,14 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
             key, value = first, part
         if key not in defaults:
             raise ConfigError(f"config argument {key!r} is unknown; valid keys: {', '.join(defaults)}")
-        out[key] = _convert(key, value, defaults[key])
+        out[key] = convert_value(key, value, defaults[key])
     return out
 
 
 _BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
-def _convert(key: str, value: str, default):
+def convert_value(key: str, value: str, default):
     """``value`` as the type of ``default``; bool('False') would be True, so booleans are parsed strictly."""
     if isinstance(default, bool):
         if value.lower() not in _BOOLEANS:

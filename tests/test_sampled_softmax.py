@@ -96,6 +96,19 @@ def test_correction_and_accidental_hits_match_a_hand_computation(in_batch):
     np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
 
 
+def test_a_token_whose_every_negative_is_masked_has_zero_loss_and_finite_gradients():
+    """Only the target is left among the candidates (all negatives are hits, the batch has one item)."""
+    head, params, _ = _head_and_params(projection=True)
+    h = jnp.asarray(np.random.default_rng(3).normal(size=(4, D)), jnp.float32)
+    targets = jnp.full((4,), 3, jnp.int32)
+    negatives = Negatives(jnp.full((5,), 3, jnp.int32), jnp.zeros(5), jnp.zeros(4), jnp.zeros(4))
+    loss, grads = jax.jit(jax.value_and_grad(lambda p: head.apply(p, h, targets, jnp.ones(4, bool), negatives,
+                                                                   method=head.loss)[0]))(params)
+    assert float(loss) == 0.0
+    for g in jax.tree.leaves(grads):
+        assert np.all(np.isfinite(g)) and not np.any(g)
+
+
 def test_sampler_probabilities_and_corrections():
     counts = np.array([0, 50, 20, 20, 9, 1, 0, 3])
     uni = Sampler(counts, 4, "uniform")

@@ -59,7 +59,7 @@ class SampledSoftmax(FullSoftmax):
         target_rows = self.rows(targets)
         positive = jnp.sum(hp * target_rows, axis=-1) - negatives.target_log_count
         sampled = hp @ self.rows(negatives.ids).T - negatives.log_count[None, :]
-        parts = [positive[:, None], jnp.where(negatives.ids[None, :] == targets[:, None], -jnp.inf, sampled)]
+        parts = [jnp.where(negatives.ids[None, :] == targets[:, None], -jnp.inf, sampled)]
         count = jnp.sum(mask.astype(jnp.int32))
         if negatives.target_log_share is not None:
             # Each real target of the call is a candidate; its expected count among them is its
@@ -67,5 +67,19 @@ class SampledSoftmax(FullSoftmax):
             in_batch = hp @ target_rows.T - (negatives.target_log_share + jnp.log(jnp.maximum(count, 1)))[None, :]
             hit = (targets[None, :] == targets[:, None]) | ~mask[None, :]  # the token's own item, and padding
             parts.append(jnp.where(hit, -jnp.inf, in_batch))
-        nll = jax.nn.logsumexp(jnp.concatenate(parts, axis=1), axis=1) - positive
+        nll = _logsumexp_with(positive, parts) - positive
         return jnp.sum(jnp.where(mask, nll, 0.0)) / jnp.maximum(count, 1).astype(nll.dtype), count
+
+
+def _logsumexp_with(first: jax.Array, parts: list[jax.Array]) -> jax.Array:
+    """``[N]`` logsumexp over ``first`` ``[N]`` and every ``[N, K]`` part's row, without concatenating
+    them: a ``[N, 1 + K]`` copy of the logits (and of its gradient) costs more than the sum itself.
+    ``first`` is finite, so the sum is never zero, even where a part's row is all masked (-inf)."""
+    top = first
+    for part in parts:
+        top = jnp.maximum(top, jnp.max(part, axis=1))
+    top = jax.lax.stop_gradient(top)
+    total = jnp.exp(first - top)
+    for part in parts:
+        total = total + jnp.sum(jnp.exp(part - top[:, None]), axis=1)
+    return jnp.log(total) + top
