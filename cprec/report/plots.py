@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 
 from cprec.report.paths import IMG, RESULTS  # noqa: E402
-from cprec.report.rivals import BACKBONE_NAMES  # noqa: E402
+from cprec.report.rivals import BACKBONE_NAMES, METHOD_NAMES  # noqa: E402
 from cprec.report.table import load_table  # noqa: E402
 
 
@@ -154,7 +154,9 @@ def _by_backbone(rows: list[dict]) -> tuple[dict[str, list[dict]], dict[str, dic
         panels.setdefault(r.get("backbone", "nextitnet"), []).append(r)
     base = lambda r: r["method"].split(" / ")[0]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    names = dict.fromkeys(base(r) for r in rows if r["budget"] != "none")
+    # every method's style from one fixed order, so a method looks the same on every dataset's plot
+    names = dict.fromkeys([n for k, n in METHOD_NAMES.items() if k != "full"]
+                          + [base(r) for r in rows if r["budget"] != "none"])
     styles = {n: {"marker": "os^Dvp<>*hX"[i % 11], "color": colors[i % len(colors)]} for i, n in enumerate(names)}
     return panels, {r["method"]: styles.get(base(r), {"marker": "*", "color": "k"}) for r in rows}
 
