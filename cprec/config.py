@@ -288,6 +288,9 @@ def convert_value(key: str, value: str, default):
         if value.lower() not in _BOOLEANS:
             raise ConfigError(f"config argument {key}={value!r} is not a boolean; use true or false")
         return _BOOLEANS[value.lower()]
+    if not isinstance(default, (int, float, str)):  # tuple("1,2") would be its characters
+        raise ConfigError(f"config argument {key}={value!r} cannot be set from text (its value is {default!r}); "
+                          f"only numbers, strings and booleans can")
     try:
         return type(default)(value)
     except ValueError:

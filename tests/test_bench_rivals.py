@@ -20,9 +20,15 @@ def get_config(arg):
 '''
 
 
-def test_the_bench_times_every_methods_train_step_and_writes_a_docs_table(tmp_path, monkeypatch, capsys):
-    config = tmp_path / "protocol.py"
-    config.write_text(CONFIG.format(cache=str(tmp_path / "cache")))
+@pytest.fixture
+def config(tmp_path):
+    """A protocol config file of tiny models, one per method."""
+    path = tmp_path / "protocol.py"
+    path.write_text(CONFIG.format(cache=str(tmp_path / "cache")))
+    return path
+
+
+def test_the_bench_times_every_methods_train_step_and_writes_a_docs_table(config, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(rivals, "RESULTS", tmp_path)
     res = rivals.main(["--config", f"{config}:tiny", "--methods", "cprec,qr,prune,nextitnet", "--repeats", "2",
                        "--out", str(tmp_path / "bench.json"), "--table", "speed"])
@@ -46,9 +52,7 @@ def test_the_bench_times_every_methods_train_step_and_writes_a_docs_table(tmp_pa
     assert "x CpRec's speed" in capsys.readouterr().out
 
 
-def test_variants_time_any_configs_with_overrides_relative_to_the_first(tmp_path, monkeypatch, capsys):
-    config = tmp_path / "protocol.py"
-    config.write_text(CONFIG.format(cache=str(tmp_path / "cache")))
+def test_variants_time_any_configs_with_overrides_relative_to_the_first(config, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(rivals, "RESULTS", tmp_path)
     res = rivals.main(["--variant", f"full={config}:method=nextitnet",
                        "--variant", f"sampled 8={config}:method=nextitnet model.softmax=sampled model.num_negatives=8",
@@ -66,10 +70,9 @@ def test_variants_time_any_configs_with_overrides_relative_to_the_first(tmp_path
     ("no-equals-sign", "is malformed"),
     ("x={config}:method=nextitnet model.num_negative=8", "unknown config key 'model.num_negative'"),
     ("x={config}:method=nextitnet model.num_negatives", "has no '='"),
+    ("x={config}:method=nextitnet model.cutoffs=5,9", "cannot be set from text"),
 ])
-def test_a_bad_variant_is_a_one_line_error(tmp_path, capsys, variant, message):
-    config = tmp_path / "protocol.py"
-    config.write_text(CONFIG.format(cache=str(tmp_path / "cache")))
+def test_a_bad_variant_is_a_one_line_error(config, tmp_path, capsys, variant, message):
     with pytest.raises(SystemExit) as exit_:
         rivals.main(["--variant", variant.format(config=config), "--out", str(tmp_path / "bench.json")])
     assert exit_.value.code == 2

@@ -14,7 +14,7 @@ sampler and pruning), and one step of each is timed in turn, round after round
 (``interleaved_median_seconds``), so a slow spell of a shared machine falls on every method alike.
 Batches are i.i.d. draws from the items' training popularity (``cprec.bench.optimizer.zipf_windows``),
 so no method's cost depends on which windows it happens to get. Prints and saves median tokens/s
-per method and each one's speed relative to CpRec's; ``--table`` also writes results/NAME.json
+per method and each one's speed relative to CpRec's (or ``--reference``'s); ``--table`` also writes results/NAME.json
 for the docs.
 
 ``--variant "LABEL=CONFIG [key=value ...]"`` (repeated) times any configs instead of the protocol's
