@@ -37,7 +37,7 @@ def test_eval_ranks_exclude_padding_and_count_ties_against_the_target():
 
 def _constant_model(value: float, num_items: int):
     """A rank function of a model that gives every item the same score ``value``."""
-    return jax.jit(lambda params, x, y: eval_ranks(jnp.full((x.shape[0], num_items), value), y))
+    return lambda params: jax.jit(lambda x, y: eval_ranks(jnp.full((x.shape[0], num_items), value), y))
 
 
 def test_a_model_with_constant_scores_gets_nothing():
@@ -58,14 +58,14 @@ def test_a_model_with_non_finite_scores_is_refused(value):
 
 
 def test_one_non_finite_row_is_counted_and_refused():
-    def rank_fn(params, x, y):  # the row whose input starts with 7 scores NaN everywhere
+    def ranks(x, y):  # the row whose input starts with 7 scores NaN everywhere
         scores = jnp.where(x[:, :1] == 7, jnp.nan, jnp.arange(50.0)[None, :])
         return eval_ranks(scores, y)
 
     inputs = np.zeros((40, 4), np.int32)
     inputs[33, 0] = 7  # in the last, padded batch
     with pytest.raises(EvaluationError, match=r"^1 of 40 rows of the val split"):
-        evaluate_split(jax.jit(rank_fn), None, inputs, np.ones(40, np.int32), 32, (10,), split="val", step=3)
+        evaluate_split(lambda params: jax.jit(ranks), None, inputs, np.ones(40, np.int32), 32, (10,), split="val", step=3)
 
 
 def test_rank_metrics_rejects_empty():

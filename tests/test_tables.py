@@ -261,6 +261,32 @@ def test_tied_top_k_is_the_exact_top_of_the_full_log_prob(tmp_path, embedding):
     np.testing.assert_array_equal(np.take_along_axis(np.asarray(lp), np.asarray(ids), 1), np.asarray(scores))
 
 
+def test_tt_evaluation_scores_every_batch_against_the_table_it_rebuilt_once(tmp_path, monkeypatch):
+    """Evaluating many batches rebuilds a TT-Rec table once per parameters (``serving_stats``), then
+    ranks each batch by ``h E^T`` of those rows: the same ranks as scoring from the cores per batch."""
+    from cprec.eval.evaluate import eval_ranks, evaluate_split, make_rank_fn
+    from cprec.model.tables.tt import TTTable
+
+    model = build_model(tiny_config(tmp_path, embedding="tt", tie_embeddings=True, **TIED["tt"]), SMALL_COUNTS)
+    params = init_params(model, 1)
+    inputs = np.asarray(np.random.default_rng(6).integers(0, 61, size=(40, 10)), np.int32)
+    targets = np.asarray(np.random.default_rng(7).integers(1, 61, size=40), np.int32)
+    per_batch = jax.jit(lambda x, y: eval_ranks(model.apply({"params": params}, x, method="last_log_prob"), y))
+    ranks = np.concatenate([np.asarray(per_batch(inputs[s:s + 8], targets[s:s + 8])[0]) for s in range(0, 40, 8)])
+    calls = {"dense": 0, "logits": 0}
+    for name in calls:
+        real = getattr(TTTable, name)
+        monkeypatch.setattr(TTTable, name, lambda self, *a, _n=name, _r=real: (
+            calls.__setitem__(_n, calls[_n] + 1), _r(self, *a))[1])
+    got = evaluate_split(make_rank_fn(model), params, inputs, targets, 8, (10,))
+    assert calls == {"dense": 1, "logits": 0}  # traced once for the stats; no batch scores from the cores
+    from cprec.eval.metrics import rank_metrics
+    assert got == pytest.approx(rank_metrics(ranks, (10,)))
+    lp = lambda stats: model.apply({"params": params}, jnp.asarray(inputs), stats, method="last_log_prob")
+    stats = model.apply({"params": params}, method="serving_stats")
+    np.testing.assert_allclose(lp(stats), lp(None), rtol=1e-5, atol=1e-5)
+
+
 def test_tt_shapes_hold_every_item_and_factor_the_width():
     from cprec.model.tables.tt import tt_dim_shape, tt_item_shape
 

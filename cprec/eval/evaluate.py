@@ -42,14 +42,23 @@ def check_finite_rows(finite: np.ndarray, split: str, step: int | None) -> None:
 
 
 def make_rank_fn(model: SequentialRecommender) -> Callable:
-    """Jitted (params, inputs [B, L], targets [B]) -> (0-based ranks [B] over all real items, finite [B])."""
+    """params -> a jitted (inputs [B, L], targets [B]) -> (0-based ranks [B] over all real items, finite [B]).
+
+    What the output layer reuses across batches (``serving_stats``: a TT-Rec table's rows) is computed
+    once per params, not once per batch.
+    """
+    stats_fn = jax.jit(lambda params: model.apply({"params": params}, method="serving_stats"))
 
     @jax.jit
-    def ranks(params, inputs, targets):
-        log_prob = model.apply({"params": params}, inputs, method="last_log_prob")
+    def ranks(params, stats, inputs, targets):
+        log_prob = model.apply({"params": params}, inputs, stats, method="last_log_prob")
         return eval_ranks(log_prob, targets)
 
-    return ranks
+    def bind(params) -> Callable:
+        stats = stats_fn(params)
+        return lambda inputs, targets: ranks(params, stats, inputs, targets)
+
+    return bind
 
 
 def eval_users(num_users: int, limit: int) -> np.ndarray:
@@ -82,7 +91,7 @@ def eval_splits(data: SequenceDataset, num_users: int,
 
 
 def evaluate_split(
-    rank_fn: Callable, params, inputs: np.ndarray, targets: np.ndarray, batch_size: int, ks: Sequence[int],
+    rank_fn: Callable[..., Callable], params, inputs: np.ndarray, targets: np.ndarray, batch_size: int, ks: Sequence[int],
     place: Callable[[np.ndarray], jax.Array] = jax.numpy.asarray,
     fetch: Callable[[jax.Array], np.ndarray] = np.asarray,
     split: str = "evaluated", step: int | None = None,
@@ -94,6 +103,7 @@ def evaluate_split(
     naming `split` and `step` (the parameters' training step), raised before any metric exists.
     """
     ranks, finite = [], []
+    rank = rank_fn(params)
     for start in range(0, len(targets), batch_size):
         x = np.asarray(inputs[start : start + batch_size])
         y = np.asarray(targets[start : start + batch_size])
@@ -101,7 +111,7 @@ def evaluate_split(
         if n < batch_size:
             x = np.concatenate([x, np.zeros((batch_size - n, x.shape[1]), x.dtype)])
             y = np.concatenate([y, np.ones(batch_size - n, y.dtype)])
-        r, f = rank_fn(params, place(x), place(y))
+        r, f = rank(place(x), place(y))
         ranks.append(fetch(r)[:n])
         finite.append(fetch(f)[:n])
     check_finite_rows(np.concatenate(finite), split, step)

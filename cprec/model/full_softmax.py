@@ -41,13 +41,16 @@ class FullSoftmax(InputProjection, nn.Module):
         """The ``[dim, V]`` weight (a tied compressed table reconstructed: the training loss's only use)."""
         return self.kernel if self.tied_to is None else self.tied_to.dense().T
 
-    def logits(self, h: jax.Array) -> jax.Array:
+    def logits(self, h: jax.Array, stats: jax.Array | None = None) -> jax.Array:
+        """[N, dim] -> [N, V] scores; ``stats``: ``cluster_stats()``, the tied table's scoring table if it keeps one."""
         hp = self.project(h)
-        return hp @ self.kernel if self.tied_to is None else self.tied_to.logits(hp)
+        if self.tied_to is None:
+            return hp @ self.kernel
+        return self.tied_to.logits(hp) if stats is None else hp @ stats.T
 
-    def log_prob(self, h: jax.Array) -> jax.Array:
+    def log_prob(self, h: jax.Array, stats: jax.Array | None = None) -> jax.Array:
         """[N, dim] -> [N, V] log-probabilities."""
-        return jax.nn.log_softmax(self.logits(h), axis=-1)
+        return jax.nn.log_softmax(self.logits(h, stats), axis=-1)
 
     def loss(self, h: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Mean negative log-likelihood over the tokens where mask is true, and their count (int32)."""
@@ -56,22 +59,23 @@ class FullSoftmax(InputProjection, nn.Module):
         count = jnp.sum(mask.astype(jnp.int32))
         return jnp.sum(jnp.where(mask, nll, 0.0)) / jnp.maximum(count, 1).astype(nll.dtype), count
 
-    def cluster_stats(self) -> None:
-        """Nothing to precompute for a full ranking (interface of ``BlockwiseSoftmax``)."""
-        return None
+    def cluster_stats(self) -> jax.Array | None:
+        """What ``log_prob`` and ``top_k`` reuse across calls (interface of ``BlockwiseSoftmax``): the tied
+        table's ``scoring_table()`` (TT-Rec's rebuilt rows), else None."""
+        return None if self.tied_to is None else self.tied_to.scoring_table()
 
-    def top_k(self, h: jax.Array, n: int, stats: None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Top-n ``(log-probs, ids, expanded)`` over real items (padding excluded); ``stats`` is unused.
+    def top_k(self, h: jax.Array, n: int, stats: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Top-n ``(log-probs, ids, expanded)`` over real items (padding excluded); ``stats``: ``cluster_stats()``.
 
         ``expanded`` is ``[N, 0]``: a full softmax has no tail clusters to skip.
         """
         scores, ids, expanded, _ = self.recommend(h, n)
         return scores, ids, expanded
 
-    def recommend(self, h: jax.Array, n: int, stats: None = None, exclude: jax.Array | None = None,
+    def recommend(self, h: jax.Array, n: int, stats: jax.Array | None = None, exclude: jax.Array | None = None,
                   max_clusters: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
         """``top_k`` without the ids in ``exclude`` [N, E] (-1 = none); always exact (no clusters to budget)."""
-        lp = self.log_prob(h).at[:, 0].set(-jnp.inf)
+        lp = self.log_prob(h, stats).at[:, 0].set(-jnp.inf)
         if exclude is not None and exclude.shape[1]:
             rows = jnp.arange(lp.shape[0])[:, None]
             lp = lp.at[rows, jnp.where(exclude >= 0, exclude, lp.shape[1])].set(-jnp.inf, mode="drop")

@@ -14,8 +14,8 @@ class OutputLayer(Protocol):
     The same return types for every layer, so code written against one works with the other.
     """
 
-    def log_prob(self, h: jax.Array) -> jax.Array:
-        """``[N, V]`` log-probabilities (normalised over all V ids)."""
+    def log_prob(self, h: jax.Array, stats: Any = None) -> jax.Array:
+        """``[N, V]`` log-probabilities (normalised over all V ids); ``stats`` from ``cluster_stats()``."""
         ...
 
     def loss(self, h: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -23,7 +23,8 @@ class OutputLayer(Protocol):
         ...
 
     def cluster_stats(self) -> Any:
-        """What ``top_k`` can reuse across calls (None when there is nothing to precompute)."""
+        """What ``log_prob`` and ``top_k`` can reuse across calls on the same parameters (None when there is
+        nothing to precompute): the tree softmax's cluster bounds, TT-Rec's rebuilt table."""
         ...
 
     def top_k(self, h: jax.Array, n: int, stats: Any = None) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -75,20 +75,22 @@ class SequentialRecommender(nn.Module):
         extra = () if negatives is None else (negatives,)
         return self.head.loss(h.reshape(-1, self.dim), targets.reshape(-1), mask.reshape(-1), *extra)
 
-    def last_log_prob(self, inputs: jax.Array) -> jax.Array:
-        """[B, T] -> [B, V] log-probabilities of the next item after the last position."""
-        return self.head.log_prob(self.encode(inputs)[:, -1])
+    def last_log_prob(self, inputs: jax.Array, stats=None) -> jax.Array:
+        """[B, T] -> [B, V] log-probabilities of the next item after the last position; ``stats`` from
+        ``serving_stats`` (evaluating many batches on the same parameters computes it once)."""
+        return self.head.log_prob(self.encode(inputs)[:, -1], stats)
 
     def top_k(self, inputs: jax.Array, n: int, stats=None):
         """Top-n next items after the last position (the head's own top_k).
 
-        ``stats``: the tree softmax's ``cluster_stats()`` (see ``serving_stats``), computed once
-        per model instead of on every call; ignored by the full softmax.
+        ``stats``: the head's ``cluster_stats()`` (see ``serving_stats``), computed once per model
+        instead of on every call.
         """
         return self.head.top_k(self.encode(inputs)[:, -1], n, stats)
 
     def serving_stats(self):
-        """What ``top_k`` can reuse across calls: the tree softmax's cluster statistics (else None)."""
+        """What ``top_k`` and ``last_log_prob`` can reuse across calls: the tree softmax's cluster
+        statistics, a TT-Rec table's rebuilt rows (else None)."""
         return self.head.cluster_stats()
 
     def __call__(self, inputs: jax.Array) -> jax.Array:

@@ -583,8 +583,9 @@ class BlockwiseSoftmax(InputProjection, nn.Module):
         h = jnp.asarray(h)
         return self.project(h.reshape(-1, self.dim).astype(jnp.promote_types(h.dtype, self.param_dtype)))
 
-    def log_prob(self, h: jax.Array) -> jax.Array:
-        """``h`` [N, dim] (or [..., dim], flattened) -> log p over all V ids, ``[N, V]``."""
+    def log_prob(self, h: jax.Array, stats: ClusterStats | None = None) -> jax.Array:
+        """``h`` [N, dim] (or [..., dim], flattened) -> log p over all V ids, ``[N, V]``; ``stats`` is unused
+        (a full ranking bounds no clusters)."""
         return tree_log_prob(*self.tables(), self.cutoffs, self._flat(h))
 
     def loss(self, h: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -87,8 +87,10 @@ def export_recommend(directory: pathlib.Path, artifact: Artifact, batch_sizes: S
     quantized = {k: int(v) for k, v in artifact.manifest.get("quantized", {}).items()}
     specs = _tensor_specs(directory / PARAMS_FILE)
     float_params = artifact.float_params()
-    stats = jax.jit(lambda p: model.apply({"params": p}, method="serving_stats"))(float_params)
-    stats = jax.tree.map(np.asarray, stats)
+    # The tree's cluster bounds are small constants of the program. A TT-Rec table's rebuilt rows
+    # (its serving stats) are as large as the uncompressed table: the program rebuilds them per call.
+    stats = None if model.softmax != "tree" else jax.tree.map(
+        np.asarray, jax.jit(lambda p: model.apply({"params": p}, method="serving_stats"))(float_params))
     # A SASRec encodes the window as it is (padding masked); a NextItNet needs its padding's left context.
     padded = None if isinstance(model, SASRec) else jax.tree.map(
         np.asarray, jax.jit(lambda p: padding_window(model, p, max_len))(float_params))

@@ -11,6 +11,8 @@ the full or the sampled softmax; so every representation (``cprec.model.tables``
   default scores cache-sized blocks of ids through ``__call__``; a table with a cheaper
   factorisation overrides it);
 - ``dense()``: the reconstructed ``[V, dim]`` table (the full softmax's training loss, and tests);
+- ``scoring_table()``: what scoring reuses across calls on the same parameters, where rebuilding
+  rows on every call costs more than keeping them (TT-Rec: its ``dense()``); None for the rest;
 - ``param_count(num_items, dim, options)``: its parameter count, a closed form the budget
   solvers use (``tests/test_tables.py`` holds it equal to the built module's).
 
@@ -37,6 +39,11 @@ class ItemTable(nn.Module):
     def dense(self) -> jax.Array:
         """The reconstructed ``[V, dim]`` table."""
         return self(jnp.arange(self.num_items, dtype=jnp.int32))
+
+    def scoring_table(self) -> jax.Array | None:
+        """A ``[V, dim]`` table for evaluation and serving to compute once and score every call against
+        (``h E^T``), or None where ``logits`` from the factors costs no more per call."""
+        return None
 
     def logits(self, h: jax.Array) -> jax.Array:
         """``[N, dim]`` -> ``[N, V]`` ``h E^T``, one block of ``SCORE_BLOCK`` ids at a time."""
