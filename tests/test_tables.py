@@ -261,9 +261,10 @@ def test_tied_top_k_is_the_exact_top_of_the_full_log_prob(tmp_path, embedding):
     np.testing.assert_array_equal(np.take_along_axis(np.asarray(lp), np.asarray(ids), 1), np.asarray(scores))
 
 
-def test_tt_evaluation_scores_every_batch_against_the_table_it_rebuilt_once(tmp_path, monkeypatch):
+def test_tt_evaluation_and_top_k_score_against_the_table_rebuilt_once(tmp_path, monkeypatch):
     """Evaluating many batches rebuilds a TT-Rec table once per parameters (``serving_stats``), then
-    ranks each batch by ``h E^T`` of those rows: the same ranks as scoring from the cores per batch."""
+    ranks each batch by ``h E^T`` of those rows: the same ranks as scoring from the cores per batch;
+    and top_k given those stats scores from them too."""
     from cprec.eval.evaluate import eval_ranks, evaluate_split, make_rank_fn
     from cprec.model.tables.tt import TTTable
 
@@ -282,9 +283,15 @@ def test_tt_evaluation_scores_every_batch_against_the_table_it_rebuilt_once(tmp_
     assert calls == {"dense": 1, "logits": 0}  # traced once for the stats; no batch scores from the cores
     from cprec.eval.metrics import rank_metrics
     assert got == pytest.approx(rank_metrics(ranks, (10,)))
-    lp = lambda stats: model.apply({"params": params}, jnp.asarray(inputs), stats, method="last_log_prob")
+    # The served top-N (Recommender, the latency bench) passes the same stats to top_k.
     stats = model.apply({"params": params}, method="serving_stats")
-    np.testing.assert_allclose(lp(stats), lp(None), rtol=1e-5, atol=1e-5)
+    top = lambda stats: model.apply({"params": params}, jnp.asarray(inputs), 20, stats, method="top_k")[:2]
+    scores, ids = top(stats)
+    assert calls["logits"] == 0
+    want_scores, want_ids = top(None)
+    assert calls["logits"] == 1
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(ids, want_ids)
 
 
 def test_tt_shapes_hold_every_item_and_factor_the_width():

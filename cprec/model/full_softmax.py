@@ -69,7 +69,7 @@ class FullSoftmax(InputProjection, nn.Module):
 
         ``expanded`` is ``[N, 0]``: a full softmax has no tail clusters to skip.
         """
-        scores, ids, expanded, _ = self.recommend(h, n)
+        scores, ids, expanded, _ = self.recommend(h, n, stats)
         return scores, ids, expanded
 
     def recommend(self, h: jax.Array, n: int, stats: jax.Array | None = None, exclude: jax.Array | None = None,
