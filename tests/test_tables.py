@@ -283,15 +283,20 @@ def test_tt_evaluation_and_top_k_score_against_the_table_rebuilt_once(tmp_path, 
     assert calls == {"dense": 1, "logits": 0}  # traced once for the stats; no batch scores from the cores
     from cprec.eval.metrics import rank_metrics
     assert got == pytest.approx(rank_metrics(ranks, (10,)))
-    # The served top-N (Recommender, the latency bench) passes the same stats to top_k.
+    # The served top-N (Recommender, the latency bench) passes the same stats to top_k ...
     stats = model.apply({"params": params}, method="serving_stats")
     top = lambda stats: model.apply({"params": params}, jnp.asarray(inputs), 20, stats, method="top_k")[:2]
-    scores, ids = top(stats)
+    # ... and so does the served candidate scoring (Recommender.score).
+    cand = jnp.asarray(np.random.default_rng(8).integers(0, 62, size=(40, 5)), jnp.int32)
+    score = lambda stats: model.apply({"params": params}, model.apply({"params": params}, jnp.asarray(inputs),
+                                      method="encode")[:, -1], cand, stats, method=lambda m, *a: m.head.score(*a))
+    (scores, ids), cand_scores = top(stats), score(stats)
     assert calls["logits"] == 0
-    want_scores, want_ids = top(None)
-    assert calls["logits"] == 1
+    (want_scores, want_ids), want_cand = top(None), score(None)
+    assert calls["logits"] == 2
     np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_allclose(cand_scores, want_cand, rtol=1e-5, atol=1e-5)
 
 
 def test_tt_shapes_hold_every_item_and_factor_the_width():

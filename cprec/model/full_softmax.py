@@ -82,10 +82,10 @@ class FullSoftmax(InputProjection, nn.Module):
         scores, ids = jax.lax.top_k(lp, n)
         return scores, ids.astype(jnp.int32), jnp.zeros((lp.shape[0], 0), bool), jnp.ones((lp.shape[0],), bool)
 
-    def score(self, h: jax.Array, candidates: jax.Array) -> jax.Array:
-        """Log-probs [N, M] of candidate ids [N, M] (ids outside [1, V) score -inf)."""
+    def score(self, h: jax.Array, candidates: jax.Array, stats: jax.Array | None = None) -> jax.Array:
+        """Log-probs [N, M] of candidate ids [N, M] (ids outside [1, V) score -inf); ``stats``: ``cluster_stats()``."""
         c = candidates.astype(jnp.int32)
-        lp = jnp.take_along_axis(self.log_prob(h), jnp.clip(c, 0, self.num_items - 1), axis=1)
+        lp = jnp.take_along_axis(self.log_prob(h, stats), jnp.clip(c, 0, self.num_items - 1), axis=1)
         return jnp.where((c > 0) & (c < self.num_items), lp, -jnp.inf)
 
     def __call__(self, h: jax.Array) -> jax.Array:

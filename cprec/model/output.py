@@ -40,7 +40,7 @@ class OutputLayer(Protocol):
         tail clusters per row: ``(log-probs, ids, expanded, exact [N] bool)``, exact where no budget cut."""
         ...
 
-    def score(self, h: jax.Array, candidates: jax.Array) -> jax.Array:
+    def score(self, h: jax.Array, candidates: jax.Array, stats: Any = None) -> jax.Array:
         """Exact log-probs ``[N, M]`` of candidate ids ``[N, M]`` (ids outside [1, V) score -inf)."""
         ...
 

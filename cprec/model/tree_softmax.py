@@ -616,8 +616,9 @@ class BlockwiseSoftmax(InputProjection, nn.Module):
         """``top_k`` with per-row excluded ids [N, E] (-1 = none) and cluster budgets [N]; adds ``exact`` [N]."""
         return tree_recommend(*self.tables(), self.cutoffs, self._flat(h), n, stats, exclude, max_clusters)
 
-    def score(self, h: jax.Array, candidates: jax.Array) -> jax.Array:
-        """Exact log-probs [N, M] of candidate ids [N, M], without a full ``log_prob`` (see ``tree_score``)."""
+    def score(self, h: jax.Array, candidates: jax.Array, stats: ClusterStats | None = None) -> jax.Array:
+        """Exact log-probs [N, M] of candidate ids [N, M], without a full ``log_prob`` (see ``tree_score``);
+        ``stats`` is unused."""
         return tree_score(*self.tables(), self.cutoffs, self._flat(h), candidates)
 
     def __call__(self, h: jax.Array) -> jax.Array:

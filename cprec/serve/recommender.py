@@ -338,10 +338,10 @@ class Recommender:
                                      self.encoder_rows)
         return self._top(params, stats, self._hidden(params, histories), exclude, budget, n)
 
-    def _score(self, params, histories, candidates):
+    def _score(self, params, stats, histories, candidates):
         """Encode and score candidates [B, M] in one call (only the head and the candidates' clusters)."""
         return self.model.apply({"params": dequantize_tree(params)}, self._hidden(params, histories), candidates,
-                                method=lambda m, *a: m.head.score(*a))
+                                stats, method=lambda m, *a: m.head.score(*a))
 
     def _append(self, params, packed, items, mask):
         if self.sasrec:  # a full KV cache re-encodes its window; its branches dequantize what they read
@@ -528,7 +528,7 @@ class Recommender:
                 cand = np.zeros((rows, m_pad), np.int32)  # id 0 (padding) scores -inf
                 for k, r in enumerate(chunk):
                     cand[k, :len(internal[r])] = internal[r]
-                scores = np.asarray(self._score_fn(self.params, x, cand))
+                scores = np.asarray(self._score_fn(self.params, self.stats, x, cand))
                 for k, r in enumerate(chunk):
                     ids = internal[r]
                     values = scores[k, :len(ids)].tolist()  # Python floats at once (no object array)
@@ -552,7 +552,7 @@ class Recommender:
             packed = np.repeat(self._padding_packed, rows, axis=0)
             out = self._append_top_fn(self.params, self.stats, packed, ones, ones > 0, e, b, last)
         elif kind == "score":
-            out = self._score_fn(self.params, ones, np.ones((rows, last), np.int32))
+            out = self._score_fn(self.params, self.stats, ones, np.ones((rows, last), np.int32))
         else:
             raise ValueError(f"unknown kind of call {kind!r}")
         jax.block_until_ready(out)
