@@ -70,6 +70,20 @@ def test_markers_are_replaced_and_other_text_kept(tmp_path):
         render_text("<!-- table:missing -->\n<!-- /table:missing -->", results)
 
 
+def test_the_command_names_a_missing_result_file_in_one_line(monkeypatch, capsys):
+    from cprec.report import __main__ as cli
+
+    def missing(check=False):
+        return render_text("<!-- table:missing -->\n<!-- /table:missing -->", pathlib.Path("/nonexistent"))
+
+    monkeypatch.setattr(cli, "render_docs", missing)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--check"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("error: /nonexistent/missing.json: no such result file (a docs marker names table:missing)")
+
+
 def test_add_puts_a_runs_results_json_in_a_table(tmp_path):
     results = _table(tmp_path, [{"run": "old", "test/mrr@5": 0.1}, {"run": "mine", "test/mrr@5": 0.2}])
     run = tmp_path / "runs" / "mine"

@@ -10,13 +10,18 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cprec.errors import exit_on_user_error
 from cprec.report.add_run import add_run
 from cprec.report.markers import render_docs
 from cprec.report.table import tidy_results
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    with exit_on_user_error():  # a missing or malformed result file: one line naming it, exit status 2
+        return _main(sys.argv[1:] if argv is None else argv)
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] == ["add"]:
         p = argparse.ArgumentParser(prog="python -m cprec.report add")
         p.add_argument("run", help="a finished run directory, or its results.json")

@@ -4,12 +4,13 @@ from __future__ import annotations
 import json
 import pathlib
 
+from cprec.errors import CprecError
 from cprec.report.paths import RESULTS
 
 REQUIRED = ("title", "source", "command", "machine", "columns")
 
 
-class ResultFileError(ValueError):
+class ResultFileError(CprecError, ValueError):
     """A result file that does not follow the schema; the message names the file and the field."""
 
 
