@@ -136,7 +136,8 @@ def test_the_plots_render(tmp_path):
     from cprec.report.plots import render_plots
     files = render_plots(out=tmp_path)
     assert [f.name for f in files] == ["pareto.png", "early-stop.png", "server.png", "rivals-synthetic30k.png",
-                                         "rivals-ml100k.png", "rivals-synthetic30k-bytes.png", "rivals-ml100k-bytes.png"]
+                                         "rivals-synthetic1m.png", "rivals-ml100k.png", "rivals-synthetic30k-bytes.png",
+                                         "rivals-synthetic1m-bytes.png", "rivals-ml100k-bytes.png"]
     assert all(f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in files)
 
 

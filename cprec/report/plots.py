@@ -252,7 +252,7 @@ def rivals_bytes(results: pathlib.Path, dataset: str) -> plt.Figure:
     return fig
 
 
-RIVAL_DATASETS = ("synthetic30k", "ml100k")  # the rivals tables drawn (results/rivals-DATASET.json)
+RIVAL_DATASETS = ("synthetic30k", "synthetic1m", "ml100k")  # the rivals tables drawn (results/rivals-DATASET.json)
 PLOTS = {"pareto.png": pareto, "early-stop.png": early_stop, "server.png": server,
          **{f"rivals-{d}.png": (lambda results, d=d: rivals(results, d)) for d in RIVAL_DATASETS},
          **{f"rivals-{d}-bytes.png": (lambda results, d=d: rivals_bytes(results, d)) for d in RIVAL_DATASETS}}
