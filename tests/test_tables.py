@@ -266,6 +266,7 @@ def test_tt_evaluation_and_top_k_score_against_the_table_rebuilt_once(tmp_path, 
     ranks each batch by ``h E^T`` of those rows: the same ranks as scoring from the cores per batch;
     and top_k given those stats scores from them too."""
     from cprec.eval.evaluate import eval_ranks, evaluate_split, make_rank_fn
+    from cprec.eval.metrics import rank_metrics
     from cprec.model.tables.tt import TTTable
 
     model = build_model(tiny_config(tmp_path, embedding="tt", tie_embeddings=True, **TIED["tt"]), SMALL_COUNTS)
@@ -281,7 +282,6 @@ def test_tt_evaluation_and_top_k_score_against_the_table_rebuilt_once(tmp_path, 
             calls.__setitem__(_n, calls[_n] + 1), _r(self, *a))[1])
     got = evaluate_split(make_rank_fn(model), params, inputs, targets, 8, (10,))
     assert calls == {"dense": 1, "logits": 0}  # traced once for the stats; no batch scores from the cores
-    from cprec.eval.metrics import rank_metrics
     assert got == pytest.approx(rank_metrics(ranks, (10,)))
     # The served top-N (Recommender, the latency bench) passes the same stats to top_k ...
     stats = model.apply({"params": params}, method="serving_stats")
