@@ -94,6 +94,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.num_negatives = 1024
     c.model.sampler = "unigram"
     c.model.sampler_alpha = 0.75
+    c.model.sampler_smoothing = 0.0  # unigram: k added to every count first (k > 0 draws never-trained items)
     c.model.in_batch_negatives = False
 
     c.train = ml_collections.ConfigDict()
@@ -195,6 +196,9 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         _choice("model.sampler", m.sampler, SAMPLERS)
         if m.sampler_alpha < 0:
             _fail("model.sampler_alpha", m.sampler_alpha, "must be >= 0 (0 = uniform over trained items)")
+        if m.sampler_smoothing < 0:
+            _fail("model.sampler_smoothing", m.sampler_smoothing, "must be >= 0 (the count added to every item's; "
+                  "0 = never-trained items are never drawn)")
     if m.embedding == "mde" and m.softmax == "tree":
         _fail("model.embedding", m.embedding, "mixed dimensions use the full or sampled softmax; CpRec (the tree "
               "softmax over block-wise tables) is model.embedding=blockwise")

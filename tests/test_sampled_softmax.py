@@ -130,6 +130,22 @@ def test_sampler_probabilities_and_corrections():
     np.testing.assert_allclose(log_count, np.log(200_000 * expected[np.asarray(drawn)]), rtol=1e-5)
 
 
+
+def test_sampler_smoothing_draws_never_trained_items():
+    counts = np.array([0, 50, 20, 9, 0, 0])  # ids 4 and 5 never occur in training
+    smooth = Sampler(counts, 100_000, "unigram", alpha=0.75, smoothing=1.0)
+    expected = np.r_[0, (counts[1:] + 1.0) ** 0.75] / np.sum((counts[1:] + 1.0) ** 0.75)
+    np.testing.assert_allclose(smooth.probabilities(), expected, atol=1e-9)
+    drawn, log_count = jax.jit(smooth.draw)(jax.random.PRNGKey(1))
+    freq = np.bincount(np.asarray(drawn), minlength=len(counts))
+    assert freq[0] == 0 and freq[4] > 0 and freq[5] > 0
+    sd = np.sqrt(100_000 * expected * (1 - expected))
+    assert np.all(np.abs(freq - 100_000 * expected) <= 5 * sd + 1e-9), (freq, 100_000 * expected)
+    np.testing.assert_allclose(log_count, np.log(100_000 * expected[np.asarray(drawn)]), rtol=1e-5)
+    c = base_config()
+    c.model.softmax, c.model.sampler_smoothing = "sampled", 1.0
+    np.testing.assert_allclose(Sampler.from_config(c, counts).probabilities(), expected, atol=1e-9)
+
 def test_negatives_depend_on_the_step_only_and_are_shared_by_micro_batches():
     model = _model("sampled")
     batch = jnp.concatenate([_batch(3), _batch(4)])  # 12 rows
@@ -151,6 +167,7 @@ def test_negatives_depend_on_the_step_only_and_are_shared_by_micro_batches():
     (dict(num_negatives=0), "model.num_negatives=0"),
     (dict(sampler="zipf"), "model.sampler='zipf'"),
     (dict(sampler_alpha=-1.0), "model.sampler_alpha=-1.0"),
+    (dict(sampler_smoothing=-1.0), "model.sampler_smoothing=-1.0"),
     (dict(num_negatives=8, optim_sparse=True), "optim.sparse_tables=True"),
 ])
 def test_config_errors(override, message):

@@ -2,7 +2,10 @@
 
 ``uniform`` draws every real item alike; ``unigram`` draws item i with probability proportional to
 its training count raised to ``model.sampler_alpha`` (0.75, word2vec's choice: popular items are the
-informative negatives, the tail is not starved). Drawing is inverse-CDF sampling on an integer table
+informative negatives, the tail is not starved). ``model.sampler_smoothing`` k adds k to every count
+first: items that never occur in training are then drawn too (by default, k = 0, they never are, and
+nothing pushes their scores down; a table that builds their rows from shared trained parameters,
+such as TT-Rec's, can then rank them first). Drawing is inverse-CDF sampling on an integer table
 (one ``searchsorted`` per draw, whatever V is), and the probabilities of the correction are exactly
 those of that table. Draws depend only on the key, which the train step folds from (seed, step):
 a resumed run draws the same negatives.
@@ -27,12 +30,13 @@ class Sampler:
     """
 
     def __init__(self, item_counts: np.ndarray, num_negatives: int, kind: str = "unigram", alpha: float = 0.75,
-                 in_batch: bool = False) -> None:
+                 in_batch: bool = False, smoothing: float = 0.0) -> None:
         if kind not in SAMPLERS:
             raise ValueError(f"sampler {kind!r} is unknown; valid choices: {', '.join(SAMPLERS)}")
         counts = np.asarray(item_counts, np.float64)
         weights = np.zeros_like(counts)
-        weights[1:] = 1.0 if kind == "uniform" else counts[1:] ** alpha  # unigram: never-trained items are never drawn
+        # unigram without smoothing: never-trained items are never drawn
+        weights[1:] = 1.0 if kind == "uniform" else (counts[1:] + smoothing) ** alpha
         edges = np.round(np.cumsum(weights) / weights.sum() * _TOTAL).astype(np.int64)
         q = np.diff(edges, prepend=0) / _TOTAL  # the table's exact probabilities
         self.num_negatives, self.kind, self.in_batch = int(num_negatives), kind, bool(in_batch)
@@ -48,7 +52,7 @@ class Sampler:
         m = config.model
         if m.softmax != "sampled":
             return None
-        return cls(item_counts, m.num_negatives, m.sampler, m.sampler_alpha, m.in_batch_negatives)
+        return cls(item_counts, m.num_negatives, m.sampler, m.sampler_alpha, m.in_batch_negatives, m.sampler_smoothing)
 
     def probabilities(self) -> np.ndarray:
         """Q [V]: the probability of each id per draw (0 for padding)."""
