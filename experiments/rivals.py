@@ -25,8 +25,8 @@ Sweeps (`--sweep`, with `--launcher local|slurm`):
   `sweep=tune`: every method and the baseline at SEED_BUDGET x LRS, seed 0; then, with the
   learning rates it chose on validation NDCG@10 written into CHOSEN_LR,
   `sweep=budgets`: every method at the other budgets at its chosen rate, seed 0; and
-- `sweep=seeds`: every method at SEED_BUDGET with its chosen learning rate (CHOSEN_LR), seeds 1-2
-  (seed 0 is the grid's).
+- `sweep=seeds`: every method at SEED_BUDGET (ml-100k: at every budget, SEEDED_BUDGETS) with its
+  chosen learning rate (CHOSEN_LR), seeds 1-2 (seed 0 is the grid's).
 - `sweep=chosen`: every method and the baseline at each of the dataset's budgets with its chosen
   rate, seed 0: the synthetic1m rows (`experiments/rivals.py:synthetic1m,sweep=chosen`), where the
   rates come from synthetic30k.
@@ -48,19 +48,28 @@ LATER_METHODS = ("tt", "jpq", "prune")
 BASELINE = "nextitnet"
 BUDGETS = {"synthetic": ("5x", "10x"), "ml100k": ("5x", "10x"), "synthetic30k": ("5x", "10x", "20x", "40x"),
            "synthetic1m": ("20x",)}
-SEED_BUDGET = {"synthetic": "10x", "ml100k": "10x", "synthetic30k": "20x"}  # where sweep=seeds adds seeds 1-2
+SEED_BUDGET = {"synthetic": "10x", "ml100k": "10x", "synthetic30k": "20x"}  # where sweep=tune tunes
+# Where sweep=seeds adds seeds 1-2 (default: SEED_BUDGET): every budget where runs are short.
+SEEDED_BUDGETS = {"ml100k": ("5x", "10x")}
 LRS = (1e-3, 3e-3)
-# Learning rates chosen on validation NDCG@10 by sweep=grid at SEED_BUDGET (never on test); a
-# method missing here trains at the dataset's default.
+# Learning rates chosen on validation NDCG@10 by sweep=grid at SEED_BUDGET (never on test), or per
+# budget ({budget: lr}) where the grid chose differently; a method missing here trains at the
+# dataset's default.
 # synthetic30k (docs/rivals.md): every method and the baseline chose 3e-3, the grid's upper end.
-# ml100k (at 10x; RecJPQ cannot reach 10x there): MDE chose 1e-3, every other method 3e-3.
-CHOSEN_LR: dict[str, dict[str, float]] = {
+# ml100k: every method 3e-3 at 5x and 10x (RecJPQ cannot reach 10x there) but MDE at 10x (1e-3).
+CHOSEN_LR: dict[str, dict[str, float | dict[str, float]]] = {
     "synthetic30k": {m: 3e-3 for m in (*METHODS, *LATER_METHODS, BASELINE)},
-    "ml100k": {**{m: 3e-3 for m in (*METHODS, "tt", "prune", BASELINE)}, "mde": 1e-3},
+    "ml100k": {**{m: 3e-3 for m in (*METHODS, *LATER_METHODS, BASELINE)}, "mde": {"5x": 3e-3, "10x": 1e-3}},
 }
 # At 1M items a run takes a core for most of an hour, so the rates are not tuned there again: each
 # method gets the one synthetic30k chose for it (the same generator, 33x the items; equal effort).
 CHOSEN_LR["synthetic1m"] = dict(CHOSEN_LR["synthetic30k"])
+
+def chosen_lr(data: str, method: str, budget: str | None) -> float | None:
+    """The rate CHOSEN_LR gives ``method`` at ``budget`` on ``data``; None where it gives none."""
+    lr = CHOSEN_LR.get(data, {}).get(method)
+    return lr.get(budget) if isinstance(lr, dict) else lr
+
 
 # What every compressed method shares (the baseline undoes it).
 COMMON = {"model.sharing": "cross_block", "model.tie_embeddings": True, "model.tie_projections": True,
@@ -101,8 +110,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         apply_overrides(config, SASREC)
     apply_overrides(config, {**TRAINING.get(a.data, {}), **COMMON, "model.budget": a.budget})
     apply_overrides(config, method_overrides(a.method, a.data))
-    if a.method in CHOSEN_LR.get(a.data, {}):
-        config.optim.lr = CHOSEN_LR[a.data][a.method]
+    lr = chosen_lr(a.data, a.method, a.budget)
+    if lr is not None:
+        config.optim.lr = lr
     return config
 
 
@@ -115,10 +125,11 @@ def sweep(arg: str | None = None) -> list[dict]:
         compressed = product([method_overrides(m, a.data) for m in METHODS], budgets)
         later = product([method_overrides(m, a.data) for m in LATER_METHODS], budgets, {"optim.lr": list(LRS)})
         return product(compressed + [method_overrides(BASELINE, a.data)], {"optim.lr": list(LRS)}) + later
-    chosen = CHOSEN_LR.get(a.data, {})
-    # a method at a budget (the baseline: at none) at its chosen rate, where one is chosen
-    at = lambda m, budget=None: {**method_overrides(m, a.data), **({"model.budget": budget} if budget else {}),
-                                 **({"optim.lr": chosen[m]} if m in chosen else {})}
+    def at(m: str, budget: str | None = None) -> dict:  # a method at a budget (the baseline: at none), at its rate
+        lr = chosen_lr(a.data, m, budget)
+        return {**method_overrides(m, a.data), **({"model.budget": budget} if budget else {}),
+                **({"optim.lr": lr} if lr is not None else {})}
+
     methods = METHODS + LATER_METHODS
     if a.sweep == "chosen":
         return [at(m, b) for b in BUDGETS[a.data] for m in methods] + [at(BASELINE)]
@@ -131,5 +142,7 @@ def sweep(arg: str | None = None) -> list[dict]:
         others = [b for b in BUDGETS[a.data] if b != SEED_BUDGET[a.data]]
         return [at(m, b) for m in methods for b in others]
     if a.sweep == "seeds":
-        return product([at(m, SEED_BUDGET[a.data]) for m in methods] + [at(BASELINE)], seeds(2, start=1))
+        seeded = SEEDED_BUDGETS.get(a.data, (SEED_BUDGET[a.data],))
+        runs = [at(m, b) for b in seeded for m in methods]
+        return product(runs + [at(BASELINE)], seeds(2, start=1))
     raise ConfigError(f"sweep={a.sweep!r} is unknown in experiments/rivals.py; valid: grid, tune, budgets, seeds, chosen")

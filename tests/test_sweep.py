@@ -112,6 +112,13 @@ def test_the_rivals_grid_keeps_its_trial_names_and_validates_for_both_backbones(
     assert {t.overrides["model.embedding"] for t in grid[42:]} == {"tt", "jpq", "prune"}  # later methods come after
     seeds = expand(f"{ROOT}/experiments/rivals.py:synthetic30k,sweep=seeds")
     assert len(seeds) == 9 * 2 and {t.overrides["seed"] for t in seeds} == {1, 2}
+    # ml-100k: seeds at every budget, each at the rate chosen at that budget (MDE: 3e-3 at 5x, 1e-3 at 10x)
+    ml = expand(f"{ROOT}/experiments/rivals.py:ml100k,sweep=seeds")
+    assert len(ml) == (8 * 2 + 1) * 2
+    mde = {t.overrides["model.budget"]: t.overrides["optim.lr"] for t in ml if t.overrides["model.embedding"] == "mde"}
+    assert mde == {"5x": 3e-3, "10x": 1e-3}
+    assert load_config_file(f"{ROOT}/experiments/rivals.py:ml100k,method=mde,budget=5x").optim.lr == 3e-3
+    assert load_config_file(f"{ROOT}/experiments/rivals.py:ml100k,method=mde,budget=10x").optim.lr == 1e-3
     assert len(expand(f"{ROOT}/experiments/rivals.py:ml100k,backbone=sasrec")) == 5 * 2 * 2 + 2 + 3 * 2 * 2
     # the grid in three steps: every method and the baseline x the rates at 20x, then the other budgets
     tune = expand(f"{ROOT}/experiments/rivals.py:synthetic30k,sweep=tune")
