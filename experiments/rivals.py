@@ -65,6 +65,7 @@ CHOSEN_LR: dict[str, dict[str, float | dict[str, float]]] = {
 # method gets the one synthetic30k chose for it (the same generator, 33x the items; equal effort).
 CHOSEN_LR["synthetic1m"] = dict(CHOSEN_LR["synthetic30k"])
 
+
 def chosen_lr(data: str, method: str, budget: str | None) -> float | None:
     """The rate CHOSEN_LR gives ``method`` at ``budget`` on ``data``; None where it gives none."""
     lr = CHOSEN_LR.get(data, {}).get(method)

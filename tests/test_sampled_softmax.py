@@ -130,7 +130,6 @@ def test_sampler_probabilities_and_corrections():
     np.testing.assert_allclose(log_count, np.log(200_000 * expected[np.asarray(drawn)]), rtol=1e-5)
 
 
-
 def test_sampler_smoothing_draws_never_trained_items():
     counts = np.array([0, 50, 20, 9, 0, 0])  # ids 4 and 5 never occur in training
     smooth = Sampler(counts, 100_000, "unigram", alpha=0.75, smoothing=1.0)
@@ -145,6 +144,7 @@ def test_sampler_smoothing_draws_never_trained_items():
     c = base_config()
     c.model.softmax, c.model.sampler_smoothing = "sampled", 1.0
     np.testing.assert_allclose(Sampler.from_config(c, counts).probabilities(), expected, atol=1e-9)
+
 
 def test_negatives_depend_on_the_step_only_and_are_shared_by_micro_batches():
     model = _model("sampled")
